@@ -1,0 +1,1 @@
+"""Deployable services built from the fedbus library."""
