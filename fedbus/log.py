@@ -1,0 +1,40 @@
+"""structlog configuration shared by the CLI, workers and the simulator.
+
+JSON lines for machines (the default for services), a console renderer for people. Context
+such as model, version, worker id and update id is bound with ``structlog.contextvars`` so
+every line a message causes carries it; payload bytes and secrets are never logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Literal
+
+import structlog
+
+
+def configure(fmt: Literal["json", "console"] = "json", level: str = "info") -> None:
+    renderer: structlog.typing.Processor = (
+        structlog.processors.JSONRenderer()
+        if fmt == "json"
+        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.dict_tracebacks,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.getLevelNamesMapping()[level.upper()]
+        ),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+
+
+def get(name: str = "fedbus") -> structlog.typing.FilteringBoundLogger:
+    return structlog.get_logger(name)
