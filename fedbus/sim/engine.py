@@ -1,0 +1,377 @@
+"""Discrete-event fleet simulation in simulated time: a heap of completion events.
+
+No threads and no wall clock: the clock jumps from one job completion to the next, so a run
+of thousands of uploads takes seconds however slow the simulated devices are, and the same
+seeds give bitwise the same history.
+
+Randomness is split into two streams spawned from ``seed``: the *schedule* (which device
+starts, how long its job takes, whether it vanishes) and *training* (minibatch shuffles).
+The schedule never depends on the model, the server or the codec, so runs that differ only
+in algorithm, codec or learning rate see exactly the same fleet behaviour (paired
+comparisons). Dropped jobs are never trained: their result is unobservable.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import NamedTuple, Protocol
+
+import numpy as np
+
+from fedbus.sim.data import FleetData
+from fedbus.sim.models import FlatModel
+from fedbus.sim.timing import FleetTiming
+
+Encode = Callable[[int, np.ndarray], tuple[np.ndarray, int]]
+"""``encode(client, delta) -> (decoded delta the server sees, bytes sent)``.
+
+The hook models a codec plus per-device error feedback; the simulator calls it once per
+upload that reaches the server, in arrival order.
+"""
+
+FP32_BYTES = 4
+"""Bytes per parameter counted when no ``encode`` hook is given: an ``fp32`` payload."""
+
+
+class AsyncServer(Protocol):
+    """What :func:`run_async` needs from an aggregator (FedAsync, FedBuff, ...).
+
+    ``version`` must change whenever the model does: the engine freezes one copy of
+    ``model()`` per version for the jobs that start from it, so the server is free to update
+    its parameters in place and to return its own storage.
+    """
+
+    version: int
+
+    def model(self) -> np.ndarray:
+        """The current global parameters (flat float64)."""
+        ...
+
+    def submit(self, client: int, base_version: int, delta: np.ndarray, num_examples: int) -> bool:
+        """Fold in one update trained from ``base_version``; True if a new version resulted."""
+        ...
+
+
+class HistoryPoint(NamedTuple):
+    """One evaluation tick: the global model's state at simulated time ``time``."""
+
+    time: float
+    version: int
+    uploads: int
+    bytes: int
+    accuracy: float
+
+
+class JobRecord(NamedTuple):
+    """One job, for invariant checks and staleness analysis (only with ``record_jobs``)."""
+
+    device: int
+    start: float
+    end: float
+    dropped: bool
+    base_version: int
+
+
+@dataclass
+class SimResult:
+    """Outcome of one run. ``uploads``/``bytes_sent`` count updates that reached the server."""
+
+    history: list[HistoryPoint]
+    params: np.ndarray
+    version: int
+    sim_time: float
+    uploads: int
+    bytes_sent: int
+    dropped: int
+    staleness: np.ndarray  # per upload: server version at arrival minus base version
+    jobs: list[JobRecord] | None = field(default=None)
+
+    def accuracies(self) -> np.ndarray:
+        return np.array([h.accuracy for h in self.history])
+
+
+def _streams(seed: int) -> tuple[np.random.Generator, np.random.Generator]:
+    schedule, train = np.random.SeedSequence(seed).spawn(2)
+    return np.random.default_rng(schedule), np.random.default_rng(train)
+
+
+def _check_stop(duration: float | None, *others: int | None) -> None:
+    if duration is None and all(o is None for o in others):
+        raise ValueError("give a stopping rule: duration, max_uploads or rounds")
+    if duration is not None and duration <= 0:
+        raise ValueError("duration must be positive")
+
+
+class _Evaluator:
+    """Accuracy on the test split, computed only on ticks and only once per version."""
+
+    def __init__(self, model: FlatModel, fleet: FleetData, eval_every: float) -> None:
+        if eval_every <= 0:
+            raise ValueError("eval_every must be positive")
+        self.model, self.fleet, self.every = model, fleet, float(eval_every)
+        self.history: list[HistoryPoint] = []
+        self.next_tick = 0.0
+        self._cache: tuple[int, float] = (-1, 0.0)
+
+    def _acc(self, version: int, params: np.ndarray) -> float:
+        if self._cache[0] != version:
+            acc = self.model.accuracy(params, self.fleet.x_test, self.fleet.y_test)
+            self._cache = (version, acc)
+        return self._cache[1]
+
+    def record(self, t: float, version: int, params: np.ndarray, uploads: int, nbytes: int) -> None:
+        acc = self._acc(version, params)
+        self.history.append(HistoryPoint(t, version, uploads, nbytes, acc))
+
+    def until(
+        self,
+        t: float,
+        version: int,
+        params: np.ndarray | Callable[[], np.ndarray],
+        uploads: int,
+        nbytes: int,
+    ) -> None:
+        """Record every tick strictly before ``t`` (the state before the event at ``t``).
+
+        ``params`` may be a getter so the async loop fetches the model only on ticks.
+        """
+        while self.next_tick < t:
+            current = params if isinstance(params, np.ndarray) else params()
+            self.record(self.next_tick, version, current, uploads, nbytes)
+            self.next_tick = len(self.history) * self.every
+
+    def finish(self, t: float, version: int, params: np.ndarray, uploads: int, nbytes: int) -> None:
+        """Record the ticks up to and including ``t``, then ``t`` itself if it was not a tick."""
+        while self.next_tick <= t:
+            self.record(self.next_tick, version, params, uploads, nbytes)
+            self.next_tick = len(self.history) * self.every
+        if self.history[-1].time < t:
+            self.record(t, version, params, uploads, nbytes)
+
+
+def run_async(
+    server: AsyncServer,
+    fleet: FleetData,
+    model: FlatModel,
+    timing: FleetTiming,
+    *,
+    concurrency: int = 100,
+    duration: float | None = None,
+    max_uploads: int | None = None,
+    client_lr: float,
+    batch_size: int = 16,
+    epochs: int = 1,
+    eval_every: float = 10.0,
+    encode: Encode | None = None,
+    seed: int = 0,
+    record_jobs: bool = False,
+) -> SimResult:
+    """Keep ``concurrency`` devices training at every moment against ``server``.
+
+    When a job ends (upload or dropout) its device becomes idle and a new job starts at once
+    on a device drawn uniformly from the idle ones (possibly the same device); a device never
+    runs two jobs. A job trains from the global version current when it starts. Its delta
+    ``new - start`` goes through ``encode`` and then ``server.submit``. Stops at the first
+    event after ``duration`` simulated seconds or after ``max_uploads`` uploads, whichever
+    comes first; history ticks every ``eval_every`` simulated seconds from 0, plus a final
+    point at the stop time.
+    """
+    _check_stop(duration, max_uploads)
+    n = fleet.n_clients
+    if timing.n_devices != n:
+        raise ValueError(f"timing is for {timing.n_devices} devices, fleet has {n}")
+    if not 1 <= concurrency <= n:
+        raise ValueError(f"concurrency must be in [1, {n}], got {concurrency}")
+    sched, train = _streams(seed)
+    ev = _Evaluator(model, fleet, eval_every)
+    end_time = math.inf if duration is None else float(duration)
+    upload_cap = math.inf if max_uploads is None else max_uploads
+    xs, ys = fleet.xs, fleet.ys
+    job_duration, drops, rand = timing.job_duration, timing.drops, sched.random
+    local_train, submit = model.local_train, server.submit
+    default_bytes = model.n_params * FP32_BYTES
+
+    idle = list(range(n))
+    heap: list[tuple[float, int, int, bool, int, np.ndarray]] = []
+    jobs: list[JobRecord] | None = [] if record_jobs else None
+    staleness: list[int] = []
+    snap_version, snap = -1, np.empty(0)
+    seq = uploads = nbytes = dropped = 0
+
+    def start(now: float) -> None:
+        nonlocal seq, snap_version, snap
+        i = int(rand() * len(idle))
+        device = idle[i]
+        idle[i] = idle[-1]
+        idle.pop()
+        if server.version != snap_version:  # one frozen copy per version, shared by its jobs
+            snap_version = server.version
+            snap = np.array(server.model(), dtype=np.float64)
+        end = now + job_duration(device, sched)
+        lost = drops(sched)
+        heapq.heappush(heap, (end, seq, device, lost, snap_version, snap))
+        seq += 1
+        if jobs is not None:
+            jobs.append(JobRecord(device, now, end, lost, snap_version))
+
+    for _ in range(concurrency):
+        start(0.0)
+    now = 0.0
+    while heap and uploads < upload_cap:
+        t, _, device, lost, base_version, base = heap[0]
+        if t > end_time:
+            break
+        heapq.heappop(heap)
+        ev.until(t, server.version, server.model, uploads, nbytes)
+        now = t
+        if lost:
+            dropped += 1
+        else:
+            new, num, _ = local_train(
+                base,
+                xs[device],
+                ys[device],
+                epochs=epochs,
+                batch_size=batch_size,
+                lr=client_lr,
+                rng=train,
+            )
+            delta = new - base
+            if encode is None:
+                sent = default_bytes
+            else:
+                delta, sent = encode(device, delta)
+            staleness.append(server.version - base_version)
+            submit(device, base_version, delta, num)
+            uploads += 1
+            nbytes += sent
+        idle.append(device)
+        start(now)
+    stop = end_time if duration is not None and uploads < upload_cap else now
+    final = np.array(server.model(), dtype=np.float64)
+    ev.finish(stop, server.version, final, uploads, nbytes)
+    return SimResult(
+        history=ev.history,
+        params=final,
+        version=server.version,
+        sim_time=stop,
+        uploads=uploads,
+        bytes_sent=nbytes,
+        dropped=dropped,
+        staleness=np.array(staleness, dtype=np.int64),
+        jobs=jobs,
+    )
+
+
+def run_sync_fedavg(
+    initial: np.ndarray,
+    fleet: FleetData,
+    model: FlatModel,
+    timing: FleetTiming,
+    *,
+    cohort: int = 100,
+    over_selection: float = 1.3,
+    rounds: int | None = None,
+    duration: float | None = None,
+    max_uploads: int | None = None,
+    server_lr: float = 1.0,
+    client_lr: float,
+    batch_size: int = 16,
+    epochs: int = 1,
+    eval_every: float = 10.0,
+    encode: Encode | None = None,
+    seed: int = 0,
+    record_jobs: bool = False,
+) -> SimResult:
+    """Synchronous FedAvg with over-selection, in the same simulated time as :func:`run_async`.
+
+    Each round draws ``ceil(over_selection * cohort)`` distinct devices uniformly; all train
+    from the current model. The round closes when the first ``cohort`` jobs that did not drop
+    have arrived; the stragglers are told to abort, so every device is idle again when the
+    next round starts. Only uploads received before the close are counted (uploads, bytes)
+    or trained; the stragglers' results are never seen. If fewer than ``cohort`` jobs
+    survive, the round closes at the last arrival with what it has (a real server would wait
+    for a deadline). The new model is ``current + server_lr * mean(deltas)`` weighted by
+    example count, and the version is the number of rounds applied. A round that would close
+    after ``duration`` is not applied; the round that reaches ``max_uploads`` is applied
+    whole. Every selected job that drops counts in ``dropped``.
+    """
+    _check_stop(duration, rounds, max_uploads)
+    n = fleet.n_clients
+    if timing.n_devices != n:
+        raise ValueError(f"timing is for {timing.n_devices} devices, fleet has {n}")
+    select = math.ceil(over_selection * cohort - 1e-9)
+    if cohort < 1 or not cohort <= select <= n:
+        raise ValueError(f"need 1 <= cohort <= ceil(over_selection * cohort) <= {n}")
+    sched, train = _streams(seed)
+    ev = _Evaluator(model, fleet, eval_every)
+    end_time = math.inf if duration is None else float(duration)
+    round_cap = math.inf if rounds is None else rounds
+    upload_cap = math.inf if max_uploads is None else max_uploads
+    default_bytes = model.n_params * FP32_BYTES
+
+    params = np.array(initial, dtype=np.float64)
+    jobs: list[JobRecord] | None = [] if record_jobs else None
+    version = done = uploads = nbytes = dropped = 0
+    now = 0.0
+    while done < round_cap and uploads < upload_cap:
+        devices = sched.choice(n, size=select, replace=False)
+        ends = now + timing.job_durations(devices, sched)
+        lost = timing.drops_many(select, sched)
+        order = np.argsort(ends, kind="stable")
+        arrived = order[~lost[order]][:cohort]
+        close = float(ends[arrived[-1]]) if arrived.size else float(ends.max())
+        if close > end_time:
+            break
+        if jobs is not None:
+            closed = np.minimum(ends, close)  # stragglers abort at the close
+            jobs.extend(
+                JobRecord(int(d), now, float(e), bool(x), version)
+                for d, e, x in zip(devices, closed, lost, strict=True)
+            )
+        ev.until(close, version, params, uploads, nbytes)
+        dropped += int(lost.sum())
+        acc = np.zeros_like(params)
+        weight = 0
+        for j in arrived:
+            device = int(devices[j])
+            new, num, _ = model.local_train(
+                params,
+                fleet.xs[device],
+                fleet.ys[device],
+                epochs=epochs,
+                batch_size=batch_size,
+                lr=client_lr,
+                rng=train,
+            )
+            delta = new - params
+            if encode is None:
+                sent = default_bytes
+            else:
+                delta, sent = encode(device, delta)
+            acc += num * delta
+            weight += num
+            nbytes += sent
+        uploads += int(arrived.size)
+        if weight > 0:
+            params = params + (server_lr / weight) * acc
+            version += 1
+        done += 1
+        now = close
+    capped = done >= round_cap or uploads >= upload_cap
+    stop = end_time if duration is not None and not capped else now
+    ev.finish(stop, version, params, uploads, nbytes)
+    return SimResult(
+        history=ev.history,
+        params=params,
+        version=version,
+        sim_time=stop,
+        uploads=uploads,
+        bytes_sent=nbytes,
+        dropped=dropped,
+        staleness=np.zeros(uploads, dtype=np.int64),
+        jobs=jobs,
+    )
