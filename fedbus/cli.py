@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -58,6 +59,68 @@ def bench_kernels(
             f"numba: compile {timing['compile_s']:.1f} s into an empty cache, "
             f"load {timing['cached_load_s']:.2f} s from it"
         )
+
+
+model_app = typer.Typer(help="Publish and inspect global models.")
+app.add_typer(model_app, name="model")
+
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="TOML config file; FEDBUS_* env vars override it."),
+]
+TransportOpt = Annotated[
+    str | None, typer.Option(help="mqtt or kafka (default from config: mqtt).")
+]
+ModelOpt = Annotated[str | None, typer.Option(help="Model id, [a-z0-9-].")]
+
+
+@app.command("worker")
+def worker(
+    config: ConfigOpt = None,
+    transport: TransportOpt = None,
+    model: ModelOpt = None,
+    algorithm: Annotated[str | None, typer.Option(help="fedbuff or fedasync.")] = None,
+    checkpoint_dir: Annotated[Path | None, typer.Option(help="Where checkpoints live.")] = None,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="HTTP port for /metrics; 0 = off.")
+    ] = None,
+    log_format: Annotated[str | None, typer.Option(help="json or console.")] = None,
+) -> None:
+    """Run an aggregator worker until SIGTERM/SIGINT, then checkpoint and exit 0."""
+    from workers.main import run_worker
+    from workers.settings import load
+
+    overrides: dict[str, object] = {
+        "transport": transport,
+        "model": model,
+        "checkpoint_dir": checkpoint_dir,
+        "metrics_port": metrics_port,
+        "log_format": log_format,
+    }
+    settings = load(config, **overrides)
+    if algorithm is not None:
+        settings.aggregation.algorithm = algorithm  # type: ignore[assignment]
+    raise typer.Exit(run_worker(settings))
+
+
+@model_app.command("init")
+def model_init(
+    config: ConfigOpt = None,
+    transport: TransportOpt = None,
+    model: ModelOpt = None,
+    example: Annotated[
+        str, typer.Option(help="Built-in model: softmax or mlp (digits).")
+    ] = "softmax",
+    npz: Annotated[Path | None, typer.Option(help="Initial weights from an .npz instead.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the built-in initialisation.")] = 0,
+) -> None:
+    """Publish version 0 of a model (retained on MQTT, compacted on Kafka) with its layout."""
+    from workers.main import publish_initial_model
+    from workers.settings import load
+
+    settings = load(config, transport=transport, model=model)
+    version = publish_initial_model(settings, example=example, npz=npz, seed=seed)
+    print(f"published {settings.model} version {version} on {settings.transport}")
 
 
 def main() -> None:  # pragma: no cover - console script shim

@@ -1,0 +1,156 @@
+"""The edge client: get the global model, train, send a compressed signed delta, repeat.
+
+Small on purpose (NumPy, msgpack and one broker client): it has to run on a
+Raspberry-Pi-class device. The user supplies one callback::
+
+    def train(weights: dict[str, np.ndarray], version: int) -> tuple[dict, int, dict]:
+        ...  # returns (new weights, example count, metrics)
+
+and the device turns ``new - start`` into an update: clipped, error-feedback compressed,
+signed when a key is configured, spooled to disk, then published QoS 1 with retries and
+exponential backoff. An update survives a broker outage and a device restart in the spool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import numpy as np
+
+from fedbus import log as fedlog
+from fedbus.client.spool import Spool
+from fedbus.client.updates import GlobalModel, UpdateEncoder, read_model
+from fedbus.transport.base import Transport
+from fedbus.wire import envelope as env
+from fedbus.wire.codecs import CodecSpec
+
+TrainFn = Callable[
+    [dict[str, np.ndarray], int], tuple[Mapping[str, np.ndarray], int, Mapping[str, float] | None]
+]
+
+
+class Device:
+    """One device identity on one model."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        model: str,
+        client: str,
+        *,
+        codec: CodecSpec | str = "int8",
+        clip_norm: float | None = None,
+        private_key: bytes | None = None,
+        spool_dir: str | os.PathLike[str] | None = None,
+        max_spool: int = 64,
+        retry_initial: float = 0.5,
+        retry_max: float = 30.0,
+        seed: int | None = None,
+    ) -> None:
+        self.transport = transport
+        self.model = model
+        self.client = client
+        self.codec = CodecSpec.parse(codec) if isinstance(codec, str) else codec
+        self.clip_norm = clip_norm
+        self.private_key = private_key
+        self.spool = Spool(spool_dir, max_items=max_spool) if spool_dir is not None else None
+        self.retry_initial, self.retry_max = retry_initial, retry_max
+        self.seed = seed
+        self._encoder: UpdateEncoder | None = None
+        self.sent = 0
+        self.log = fedlog.get("fedbus.device").bind(model=model, client=client)
+
+    def encoder_for(self, gm: GlobalModel) -> UpdateEncoder:
+        """The encoder keeps its error-feedback residual across rounds, per layout."""
+        if self._encoder is None or self._encoder.layout != gm.layout:
+            self._encoder = UpdateEncoder(
+                self.model,
+                self.client,
+                gm.layout,
+                self.codec,
+                clip_norm=self.clip_norm,
+                private_key=self.private_key,
+                seed=self.seed,
+            )
+        return self._encoder
+
+    async def fetch_model(self, timeout: float = 10.0) -> GlobalModel | None:
+        raw = await self.transport.latest_model(self.model, timeout=timeout)
+        return read_model(raw) if raw is not None else None
+
+    async def submit(
+        self,
+        base: GlobalModel,
+        new_weights: np.ndarray | Mapping[str, np.ndarray],
+        num_examples: int,
+        metrics: Mapping[str, float] | None = None,
+    ) -> env.UpdateEnvelope:
+        """Encode the delta against ``base`` and send it (through the spool, if any)."""
+        flat = (
+            base.layout.flatten(new_weights)
+            if isinstance(new_weights, Mapping)
+            else np.asarray(new_weights, dtype=np.float64)
+        )
+        update = self.encoder_for(base).build(
+            base.version, base.weights, flat, num_examples, dict(metrics) if metrics else None
+        )
+        raw = env.encode(update)
+        if self.spool is None:
+            await self._send_with_retry(raw)
+        else:
+            self.spool.put(raw)
+            await self.flush()
+        return update
+
+    async def _send_with_retry(self, raw: bytes, attempts: int | None = None) -> None:
+        delay = self.retry_initial
+        tries = 0
+        while True:
+            try:
+                await self.transport.publish_update(self.model, self.client, raw)
+                self.sent += 1
+                return
+            except Exception as exc:  # any broker failure: back off and try again
+                tries += 1
+                if attempts is not None and tries >= attempts:
+                    raise
+                self.log.warning("publish failed; retrying", error=repr(exc)[:200], delay=delay)
+                await asyncio.sleep(delay)
+                delay = min(self.retry_max, delay * 2)
+
+    async def flush(self, attempts: int | None = 1) -> int:
+        """Send what the spool holds, oldest first; stop at the first failure (kept)."""
+        if self.spool is None:
+            return 0
+        n = 0
+        for path, raw in self.spool.pending():
+            try:
+                await self._send_with_retry(raw, attempts=attempts)
+            except Exception:
+                return n
+            self.spool.done(path)
+            n += 1
+        return n
+
+    async def run(
+        self, train: TrainFn, *, rounds: int | None = None, stop: asyncio.Event | None = None
+    ) -> int:
+        """Train on the latest model, send, repeat; returns the number of rounds done."""
+        done = 0
+        while (rounds is None or done < rounds) and not (stop and stop.is_set()):
+            await self.flush(attempts=None if self.spool and len(self.spool) else 1)
+            gm = await self.fetch_model()
+            if gm is None:
+                await asyncio.sleep(self.retry_initial)
+                continue
+            new, n, metrics = train(gm.tensors(), gm.version)
+            await self.submit(gm, new, n, metrics)
+            done += 1
+        return done
+
+
+def spool_path(root: str | os.PathLike[str], model: str, client: str) -> Path:
+    return Path(root) / model / client

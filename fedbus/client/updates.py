@@ -1,0 +1,112 @@
+"""The device side of the wire contract, free of any transport.
+
+A device reads a global model message, trains, and turns ``end - start`` into a signed,
+compressed update envelope. The order of operations is the one that composes with the
+server (reference notes, section 6.5): clip the delta to ``clip_norm``, add the error-feedback
+residual, compress, keep what compression dropped as the new residual, sign.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedbus.wire import envelope as env
+from fedbus.wire.codecs import CodecSpec, ErrorFeedback, decode_dense, encode
+from fedbus.wire.ids import new_update_id, validate_id
+from fedbus.wire.layout import Layout
+from fedbus.wire.signing import sign_update
+
+
+@dataclass(frozen=True)
+class GlobalModel:
+    """A decoded model message: what a device trains from."""
+
+    model: str
+    version: int
+    layout: Layout
+    weights: np.ndarray  # flat float64 in layout order
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        return self.layout.unflatten(self.weights)
+
+
+def read_model(raw: bytes, max_bytes: int = env.DEFAULT_MAX_BYTES) -> GlobalModel:
+    """Decode a model message (retained MQTT message or compacted Kafka record)."""
+    m = env.decode(raw, max_bytes=max_bytes, expect="model")
+    assert isinstance(m, env.ModelEnvelope)
+    layout = m.tensor_layout()
+    weights = decode_dense(m.payload, CodecSpec.from_wire(m.codec), layout.n_params)
+    return GlobalModel(m.model, m.version, layout, weights)
+
+
+def clip(delta: np.ndarray, clip_norm: float | None) -> np.ndarray:
+    """Scale ``delta`` to L2 norm at most ``clip_norm`` (the per-device sensitivity bound)."""
+    if clip_norm is None:
+        return delta
+    norm = float(np.linalg.norm(delta))
+    return delta * min(1.0, clip_norm / (norm + 1e-10))
+
+
+class UpdateEncoder:
+    """Per-device encoder: codec, error-feedback residual, optional signing key.
+
+    Keep one per device for the device's lifetime: the residual is what makes top-k and
+    low-bit codecs converge, and it is lost if the encoder is rebuilt every round.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        client: str,
+        layout: Layout,
+        codec: CodecSpec | str = "int8",
+        *,
+        clip_norm: float | None = None,
+        private_key: bytes | None = None,
+        error_feedback: bool = True,
+        seed: int | None = None,
+    ) -> None:
+        self.model = validate_id(model, "model")
+        self.client = validate_id(client, "client")
+        self.layout = layout
+        self.codec = CodecSpec.parse(codec) if isinstance(codec, str) else codec
+        self.clip_norm = clip_norm
+        self.private_key = private_key
+        self.rng = np.random.default_rng(seed)
+        self.feedback = ErrorFeedback(layout.n_params, self.codec) if error_feedback else None
+
+    def encode_delta(self, delta: np.ndarray) -> bytes:
+        delta = clip(np.asarray(delta, dtype=np.float64), self.clip_norm)
+        if self.feedback is not None:
+            return self.feedback.encode(delta, self.rng)
+        return encode(delta, self.codec, self.rng)
+
+    def build(
+        self,
+        base_version: int,
+        start: np.ndarray,
+        end: np.ndarray,
+        num_examples: int,
+        metrics: dict[str, float | int] | None = None,
+        update_id: str | None = None,
+    ) -> env.UpdateEnvelope:
+        """The envelope for one finished training job from model ``base_version``."""
+        payload = self.encode_delta(np.asarray(end, np.float64) - np.asarray(start, np.float64))
+        update = env.UpdateEnvelope(
+            model=self.model,
+            client=self.client,
+            update_id=update_id or new_update_id(),
+            base_version=base_version,
+            num_examples=num_examples,
+            codec=self.codec.to_wire(),
+            layout=self.layout.fingerprint,
+            payload=payload,
+            metrics=metrics,
+            sent_at=time.time(),
+        )
+        if self.private_key is not None:
+            update = sign_update(update, self.private_key)
+        return update

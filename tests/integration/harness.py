@@ -1,0 +1,223 @@
+"""Shared helpers for worker tests on real brokers: settings, model init, devices, collection."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedbus.client.updates import read_model
+from fedbus.transport.base import Transport
+from fedbus.wire import envelope as env
+from fedbus.wire.codecs import CodecSpec, decode_dense, encode
+from fedbus.wire.ids import new_update_id
+from fedbus.wire.layout import Layout
+from workers.main import make_transport, model_message
+from workers.settings import WorkerSettings, load
+
+LAYOUT = Layout.from_wire([["w", [40, 10], "float32"], ["b", [10], "float32"]])
+N = LAYOUT.n_params
+
+
+def settings_for(
+    transport: str, broker: Any, model: str, state_dir: Path, **aggregation: Any
+) -> WorkerSettings:
+    """Worker settings pointing at a test broker, with fast acknowledgement."""
+    overrides: dict[str, Any] = {
+        "model": model,
+        "transport": transport,
+        "checkpoint_dir": state_dir,
+        "metrics_port": 0,
+        "log_format": "console",
+        "checkpoint_fsync": False,
+        "ack_every": 10,
+        "checkpoint_interval_s": 0.2,
+        "aggregation": {"algorithm": "fedasync", "staleness": "constant", **aggregation},
+    }
+    if transport == "mqtt":
+        overrides["mqtt"] = {"hostname": "127.0.0.1", "port": broker.port}
+    else:
+        overrides["kafka"] = {"bootstrap_servers": broker.bootstrap_servers}
+    return load(None, **overrides)
+
+
+def env_for(settings: WorkerSettings) -> dict[str, str]:
+    """The same settings as FEDBUS_* variables, for a worker run as a separate process."""
+    out = dict(os.environ)
+    out.update(
+        FEDBUS_MODEL=settings.model,
+        FEDBUS_TRANSPORT=settings.transport,
+        FEDBUS_CHECKPOINT_DIR=str(settings.checkpoint_dir),
+        FEDBUS_METRICS_PORT=str(settings.metrics_port),
+        FEDBUS_CHECKPOINT_FSYNC="false",
+        FEDBUS_ACK_EVERY=str(settings.ack_every),
+        FEDBUS_CHECKPOINT_INTERVAL_S=str(settings.checkpoint_interval_s),
+        FEDBUS_MQTT__HOSTNAME=settings.mqtt.hostname,
+        FEDBUS_MQTT__PORT=str(settings.mqtt.port),
+        FEDBUS_KAFKA__BOOTSTRAP_SERVERS=settings.kafka.bootstrap_servers,
+        FEDBUS_AGGREGATION__ALGORITHM=settings.aggregation.algorithm,
+        FEDBUS_AGGREGATION__STALENESS=settings.aggregation.staleness,
+        FEDBUS_AGGREGATION__ALPHA=str(settings.aggregation.alpha),
+        FEDBUS_AGGREGATION__BUFFER_SIZE=str(settings.aggregation.buffer_size),
+        FEDBUS_AGGREGATION__SERVER_LR=str(settings.aggregation.server_lr),
+        FEDBUS_LOG_FORMAT="json",
+    )
+    return out
+
+
+async def spawn_worker(settings: WorkerSettings, log_path: Path) -> asyncio.subprocess.Process:
+    log = log_path.open("ab")
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "fedbus.cli", "worker", env=env_for(settings), stdout=log, stderr=log
+    )
+
+
+def client_settings(settings: WorkerSettings) -> WorkerSettings:
+    return settings.model_copy(update={"worker_id": "test-client"})
+
+
+async def init_model(settings: WorkerSettings, weights: np.ndarray) -> None:
+    async with make_transport(client_settings(settings), role="init") as t:
+        await t.publish_model(
+            settings.model, model_message(settings.model, 0, LAYOUT, weights, "fp32"), 0
+        )
+
+
+def update_bytes(
+    model: str,
+    client: str,
+    base: int,
+    delta: np.ndarray,
+    codec: str = "int8",
+    seed: int = 0,
+    **kw: Any,
+) -> tuple[bytes, np.ndarray]:
+    """An encoded update and the float64 delta the server will decode from it."""
+    spec = CodecSpec.parse(codec)
+    payload = encode(delta, spec, np.random.default_rng(seed))
+    fields: dict[str, Any] = {
+        "model": model,
+        "client": client,
+        "update_id": new_update_id(),
+        "base_version": base,
+        "num_examples": 10,
+        "codec": spec.to_wire(),
+        "layout": LAYOUT.fingerprint,
+        "payload": payload,
+        **kw,
+    }
+    return env.encode(env.UpdateEnvelope(**fields)), decode_dense(payload, spec, N)
+
+
+@contextlib.asynccontextmanager
+async def running_worker(settings: WorkerSettings) -> AsyncIterator[Any]:
+    """A worker in this process (its kernels release the GIL; the loop stays responsive)."""
+    from workers.aggregator import AggregatorWorker
+
+    stop = asyncio.Event()
+    async with make_transport(settings) as transport:
+        worker = AggregatorWorker(settings, transport)
+        task = asyncio.create_task(worker.run(stop))
+        try:
+            for _ in range(200):
+                if worker.health.ready or task.done():
+                    break
+                await asyncio.sleep(0.05)
+            if task.done():
+                task.result()
+            assert worker.health.ready, "worker did not become ready"
+            yield worker
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 30)
+
+
+async def collect(
+    transport: Transport,
+    model: str,
+    *,
+    channel: str,
+    until: Any,
+    timeout: float = 60.0,
+    got: list[bytes] | None = None,
+) -> list[bytes]:
+    """Messages of one output channel until ``until(messages)`` holds (or time runs out).
+    Pass ``got`` to watch the list fill from outside (e.g. to wait for the first message)."""
+    got = [] if got is None else got
+
+    async def reader() -> None:
+        source = transport.follow_models(model) if channel == "model" else None
+        assert source is not None
+        async for raw in source:
+            got.append(raw)
+            if until(got):
+                return
+
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(reader(), timeout)
+    return got
+
+
+def model_versions(raws: list[bytes]) -> dict[int, np.ndarray]:
+    out: dict[int, np.ndarray] = {}
+    for raw in raws:
+        m = read_model(raw)
+        out[m.version] = m.weights
+    return out
+
+
+async def read_channel(
+    settings: WorkerSettings,
+    channel: str,
+    *,
+    until: Any,
+    timeout: float = 60.0,
+    subscribed: asyncio.Event | None = None,
+) -> list[bytes]:
+    """Read ``events`` or ``deadletter`` with the broker's own client library, as an
+    analytics consumer would, from the beginning (Kafka) or from now on (MQTT)."""
+    got: list[bytes] = []
+    model = settings.model
+    if settings.transport == "mqtt":
+        import aiomqtt
+
+        async with aiomqtt.Client("127.0.0.1", settings.mqtt.port, identifier=new_update_id()) as c:
+            await c.subscribe(f"fedbus/v1/{model}/{channel}", qos=1)
+            if subscribed is not None:
+                subscribed.set()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    async for msg in c.messages:
+                        got.append(bytes(msg.payload))  # type: ignore[arg-type]
+                        if until(got):
+                            break
+        return got
+    from aiokafka import AIOKafkaConsumer
+
+    consumer = AIOKafkaConsumer(
+        f"fedbus.{model}.{channel}",
+        bootstrap_servers=settings.kafka.bootstrap_servers,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        max_partition_fetch_bytes=64 << 20,
+        fetch_max_bytes=64 << 20,
+    )
+    await consumer.start()
+    if subscribed is not None:
+        subscribed.set()
+    try:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                async for rec in consumer:
+                    got.append(rec.value)
+                    if until(got):
+                        break
+    finally:
+        await consumer.stop()
+    return got

@@ -1,0 +1,246 @@
+"""The aggregator worker end to end on real brokers (Mosquitto, and Tansu for Kafka).
+
+Each test initialises a model, publishes updates as devices do, and checks what comes out
+on the model, events and dead-letter channels against a float64 NumPy reference computed
+from the very deltas the server decodes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import numpy as np
+import pytest
+
+from fedbus.wire import envelope as env
+from fedbus.wire.codecs import CodecSpec, encode
+from tests.integration import harness as h
+from workers.main import make_transport
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
+
+
+@pytest.fixture(params=["mqtt", "kafka"])
+def transport_name(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def broker(transport_name: str, request: pytest.FixtureRequest) -> Any:
+    return request.getfixturevalue("mosquitto" if transport_name == "mqtt" else "kafka_broker")
+
+
+async def _run_fleet(
+    settings: Any, n_updates: int, base_of: Any, *, codec: str = "int8"
+) -> list[np.ndarray]:
+    """Publish ``n_updates`` from 4 clients in a fixed order; return the decoded deltas."""
+    rng = np.random.default_rng(1)
+    decoded = []
+    async with make_transport(h.client_settings(settings), role="device") as dev:
+        for i in range(n_updates):
+            client = f"dev-{i % 4}"
+            raw, d = h.update_bytes(
+                settings.model, client, base_of(i), rng.normal(0, 0.01, h.N), codec=codec, seed=i
+            )
+            decoded.append(d)
+            await dev.publish_update(settings.model, client, raw)
+    return decoded
+
+
+async def test_fedasync_end_to_end(
+    transport_name: str, broker: Any, tmp_path: Path, model_id: str
+) -> None:
+    """Every update becomes one version, in order; the final model equals the reference,
+    staleness weights included (polynomial, a = 0.5)."""
+    settings = h.settings_for(
+        transport_name,
+        broker,
+        model_id,
+        tmp_path,
+        algorithm="fedasync",
+        staleness="polynomial",
+        alpha=0.5,
+    )
+    x0 = np.random.default_rng(0).normal(0, 0.1, h.N)
+    await h.init_model(settings, x0)
+    n = 150
+    base_of = lambda i: max(0, i - 3)  # noqa: E731 - staleness 0, 1, 2, then always 3
+    async with (
+        h.running_worker(settings),
+        make_transport(h.client_settings(settings), role="reader") as reader,
+    ):
+        got: list[bytes] = []
+        collector = asyncio.create_task(
+            h.collect(
+                reader, model_id, channel="model", until=lambda g: _version(g[-1]) >= n, got=got
+            )
+        )
+        for _ in range(200):  # the retained version 0 arrives once the subscription is live
+            if got:
+                break
+            await asyncio.sleep(0.05)
+        deltas = await _run_fleet(settings, n, base_of)
+        raws = await collector
+    versions = h.model_versions(raws)
+    assert sorted(versions) == list(range(n + 1))  # every version arrived
+    ref = x0.astype(np.float32).astype(np.float64)
+    for i, d in enumerate(deltas):
+        tau = i - base_of(i)
+        ref = ref + 0.5 * (1 + tau) ** -0.5 * d
+    np.testing.assert_allclose(versions[n], ref, rtol=1e-5, atol=1e-6)
+
+
+async def test_fedbuff_end_to_end(
+    transport_name: str, broker: Any, tmp_path: Path, model_id: str
+) -> None:
+    """K = 10, constant staleness, server lr 2: x = x0 + 2 * sum(u) / 10, whatever the order."""
+    settings = h.settings_for(
+        transport_name,
+        broker,
+        model_id,
+        tmp_path,
+        algorithm="fedbuff",
+        buffer_size=10,
+        server_lr=2.0,
+    )
+    x0 = np.zeros(h.N)
+    await h.init_model(settings, x0)
+    n = 200
+    async with h.running_worker(settings) as worker:
+        deltas = await _run_fleet(settings, n, lambda i: 0, codec="int4")
+        for _ in range(400):
+            if worker.strategy.version >= 20:
+                break
+            await asyncio.sleep(0.05)
+        async with make_transport(h.client_settings(settings), role="reader") as reader:
+            latest = await reader.latest_model(model_id, timeout=10)
+    assert latest is not None
+    m = h.model_versions([latest])
+    assert list(m) == [20]
+    np.testing.assert_allclose(m[20], 2.0 * np.sum(deltas, axis=0) / 10, rtol=1e-5, atol=1e-6)
+
+
+def _version(raw: bytes) -> int:
+    return int(msgpack.unpackb(raw)["version"])
+
+
+def _bad_inputs(model: str, client: str) -> dict[str, bytes]:
+    """One message per kind of bad input, keyed by the reason the worker must give."""
+    good, _ = h.update_bytes(model, client, 0, np.ones(h.N) * 0.01)
+    m = msgpack.unpackb(good)
+
+    def variant(**kw: Any) -> bytes:
+        return msgpack.packb({**m, **kw}, use_bin_type=True)
+
+    nan_payload = np.full(h.N, np.nan, dtype="<f4").tobytes()
+    return {
+        "malformed": b"\xc1\x00 definitely not msgpack",
+        "schema_version": variant(schema=2),
+        "unknown_model": variant(model="someone-else"),
+        "layout_mismatch": variant(layout="0" * 32),
+        "non_finite": variant(codec=CodecSpec("fp32").to_wire(), payload=nan_payload),
+        "oversized": variant(payload=b"\0" * (2 << 20)),
+        "future_version": variant(base_version=10_000, update_id="future-1"),
+        "duplicate": good,  # sent twice: the second copy
+        "stale": variant(base_version=0, update_id="stale-1"),
+    }
+
+
+async def test_bad_input_goes_to_dead_letter(
+    transport_name: str, broker: Any, tmp_path: Path, model_id: str
+) -> None:
+    """Each bad message lands in dead-letter with its reason and is counted; valid updates
+    keep folding in around them."""
+    settings = h.settings_for(
+        transport_name, broker, model_id, tmp_path, algorithm="fedasync", max_staleness=5
+    )
+    settings = settings.model_copy(update={"max_message_bytes": 1 << 20})
+    await h.init_model(settings, np.zeros(h.N))
+    bad = _bad_inputs(model_id, "dev-bad")
+    expected = sorted(bad)
+    async with h.running_worker(settings) as worker:
+        subscribed = asyncio.Event()
+        reader = asyncio.create_task(
+            h.read_channel(
+                settings,
+                "deadletter",
+                until=lambda g: len(g) >= len(expected),
+                subscribed=subscribed,
+            )
+        )
+        await asyncio.wait_for(subscribed.wait(), 30)
+        rng = np.random.default_rng(3)
+        async with make_transport(h.client_settings(settings), role="device") as dev:
+            await dev.publish_update(model_id, "dev-bad", bad["duplicate"])  # the valid first copy
+            for reason, raw in bad.items():
+                if reason == "stale":  # push the model 6 versions past base 0 first
+                    for j in range(6):
+                        ok, _ = h.update_bytes(
+                            model_id,
+                            "dev-good",
+                            worker.strategy.version,
+                            rng.normal(0, 0.01, h.N),
+                            seed=j,
+                        )
+                        await dev.publish_update(model_id, "dev-good", ok)
+                await dev.publish_update(model_id, "dev-bad", raw)
+            ok, _ = h.update_bytes(model_id, "dev-good", 0, rng.normal(0, 0.01, h.N))
+            await dev.publish_update(model_id, "dev-good", ok)
+        records = await reader
+        reasons = sorted(env.decode(r, expect="deadletter").reason for r in records)  # type: ignore[union-attr]
+        assert reasons == expected
+        rejected = {
+            s.labels["reason"]: s.value
+            for metric in worker.metrics.registry.collect()
+            if metric.name == "fedbus_updates_rejected"
+            for s in metric.samples
+            if s.name.endswith("_total")
+        }
+        assert rejected == dict.fromkeys(expected, 1.0)
+        # folded around the bad ones: the first copy of "duplicate", 6 pushes, the last one
+        assert worker.total_folded == 8
+        assert worker.health.live
+
+
+async def test_events_describe_each_version(
+    transport_name: str, broker: Any, tmp_path: Path, model_id: str
+) -> None:
+    settings = h.settings_for(
+        transport_name, broker, model_id, tmp_path, algorithm="fedbuff", buffer_size=5
+    )
+    await h.init_model(settings, np.zeros(h.N))
+    async with h.running_worker(settings):
+        subscribed = asyncio.Event()
+        reader = asyncio.create_task(
+            h.read_channel(settings, "events", until=lambda g: len(g) >= 3, subscribed=subscribed)
+        )
+        await asyncio.wait_for(subscribed.wait(), 30)
+        await _run_fleet(settings, 12, lambda i: 0)
+        events = [json.loads(r) for r in await reader]
+    published = [e for e in events if e["type"] == "io.fedbus.model.published.v1"]
+    assert [e["data"]["version"] for e in published] == [1, 2]
+    assert all(
+        e["specversion"] == "1.0" and e["id"] == f"{model_id}-v{e['data']['version']}"
+        for e in published
+    )
+    assert [e["data"]["updates_folded"] for e in published] == [5, 5]
+    assert published[-1]["data"]["total_updates_folded"] == 10
+    assert sum(published[0]["data"]["staleness_histogram"].values()) == 5
+
+
+async def test_model_init_and_fp32_payload_round_trip(
+    transport_name: str, broker: Any, tmp_path: Path, model_id: str
+) -> None:
+    settings = h.settings_for(transport_name, broker, model_id, tmp_path)
+    x0 = np.linspace(-1, 1, h.N)
+    await h.init_model(settings, x0)
+    async with make_transport(h.client_settings(settings), role="reader") as reader:
+        raw = await reader.latest_model(model_id, timeout=10)
+    assert raw is not None
+    m = h.model_versions([raw])
+    np.testing.assert_allclose(m[0], x0.astype(np.float32))
+    assert encode(np.zeros(3), CodecSpec("fp32"))  # the codec the model channel uses

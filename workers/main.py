@@ -1,0 +1,127 @@
+"""Wiring: settings -> transport -> worker, with signal handling for the CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+
+from fedbus import log as fedlog
+from fedbus.transport.base import Transport
+from fedbus.wire import envelope as env
+from fedbus.wire.codecs import CodecSpec, encode
+from fedbus.wire.layout import Layout
+from workers.settings import WorkerSettings
+
+
+def make_transport(settings: WorkerSettings, *, role: str = "worker") -> Transport:
+    """The transport named in the settings, configured with the client library's own names."""
+    if settings.transport == "kafka":
+        from fedbus.transport.kafka import KafkaConfig, KafkaTransport
+
+        k = settings.kafka
+        return KafkaTransport(
+            KafkaConfig(
+                bootstrap_servers=k.bootstrap_servers,
+                security_protocol=k.security_protocol,
+                sasl_mechanism=k.sasl_mechanism,
+                sasl_plain_username=k.sasl_plain_username,
+                sasl_plain_password=k.sasl_plain_password.get_secret_value()
+                if k.sasl_plain_password
+                else None,
+                group_id=k.group_id or f"fedbus-reducers-{settings.model}",
+                client_id=f"{settings.worker_id}-{role}",
+                update_partitions=k.update_partitions,
+                max_message_bytes=k.max_message_bytes,
+            )
+        )
+    from fedbus.transport.mqtt import MqttConfig, MqttTransport
+
+    m = settings.mqtt
+    shared = m.shared_group if settings.aggregation.algorithm == "fedbuff" else None
+    return MqttTransport(
+        MqttConfig(
+            hostname=m.hostname,
+            port=m.port,
+            username=m.username,
+            password=m.password.get_secret_value() if m.password else None,
+            identifier=m.identifier or f"fedbus-{settings.model}-{settings.worker_id}-{role}",
+            keepalive=m.keepalive,
+            session_expiry_interval=m.session_expiry_interval,
+            clean_start=role != "worker",
+            shared_group=shared,
+        )
+    )
+
+
+async def serve(settings: WorkerSettings, stop: asyncio.Event) -> None:
+    from workers.aggregator import AggregatorWorker  # the CLI's other verbs need no kernels
+
+    async with make_transport(settings) as transport:
+        await AggregatorWorker(settings, transport).run(stop)
+
+
+def run_worker(settings: WorkerSettings) -> int:
+    """Run until SIGTERM or SIGINT; the worker checkpoints before returning. Exit code 0."""
+    fedlog.configure(settings.log_format, settings.log_level)
+    log = fedlog.get("fedbus.worker")
+    log.info("config", **settings.masked())
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(settings, stop)
+
+    asyncio.run(main())
+    return 0
+
+
+def initial_weights(example: str, npz: Path | None, seed: int) -> tuple[Layout, np.ndarray]:
+    """Version 0: from an ``.npz`` of named float arrays, or a built-in digits model."""
+    if npz is not None:
+        with np.load(npz, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+        layout = Layout.from_arrays(arrays)
+        return layout, layout.flatten(arrays)
+    from fedbus.sim.models import MLP, SoftmaxRegression
+
+    if example not in ("softmax", "mlp"):
+        raise ValueError(f"unknown example model {example!r}: softmax or mlp")
+    model = SoftmaxRegression(64, 10) if example == "softmax" else MLP(64, 32, 10)
+    layout = Layout.from_wire([[n, list(s), d] for n, s, d in model.layout()])
+    return layout, model.init_params(seed)
+
+
+def model_message(
+    model: str, version: int, layout: Layout, weights: np.ndarray, codec: str
+) -> bytes:
+    spec = CodecSpec.parse(codec)
+    return env.encode(
+        env.ModelEnvelope(
+            model=model,
+            version=version,
+            layout=layout.to_wire(),
+            codec=spec.to_wire(),
+            payload=encode(weights.astype(np.float32), spec),
+            created_at=time.time(),
+        )
+    )
+
+
+def publish_initial_model(
+    settings: WorkerSettings, *, example: str = "softmax", npz: Path | None = None, seed: int = 0
+) -> int:
+    layout, weights = initial_weights(example, npz, seed)
+    raw = model_message(settings.model, 0, layout, weights, settings.model_codec)
+
+    async def main() -> None:
+        async with make_transport(settings, role="init") as transport:
+            await transport.publish_model(settings.model, raw, 0)
+
+    asyncio.run(main())
+    return 0

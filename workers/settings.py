@@ -1,0 +1,130 @@
+"""Worker configuration: a TOML file, then ``FEDBUS_*`` environment variables, then flags.
+
+Names mirror the client libraries' own (aiomqtt for ``[mqtt]``, aiokafka for ``[kafka]``) so
+an operator can copy a value from their documentation. Nested keys use ``__`` in the
+environment: ``FEDBUS_KAFKA__SECURITY_PROTOCOL=SASL_SSL``. Secrets are ``SecretStr`` and
+print masked.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from fedbus.wire.errors import WireError
+from fedbus.wire.ids import validate_id
+
+
+class MqttSettings(BaseModel):
+    hostname: str = "127.0.0.1"
+    port: int = 1883
+    username: str | None = None
+    password: SecretStr | None = None
+    identifier: str | None = None  # a stable id keeps the persistent session across restarts
+    keepalive: int = 30
+    session_expiry_interval: int = 3600
+    tls_ca_certs: str | None = None
+    tls_certfile: str | None = None
+    tls_keyfile: str | None = None
+    tls_insecure: bool = False
+    shared_group: str | None = None  # "$share/<group>/..." for FedBuff reducers
+
+
+class KafkaSettings(BaseModel):
+    bootstrap_servers: str = "127.0.0.1:9092"
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: str | None = None
+    sasl_plain_username: str | None = None
+    sasl_plain_password: SecretStr | None = None
+    group_id: str | None = None
+    update_partitions: int = 1  # FedAsync needs per-model order: keep one partition
+    max_message_bytes: int = 64 * 1024 * 1024
+
+
+class AggregationSettings(BaseModel):
+    algorithm: Literal["fedbuff", "fedasync"] = "fedbuff"
+    buffer_size: int = Field(10, ge=1)
+    staleness: Literal["constant", "polynomial", "hinge"] = "polynomial"
+    staleness_a: float = 0.5
+    staleness_b: float = 4.0
+    max_staleness: int | None = None
+    server_lr: float = 1.0
+    momentum: float = 0.0
+    alpha: float = 0.6  # FedAsync mixing
+    clip_norm: float | None = None
+    dp_noise_multiplier: float | None = None
+    seed: int = 0
+
+
+class WorkerSettings(BaseSettings):
+    """Everything ``fedbus worker`` needs. Precedence: flags > env > TOML file > defaults."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="FEDBUS_", env_nested_delimiter="__", extra="forbid", validate_default=True
+    )
+
+    model: str = "digits"
+    transport: Literal["mqtt", "kafka"] = "mqtt"
+    worker_id: str = "worker-0"
+    mqtt: MqttSettings = MqttSettings()
+    kafka: KafkaSettings = KafkaSettings()
+    aggregation: AggregationSettings = AggregationSettings()
+    checkpoint_dir: Path = Path("fedbus-state")
+    checkpoint_keep: int = 3
+    checkpoint_fsync: bool = True
+    ack_every: int = Field(10, ge=1, le=20)  # Mosquitto delivers at most 20 unacked messages
+    checkpoint_interval_s: float = 1.0
+    max_message_bytes: int = 64 * 1024 * 1024
+    model_codec: str = "fp32"
+    require_signatures: bool = False
+    public_keys_dir: Path | None = None
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 9464  # 0 disables the HTTP endpoints
+    log_format: Literal["json", "console"] = "json"
+    log_level: str = "info"
+
+    @field_validator("model", "worker_id")
+    @classmethod
+    def _ids(cls, value: str) -> str:
+        try:
+            return validate_id(value, "id")
+        except WireError as exc:
+            raise ValueError(str(exc)) from exc
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # TOML is read only when a subclass names a file (see ``load``).
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+
+    def masked(self) -> dict[str, Any]:
+        """The effective configuration as JSON-able data, secrets shown as ``**********``."""
+        return self.model_dump(mode="json")
+
+
+def load(config_file: Path | None = None, **overrides: Any) -> WorkerSettings:
+    """Build settings from an optional TOML file, the environment and explicit overrides."""
+    cls: type[WorkerSettings] = WorkerSettings
+    if config_file is not None:
+        if not config_file.is_file():
+            raise FileNotFoundError(f"config file {config_file} does not exist")
+
+        class FromFile(WorkerSettings):
+            model_config = SettingsConfigDict(**WorkerSettings.model_config, toml_file=config_file)
+
+        cls = FromFile
+    return cls(**{k: v for k, v in overrides.items() if v is not None})

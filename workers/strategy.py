@@ -1,0 +1,59 @@
+"""Build the aggregation policy object a worker runs, from its settings."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fedbus.aggregation import (
+    Constant,
+    DPConfig,
+    FedAsync,
+    FedBuff,
+    Hinge,
+    Polynomial,
+    ServerSGD,
+)
+from workers.settings import AggregationSettings
+
+Strategy = FedAsync | FedBuff
+
+
+def staleness_function(cfg: AggregationSettings) -> Constant | Polynomial | Hinge:
+    if cfg.staleness == "constant":
+        return Constant()
+    if cfg.staleness == "hinge":
+        return Hinge(a=cfg.staleness_a, b=cfg.staleness_b)
+    return Polynomial(a=cfg.staleness_a)
+
+
+def build(cfg: AggregationSettings, initial: np.ndarray, version: int) -> Strategy:
+    """One object owns the policy: the worker only feeds it updates and asks for state."""
+    s = staleness_function(cfg)
+    if cfg.algorithm == "fedasync":
+        strategy: Strategy = FedAsync(
+            initial,
+            alpha=cfg.alpha,
+            staleness=s,
+            max_staleness=cfg.max_staleness,
+            clip_norm=cfg.clip_norm,
+            version=version,
+        )
+    else:
+        dp = (
+            DPConfig(
+                noise_multiplier=cfg.dp_noise_multiplier, clip_norm=cfg.clip_norm, seed=cfg.seed
+            )
+            if cfg.dp_noise_multiplier is not None and cfg.clip_norm is not None
+            else None
+        )
+        strategy = FedBuff(
+            initial,
+            buffer_size=cfg.buffer_size,
+            staleness=s,
+            max_staleness=cfg.max_staleness,
+            server_optimizer=ServerSGD(lr=cfg.server_lr, momentum=cfg.momentum),
+            clip_norm=cfg.clip_norm,
+            dp=dp,
+            version=version,
+        )
+    return strategy
