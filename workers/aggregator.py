@@ -102,6 +102,8 @@ class AggregatorWorker:
         self.pending_event: dict[str, Any] | None = None
         self.unacked: list[Message] = []
         self.last_checkpoint = time.monotonic()
+        self.processed = 0  # messages handled (accepted or refused): for tests and the demo
+        self.progress = asyncio.Event()  # set after each handled message
 
     # -- start-up ------------------------------------------------------------------------
     async def _restore(self, stop: asyncio.Event) -> None:
@@ -163,6 +165,13 @@ class AggregatorWorker:
             return None, upd, exc
 
     async def _handle(self, msg: Message) -> None:
+        try:
+            await self._handle_one(msg)
+        finally:
+            self.processed += 1
+            self.progress.set()
+
+    async def _handle_one(self, msg: Message) -> None:
         t0 = time.perf_counter()
         self.metrics.received.labels(self.model, self.settings.transport).inc()
         self.metrics.bytes_received.labels(self.model).inc(len(msg.payload))

@@ -35,6 +35,8 @@ def make_transport(settings: WorkerSettings, *, role: str = "worker") -> Transpo
                 group_id=k.group_id or f"fedbus-reducers-{settings.model}",
                 client_id=f"{settings.worker_id}-{role}",
                 update_partitions=k.update_partitions,
+                session_timeout_ms=k.session_timeout_ms,
+                heartbeat_interval_ms=k.heartbeat_interval_ms,
                 max_message_bytes=k.max_message_bytes,
             )
         )
@@ -48,7 +50,10 @@ def make_transport(settings: WorkerSettings, *, role: str = "worker") -> Transpo
             port=m.port,
             username=m.username,
             password=m.password.get_secret_value() if m.password else None,
-            identifier=m.identifier or f"fedbus-{settings.model}-{settings.worker_id}-{role}",
+            # Other roles must never share the worker's persistent session (it would be taken
+            # over, and its unacknowledged updates with it).
+            identifier=(m.identifier or f"fedbus-{settings.model}-{settings.worker_id}")
+            + ("" if role == "worker" else f"-{role}"),
             keepalive=m.keepalive,
             session_expiry_interval=m.session_expiry_interval,
             clean_start=role != "worker",

@@ -46,6 +46,8 @@ class KafkaSettings(BaseModel):
     sasl_plain_password: SecretStr | None = None
     group_id: str | None = None
     update_partitions: int = 1  # FedAsync needs per-model order: keep one partition
+    session_timeout_ms: int = 10000  # how long a dead worker holds its partitions
+    heartbeat_interval_ms: int = 3000
     max_message_bytes: int = 64 * 1024 * 1024
 
 
@@ -124,7 +126,9 @@ def load(config_file: Path | None = None, **overrides: Any) -> WorkerSettings:
             raise FileNotFoundError(f"config file {config_file} does not exist")
 
         class FromFile(WorkerSettings):
-            model_config = SettingsConfigDict(**WorkerSettings.model_config, toml_file=config_file)
+            model_config = SettingsConfigDict(
+                **{**WorkerSettings.model_config, "toml_file": config_file}
+            )
 
         cls = FromFile
     return cls(**{k: v for k, v in overrides.items() if v is not None})

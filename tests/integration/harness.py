@@ -43,7 +43,12 @@ def settings_for(
     if transport == "mqtt":
         overrides["mqtt"] = {"hostname": "127.0.0.1", "port": broker.port}
     else:
-        overrides["kafka"] = {"bootstrap_servers": broker.bootstrap_servers}
+        # A killed worker's group membership expires after the session timeout: keep it short.
+        overrides["kafka"] = {
+            "bootstrap_servers": broker.bootstrap_servers,
+            "session_timeout_ms": 2000,
+            "heartbeat_interval_ms": 500,
+        }
     return load(None, **overrides)
 
 
@@ -61,6 +66,8 @@ def env_for(settings: WorkerSettings) -> dict[str, str]:
         FEDBUS_MQTT__HOSTNAME=settings.mqtt.hostname,
         FEDBUS_MQTT__PORT=str(settings.mqtt.port),
         FEDBUS_KAFKA__BOOTSTRAP_SERVERS=settings.kafka.bootstrap_servers,
+        FEDBUS_KAFKA__SESSION_TIMEOUT_MS=str(settings.kafka.session_timeout_ms),
+        FEDBUS_KAFKA__HEARTBEAT_INTERVAL_MS=str(settings.kafka.heartbeat_interval_ms),
         FEDBUS_AGGREGATION__ALGORITHM=settings.aggregation.algorithm,
         FEDBUS_AGGREGATION__STALENESS=settings.aggregation.staleness,
         FEDBUS_AGGREGATION__ALPHA=str(settings.aggregation.alpha),

@@ -1,0 +1,426 @@
+"""Kafka transport on aiokafka: a consumer group for updates, commits only on ``ack()``.
+
+The worker's checkpoint is the source of truth for where it is in the updates topic: it
+stores the next offset per partition with the state those updates produced, calls
+``seek()`` with them at start-up, and commits the same offsets to the broker on ``ack()``
+as a convenience for tools and for a worker that lost its checkpoint.
+
+Exactly once is the application's job. Tansu (the test broker) has no idempotent or
+transactional producer and does not compact, and even Apache Kafka's transactions would not
+cover the checkpoint file. A crash between checkpoint and commit re-reads a few updates,
+which the checkpointed dedup window refuses.
+
+Sizes: aiokafka's defaults (``max_request_size`` and ``max_partition_fetch_bytes`` of
+1 MiB) do not fit a 10M-parameter int8 update (about 10.2 MB), so both sides are raised to
+``max_message_bytes`` (64 MiB by default); topics are created with ``max.message.bytes``
+to match. An Apache Kafka broker also needs ``message.max.bytes`` raised.
+
+Ordering: updates are keyed by client, so one client's updates keep their order and a
+model's updates spread over partitions, which suits FedBuff reducers in one group. FedAsync
+folds every update in one global order and therefore needs ``update_partitions=1`` (one
+active consumer per model).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import (
+    CommitFailedError,
+    ConsumerStoppedError,
+    IllegalStateError,
+    KafkaError,
+)
+from aiokafka.helpers import create_ssl_context
+from aiokafka.structs import ConsumerRecord
+
+from fedbus.transport import topics
+from fedbus.transport.base import Message, Transport, TransportError
+
+__all__ = ["KafkaConfig", "KafkaTransport"]
+
+log = logging.getLogger("fedbus.transport.kafka")
+
+VERSION_HEADER = "fedbus-version"
+TOPIC_ALREADY_EXISTS = 36
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+@dataclass
+class KafkaConfig:
+    """Connection settings, named as aiokafka names them so values copy from its docs."""
+
+    bootstrap_servers: str | list[str] = "127.0.0.1:9092"
+    security_protocol: str = "PLAINTEXT"  # PLAINTEXT, SSL, SASL_PLAINTEXT, SASL_SSL
+    sasl_mechanism: str | None = None  # PLAIN, SCRAM-SHA-256, SCRAM-SHA-512, ...
+    sasl_plain_username: str | None = None
+    sasl_plain_password: str | None = None
+    ssl_context: ssl.SSLContext | None = None
+    client_id: str | None = None
+    # None: "fedbus-reducers-<model>", shared by every reducer of the model.
+    group_id: str | None = None
+    # Static membership: a restarted worker keeps its partitions without a rebalance.
+    group_instance_id: str | None = None
+    # Partitions of a new updates topic. FedAsync needs 1 (one global order per model).
+    update_partitions: int = 1
+    replication_factor: int = 1
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    create_topics: bool = True
+    session_timeout_ms: int = 10000
+    heartbeat_interval_ms: int = 3000
+    request_timeout_ms: int = 40000
+
+
+class _SeekOnAssign(ConsumerRebalanceListener):
+    """Applies checkpointed offsets when the group hands us the partition, which is the
+    only moment a seek sticks: before assignment there is nothing to seek."""
+
+    def __init__(self, transport: KafkaTransport) -> None:
+        self.transport = transport
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        return None
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        self.transport._apply_seeks(set(assigned))
+
+
+class KafkaTransport(Transport):
+    """A producer for everything outgoing, one group consumer for one model's updates, and
+    group-less readers for the models topic."""
+
+    name = "kafka"
+
+    def __init__(self, config: KafkaConfig) -> None:
+        self.config = config
+        self._producer: AIOKafkaProducer | None = None
+        self._admin: AIOKafkaAdminClient | None = None
+        self._consumer: AIOKafkaConsumer | None = None
+        self._updates_topic: str | None = None
+        self._pending_seeks: dict[int, int] = {}
+        self._ensured: set[str] = set()
+        self._ensure_lock = asyncio.Lock()
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def _common(self) -> dict[str, Any]:
+        c = self.config
+        kwargs: dict[str, Any] = {
+            "bootstrap_servers": c.bootstrap_servers,
+            "security_protocol": c.security_protocol,
+            "request_timeout_ms": c.request_timeout_ms,
+        }
+        if c.client_id:
+            kwargs["client_id"] = c.client_id
+        if c.security_protocol in ("SSL", "SASL_SSL"):
+            kwargs["ssl_context"] = c.ssl_context or create_ssl_context()
+        if c.security_protocol.startswith("SASL"):
+            kwargs["sasl_mechanism"] = c.sasl_mechanism or "PLAIN"
+            kwargs["sasl_plain_username"] = c.sasl_plain_username
+            kwargs["sasl_plain_password"] = c.sasl_plain_password
+        return kwargs
+
+    def _reader(self) -> AIOKafkaConsumer:
+        """A group-less consumer: reads by explicit assignment, commits nothing."""
+        return AIOKafkaConsumer(
+            group_id=None,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_partition_fetch_bytes=self.config.max_message_bytes,
+            fetch_max_bytes=self.config.max_message_bytes,
+            **self._common(),
+        )
+
+    async def start(self) -> None:
+        producer = AIOKafkaProducer(
+            acks="all",
+            max_request_size=self.config.max_message_bytes,
+            linger_ms=0,
+            **self._common(),
+        )
+        try:
+            await producer.start()
+        except KafkaError as exc:
+            await producer.stop()
+            raise TransportError(
+                f"Kafka {self.config.bootstrap_servers} unreachable: {exc}"
+            ) from exc
+        self._producer = producer
+
+    async def close(self) -> None:
+        consumer, self._consumer = self._consumer, None
+        producer, self._producer = self._producer, None
+        admin, self._admin = self._admin, None
+        if consumer is not None:
+            await consumer.stop()  # no commit: anything unacknowledged is read again
+        if producer is not None:
+            await producer.stop()
+        if admin is not None:
+            await admin.close()
+
+    def _require_producer(self) -> AIOKafkaProducer:
+        if self._producer is None:
+            raise TransportError("transport not started: use `async with transport:`")
+        return self._producer
+
+    # -- topics ---------------------------------------------------------------------------
+    async def ensure_topics(self, model: str) -> None:
+        """Create the model's four topics, once per transport.
+
+        Done before anything else touches them: Tansu (like Kafka with
+        ``auto.create.topics.enable``) creates a topic on the first metadata request that
+        names it, with the broker's default partition count (4 on Tansu) and no
+        compaction, which would silently break FedAsync's single order.
+        """
+        if model in self._ensured or not self.config.create_topics:
+            return
+        async with self._ensure_lock:
+            if model in self._ensured:
+                return
+            if self._admin is None:
+                admin = AIOKafkaAdminClient(**self._common())
+                await admin.start()
+                self._admin = admin
+            size = str(self.config.max_message_bytes)
+            rf = self.config.replication_factor
+            new = [
+                NewTopic(
+                    topics.kafka_updates(model),
+                    self.config.update_partitions,
+                    rf,
+                    topic_configs={"max.message.bytes": size},
+                ),
+                NewTopic(
+                    topics.kafka_models(model),
+                    1,
+                    rf,
+                    topic_configs={"cleanup.policy": "compact", "max.message.bytes": size},
+                ),
+                NewTopic(
+                    topics.kafka_events(model),
+                    1,
+                    rf,
+                    topic_configs={"cleanup.policy": "delete"},
+                ),
+                NewTopic(
+                    topics.kafka_deadletter(model),
+                    1,
+                    rf,
+                    topic_configs={"cleanup.policy": "delete", "max.message.bytes": size},
+                ),
+            ]
+            response = await self._admin.create_topics(new)
+            for name, code, message in response.topic_errors:
+                if code not in (0, TOPIC_ALREADY_EXISTS):
+                    raise TransportError(f"cannot create topic {name}: error {code} {message}")
+            self._ensured.add(model)
+
+    async def _partitions(self, topic: str) -> list[int]:
+        parts = await self._require_producer().partitions_for(topic)
+        return sorted(parts)
+
+    # -- updates --------------------------------------------------------------------------
+    async def subscribe_updates(self, model: str) -> None:
+        topic = topics.kafka_updates(model)
+        if self._consumer is not None:
+            if topic == self._updates_topic:
+                return
+            raise TransportError("one KafkaTransport consumes the updates of one model")
+        await self.ensure_topics(model)
+        c = self.config
+        consumer = AIOKafkaConsumer(
+            group_id=c.group_id or f"fedbus-reducers-{model}",
+            group_instance_id=c.group_instance_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_partition_fetch_bytes=c.max_message_bytes,
+            fetch_max_bytes=c.max_message_bytes,
+            session_timeout_ms=c.session_timeout_ms,
+            heartbeat_interval_ms=c.heartbeat_interval_ms,
+            **self._common(),
+        )
+        await consumer.start()
+        consumer.subscribe([topic], listener=_SeekOnAssign(self))
+        self._consumer = consumer
+        self._updates_topic = topic
+
+    def _apply_seeks(self, assigned: set[TopicPartition]) -> None:
+        consumer = self._consumer
+        if consumer is None:
+            return
+        for tp in assigned:
+            if tp.topic == self._updates_topic and tp.partition in self._pending_seeks:
+                offset = self._pending_seeks.pop(tp.partition)
+                consumer.seek(tp, offset)
+                log.info(
+                    "kafka seek %s[%d] -> %d (from checkpoint)", tp.topic, tp.partition, offset
+                )
+
+    async def seek(self, offsets: Mapping[int, int]) -> None:
+        """Position each partition at the checkpoint's next offset, now if it is assigned,
+        otherwise as soon as the group assigns it."""
+        self._pending_seeks.update({int(p): int(o) for p, o in offsets.items()})
+        if self._consumer is not None:
+            self._apply_seeks(set(self._consumer.assignment()))
+
+    async def committed_offsets(self) -> dict[int, int]:
+        consumer, topic = self._consumer, self._updates_topic
+        if consumer is None or topic is None:
+            raise TransportError("committed_offsets() needs subscribe_updates() first")
+        result: dict[int, int] = {}
+        for partition in await self._partitions(topic):
+            offset = await consumer.committed(TopicPartition(topic, partition))
+            if offset is not None:
+                result[partition] = offset
+        return result
+
+    async def messages(self) -> AsyncIterator[Message]:
+        consumer = self._consumer
+        if consumer is None:
+            raise TransportError("messages() needs subscribe_updates() first")
+        while True:
+            try:
+                record = await consumer.getone()
+            except ConsumerStoppedError:
+                return  # close() was called
+            yield Message(
+                topic=record.topic,
+                payload=record.value if record.value is not None else b"",
+                key=record.key,
+                partition=record.partition,
+                offset=record.offset,
+                token=TopicPartition(record.topic, record.partition),
+            )
+
+    async def ack(
+        self, messages: Sequence[Message], offsets: Mapping[int, int] | None = None
+    ) -> None:
+        consumer, topic = self._consumer, self._updates_topic
+        if consumer is None or topic is None:
+            return
+        commit: dict[TopicPartition, int] = {}
+        if offsets:
+            commit = {TopicPartition(topic, int(p)): int(o) for p, o in offsets.items()}
+        else:
+            for m in messages:
+                if isinstance(m.token, TopicPartition) and m.offset is not None:
+                    commit[m.token] = max(commit.get(m.token, 0), m.offset + 1)
+        # After a rebalance some partitions may belong to another member: committing them
+        # would fail, and that member's own checkpoint governs them now.
+        assigned = consumer.assignment()
+        commit = {tp: o for tp, o in commit.items() if tp in assigned}
+        if not commit:
+            return
+        try:
+            await consumer.commit(commit)
+        except (CommitFailedError, IllegalStateError, KafkaError) as exc:
+            log.warning("kafka commit skipped (checkpoint still holds the offsets): %s", exc)
+
+    # -- publishing -----------------------------------------------------------------------
+    async def _send(
+        self,
+        topic: str,
+        payload: bytes,
+        key: bytes | None,
+        headers: list[tuple[str, bytes]] | None = None,
+    ) -> None:
+        try:
+            await self._require_producer().send_and_wait(topic, payload, key=key, headers=headers)
+        except KafkaError as exc:
+            raise TransportError(f"send to {topic} failed: {exc}") from exc
+
+    async def publish_model(self, model: str, payload: bytes, version: int) -> None:
+        await self.ensure_topics(model)
+        await self._send(
+            topics.kafka_models(model),
+            payload,
+            model.encode(),
+            [(VERSION_HEADER, str(version).encode())],
+        )
+
+    async def publish_event(self, model: str, payload: bytes) -> None:
+        await self.ensure_topics(model)
+        await self._send(topics.kafka_events(model), payload, model.encode())
+
+    async def publish_deadletter(self, model: str, payload: bytes) -> None:
+        await self.ensure_topics(model)
+        await self._send(topics.kafka_deadletter(model), payload, model.encode())
+
+    async def publish_update(self, model: str, client: str, payload: bytes) -> None:
+        await self.ensure_topics(model)
+        key = topics.validate_id(client, "client").encode()
+        await self._send(topics.kafka_updates(model), payload, key)
+
+    # -- models ---------------------------------------------------------------------------
+    async def _last_for_key(
+        self, consumer: AIOKafkaConsumer, tp: TopicPartition, key: bytes, begin: int, end: int
+    ) -> ConsumerRecord[bytes, bytes] | None:
+        """The last record with ``key`` in ``[begin, end)``, reading backwards in growing
+        windows: Tansu never compacts, so the topic holds every version ever published."""
+        stop, window = end, 1
+        while stop > begin:
+            start = max(begin, stop - window)
+            consumer.seek(tp, start)
+            last: ConsumerRecord[bytes, bytes] | None = None
+            while await consumer.position(tp) < stop:
+                batch = await consumer.getmany(tp, timeout_ms=500)
+                for record in batch.get(tp, []):
+                    if record.offset < stop and record.key == key:
+                        last = record
+            if last is not None:
+                return last
+            stop, window = start, window * 4
+        return None
+
+    async def latest_model(self, model: str, timeout: float = 5.0) -> bytes | None:
+        """The last value for the model's key on the models topic; ``None`` if there is
+        none (or a tombstone), or the broker does not answer within ``timeout``."""
+        topic, key = topics.kafka_models(model), model.encode()
+        try:
+            async with asyncio.timeout(timeout):
+                await self.ensure_topics(model)
+                consumer = self._reader()
+                await consumer.start()
+                try:
+                    tps = [TopicPartition(topic, p) for p in await self._partitions(topic)]
+                    consumer.assign(tps)
+                    begin = await consumer.beginning_offsets(tps)
+                    end = await consumer.end_offsets(tps)
+                    best: ConsumerRecord[bytes, bytes] | None = None
+                    for tp in tps:
+                        found = await self._last_for_key(consumer, tp, key, begin[tp], end[tp])
+                        if found is not None and (
+                            best is None or found.timestamp >= best.timestamp
+                        ):
+                            best = found
+                    return best.value if best is not None else None
+                finally:
+                    await consumer.stop()
+        except TimeoutError:
+            log.warning("kafka latest_model(%s) timed out after %s s", model, timeout)
+            return None
+
+    async def follow_models(self, model: str) -> AsyncIterator[bytes]:
+        await self.ensure_topics(model)
+        topic, key = topics.kafka_models(model), model.encode()
+        consumer = self._reader()
+        await consumer.start()
+        try:
+            tps = [TopicPartition(topic, p) for p in await self._partitions(topic)]
+            consumer.assign(tps)
+            begin = await consumer.beginning_offsets(tps)
+            end = await consumer.end_offsets(tps)
+            for tp in tps:
+                found = await self._last_for_key(consumer, tp, key, begin[tp], end[tp])
+                consumer.seek(tp, found.offset if found is not None else end[tp])
+            async for record in consumer:
+                if record.key == key and record.value:
+                    yield record.value
+        finally:
+            await consumer.stop()

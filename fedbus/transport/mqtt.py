@@ -1,0 +1,425 @@
+"""MQTT transport on aiomqtt, with acknowledgements withheld until the caller's checkpoint.
+
+aiomqtt (2.5.1) lets paho send PUBACK as soon as a message arrives (aiomqtt issue #345),
+so a worker crash after receipt would lose the update. This transport switches paho's
+manual acknowledgement on (``manual_ack_set(True)`` on aiomqtt's underlying client, before
+connecting) and sends each PUBACK only from :meth:`MqttTransport.ack`. With a persistent
+session (MQTT 5 ``clean_start=False`` plus a session expiry, or 3.1.1
+``clean_session=False``) the broker redelivers every unacknowledged message to the same
+identifier after a crash.
+
+Limits that shape the worker:
+
+* Mosquitto sends at most ``max_inflight_messages`` (default 20) unacknowledged QoS 1
+  messages per client, then waits. A worker must acknowledge at least every 20 messages,
+  or the broker's ``max_inflight_messages`` must be raised.
+* Mosquitto queues at most ``max_queued_messages`` (default 1000) for an offline session
+  and silently drops the rest; ``brokers.MosquittoBroker`` raises it to 10000.
+* Shared subscriptions (``$share/<group>/...``) spread one model's updates over several
+  reducers: right for FedBuff, wrong for FedAsync (order-dependent), which needs a plain
+  subscription and one active consumer per model. Nothing read through ``$share`` is ever
+  published retained, because Mosquitto hands a retained message to every group member.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
+
+import aiomqtt
+from aiomqtt.exceptions import MqttConnectError
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from fedbus.transport import topics
+from fedbus.transport.base import Message, Transport, TransportError
+
+__all__ = ["MqttConfig", "MqttTransport"]
+
+log = logging.getLogger("fedbus.transport.mqtt")
+
+VERSION_PROPERTY = "fedbus-version"
+"""MQTT 5 user property on model messages, so a follower can skip a version it has."""
+
+
+@dataclass
+class MqttConfig:
+    """Connection settings, named as aiomqtt names them so values copy from its docs."""
+
+    hostname: str = "127.0.0.1"
+    port: int = 1883
+    username: str | None = None
+    password: str | None = None
+    # A stable identifier is what makes the session, and redelivery after a crash, work.
+    identifier: str | None = None
+    clean_start: bool = False
+    session_expiry_interval: int = 3600
+    keepalive: int = 30
+    protocol: Literal["5", "3.1.1"] = "5"
+    tls_params: aiomqtt.TLSParameters | None = None
+    tls_context: ssl.SSLContext | None = None
+    tls_insecure: bool | None = None
+    transport: Literal["tcp", "websockets", "unix"] = "tcp"
+    # "$share/<group>/..." for FedBuff reducers; None for a plain subscription (FedAsync).
+    shared_group: str | None = None
+    # Per operation (connect, subscribe, one publish): a 10 MB publish must fit.
+    timeout: float = 30.0
+    connect_timeout: float = 10.0
+    reconnect_initial_delay: float = 0.1
+    reconnect_max_delay: float = 5.0
+    # Give up (raise TransportError) after this long without a connection; None: never.
+    reconnect_timeout: float | None = 120.0
+    # Client-side cap on our own outgoing QoS 1 messages in flight (paho's default is 20).
+    max_inflight_messages: int | None = None
+
+    @property
+    def is_v5(self) -> bool:
+        return self.protocol == "5"
+
+
+class _Token(NamedTuple):
+    """Which connection delivered a message, and its packet id there."""
+
+    generation: int
+    mid: int
+    qos: int
+
+
+class MqttTransport(Transport):
+    """One persistent-session connection for updates and publishing; short-lived clean
+    connections for reading models, so model messages never mix with update acks."""
+
+    name = "mqtt"
+
+    def __init__(self, config: MqttConfig) -> None:
+        self.config = config
+        self.identifier = config.identifier or f"fedbus-{uuid.uuid4().hex[:12]}"
+        self._client: aiomqtt.Client | None = None
+        self._generation = 0
+        self._up = asyncio.Event()
+        self._reconnect_lock = asyncio.Lock()
+        self._subscriptions: dict[str, int] = {}
+        self._closing = False
+        self._connected_once = False
+        self.reconnects = 0
+        self.stale_acks = 0
+
+    # -- connections ----------------------------------------------------------------------
+    def _new_client(self, identifier: str, *, clean: bool, persistent: bool) -> aiomqtt.Client:
+        c = self.config
+        properties: Properties | None = None
+        kwargs: dict[str, object] = {}
+        if c.is_v5:
+            properties = Properties(PacketTypes.CONNECT)
+            properties.SessionExpiryInterval = c.session_expiry_interval if persistent else 0
+            kwargs["clean_start"] = clean
+        else:
+            kwargs["clean_session"] = clean
+        client = aiomqtt.Client(
+            c.hostname,
+            c.port,
+            username=c.username,
+            password=c.password,
+            identifier=identifier,
+            protocol=aiomqtt.ProtocolVersion.V5 if c.is_v5 else aiomqtt.ProtocolVersion.V311,
+            transport=c.transport,
+            timeout=c.timeout,
+            keepalive=c.keepalive,
+            properties=properties,
+            tls_context=c.tls_context,
+            tls_params=c.tls_params,
+            tls_insecure=c.tls_insecure,
+            max_inflight_messages=c.max_inflight_messages,
+            logger=log,
+            **kwargs,  # type: ignore[arg-type]
+        )
+        return client
+
+    async def _open(self, client: aiomqtt.Client) -> None:
+        try:
+            await asyncio.wait_for(client.__aenter__(), self.config.connect_timeout)
+        except TimeoutError as exc:
+            await _force_close(client)
+            raise aiomqtt.MqttError("connect timed out") from exc
+
+    async def _connect(self) -> None:
+        # Clean start only on the very first connection: a reconnect must resume the session.
+        clean = self.config.clean_start and not self._connected_once
+        client = self._new_client(self.identifier, clean=clean, persistent=True)
+        # The point of this module: no PUBACK until ack(). Must precede the CONNECT, since a
+        # resumed session starts redelivering right after CONNACK.
+        client._client.manual_ack_set(True)
+        await self._open(client)
+        try:
+            for topic, qos in self._subscriptions.items():
+                await self._subscribe(client, topic, qos)
+        except BaseException:
+            await _force_close(client)
+            raise
+        self._client = client
+        self._generation += 1
+        self._connected_once = True
+        self._up.set()
+
+    async def _subscribe(self, client: aiomqtt.Client, topic: str, qos: int) -> None:
+        granted = await client.subscribe(topic, qos=qos, timeout=self.config.timeout)
+        for code in granted:
+            if int(getattr(code, "value", code)) >= 0x80:
+                raise TransportError(f"subscription to {topic!r} refused: {code}")
+
+    async def _with_backoff(
+        self, attempt: Callable[[], Awaitable[None]], what: str, limit: float | None
+    ) -> None:
+        """Retry ``attempt`` (an async callable) with bounded exponential backoff."""
+        delay = self.config.reconnect_initial_delay
+        deadline = None if limit is None else time.monotonic() + limit
+        while True:
+            try:
+                await attempt()
+                return
+            except MqttConnectError as exc:
+                # A refused CONNECT (bad credentials, identifier not allowed) will not heal.
+                raise TransportError(f"{what}: MQTT broker refused the connection: {exc}") from exc
+            except (aiomqtt.MqttError, OSError) as exc:
+                if self._closing:
+                    raise TransportError(f"{what}: transport closed") from exc
+                if deadline is not None and time.monotonic() + delay > deadline:
+                    raise TransportError(
+                        f"{what}: MQTT broker {self.config.hostname}:{self.config.port} "
+                        f"unreachable for {limit} s: {exc}"
+                    ) from exc
+                log.warning("mqtt %s failed (%s); retrying in %.2f s", what, exc, delay)
+                await asyncio.sleep(delay)  # backoff, not synchronisation
+                delay = min(delay * 2, self.config.reconnect_max_delay)
+
+    async def _reconnect(self, failed_generation: int) -> None:
+        async with self._reconnect_lock:
+            if self._closing:
+                raise TransportError("transport closed")
+            if self._generation != failed_generation and self._up.is_set():
+                return  # somebody else already reconnected
+            self._up.clear()
+            old, self._client = self._client, None
+            if old is not None:
+                await _force_close(old)
+            await self._with_backoff(self._connect, "reconnect", self.config.reconnect_timeout)
+            self.reconnects += 1
+            log.info("mqtt reconnected as %s (generation %d)", self.identifier, self._generation)
+
+    async def _ready(self) -> tuple[aiomqtt.Client, int]:
+        if self._closing:
+            raise TransportError("transport closed")
+        if not self._up.is_set():
+            try:
+                await asyncio.wait_for(self._up.wait(), self.config.reconnect_timeout)
+            except TimeoutError as exc:
+                raise TransportError("no MQTT connection") from exc
+        if self._closing or self._client is None:
+            raise TransportError("transport closed")
+        return self._client, self._generation
+
+    async def start(self) -> None:
+        self._closing = False
+        await self._with_backoff(self._connect, "connect", self.config.connect_timeout)
+
+    async def close(self) -> None:
+        self._closing = True
+        self._up.clear()
+        client, self._client = self._client, None
+        if client is not None:
+            await _force_close(client, graceful=True)
+
+    # -- updates --------------------------------------------------------------------------
+    async def subscribe_updates(self, model: str) -> None:
+        if self.config.shared_group:
+            topic = topics.mqtt_shared_updates(model, self.config.shared_group)
+        else:
+            topic = topics.mqtt_updates_filter(model)
+        self._subscriptions[topic] = 1  # renewed on every reconnect
+        attempts = 3
+        for attempt in range(attempts):
+            client, generation = await self._ready()
+            try:
+                await self._subscribe(client, topic, 1)
+                return
+            except aiomqtt.MqttError as exc:
+                if attempt == attempts - 1:
+                    raise TransportError(f"subscribe to {topic!r} failed: {exc}") from exc
+                await self._reconnect(generation)
+
+    async def messages(self) -> AsyncIterator[Message]:
+        while True:
+            client, generation = await self._ready()
+            try:
+                async for m in client.messages:
+                    payload = m.payload if isinstance(m.payload, bytes) else bytes(m.payload or b"")
+                    yield Message(
+                        topic=m.topic.value,
+                        payload=payload,
+                        token=_Token(generation, m.mid, m.qos),
+                    )
+            except aiomqtt.MqttError as exc:
+                if self._closing:
+                    return
+                log.warning("mqtt connection lost while receiving: %s", exc)
+                await self._reconnect(generation)
+
+    async def ack(
+        self, messages: Sequence[Message], offsets: Mapping[int, int] | None = None
+    ) -> None:
+        client = self._client
+        for message in messages:
+            token = message.token
+            if not isinstance(token, _Token) or token.qos == 0:
+                continue
+            if client is None or token.generation != self._generation:
+                # The packet id belonged to a connection that is gone; the broker will
+                # redeliver on the new one. Acking by id here could ack a different message.
+                self.stale_acks += 1
+                continue
+            client._client.ack(token.mid, token.qos)
+        if client is not None and client._client.is_connected():
+            # Hand the PUBACKs to the socket now rather than on a later loop iteration, so
+            # a caller that stops right after ack() has still sent them. (A lost PUBACK is
+            # harmless: the broker redelivers and the caller's dedup drops the repeat.)
+            with contextlib.suppress(Exception):
+                client._client.loop_write()
+
+    # -- publishing -----------------------------------------------------------------------
+    async def _publish(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        retain: bool = False,
+        properties: Properties | None = None,
+    ) -> None:
+        attempts = 3
+        for attempt in range(attempts):
+            client, generation = await self._ready()
+            try:
+                await _unless_disconnected(
+                    client,
+                    client.publish(
+                        topic,
+                        payload,
+                        qos=1,
+                        retain=retain,
+                        properties=properties,
+                        timeout=self.config.timeout,
+                    ),
+                )
+                return
+            except aiomqtt.MqttError as exc:
+                if self._closing or attempt == attempts - 1:
+                    raise TransportError(f"publish to {topic!r} failed: {exc}") from exc
+                if client._client.is_connected():
+                    raise TransportError(f"publish to {topic!r} failed: {exc}") from exc
+                await self._reconnect(generation)
+
+    async def publish_model(self, model: str, payload: bytes, version: int) -> None:
+        properties = None
+        if self.config.is_v5:
+            properties = Properties(PacketTypes.PUBLISH)
+            properties.UserProperty = (VERSION_PROPERTY, str(version))
+        await self._publish(topics.mqtt_model(model), payload, retain=True, properties=properties)
+
+    async def publish_event(self, model: str, payload: bytes) -> None:
+        await self._publish(topics.mqtt_events(model), payload)
+
+    async def publish_deadletter(self, model: str, payload: bytes) -> None:
+        await self._publish(topics.mqtt_deadletter(model), payload)
+
+    async def publish_update(self, model: str, client: str, payload: bytes) -> None:
+        # Never retained: updates are read through $share, where a retained message would be
+        # handed to every reducer and folded twice.
+        await self._publish(topics.mqtt_update(model, client), payload)
+
+    # -- models ---------------------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def _reader(self, model: str) -> AsyncIterator[aiomqtt.Client]:
+        """A clean, non-persistent connection subscribed to the model topic (auto-ack)."""
+        identifier = f"{self.identifier[:40]}-m-{uuid.uuid4().hex[:8]}"
+        opened: list[aiomqtt.Client] = []
+
+        async def connect() -> None:
+            candidate = self._new_client(identifier, clean=True, persistent=False)
+            await self._open(candidate)
+            opened.append(candidate)
+
+        await self._with_backoff(connect, "connect (model reader)", self.config.connect_timeout)
+        client = opened[0]
+        try:
+            await self._subscribe(client, topics.mqtt_model(model), 1)
+            yield client
+        finally:
+            await _force_close(client, graceful=True)
+
+    async def latest_model(self, model: str, timeout: float = 5.0) -> bytes | None:
+        """The retained model; ``None`` after ``timeout`` if nothing is retained (MQTT has no
+        "nothing retained" answer). A model published during the wait is returned too."""
+        async with self._reader(model) as client:
+            try:
+                async with asyncio.timeout(timeout):
+                    async for m in client.messages:
+                        if m.payload:  # an empty retained payload is a deletion
+                            return bytes(m.payload)  # type: ignore[arg-type]
+            except TimeoutError:
+                return None
+        return None
+
+    async def follow_models(self, model: str) -> AsyncIterator[bytes]:
+        while not self._closing:
+            try:
+                async with self._reader(model) as client:
+                    async for m in client.messages:
+                        if m.payload:
+                            yield bytes(m.payload)  # type: ignore[arg-type]
+            except aiomqtt.MqttError as exc:
+                if self._closing:
+                    return
+                log.warning("mqtt model follower lost its connection: %s", exc)
+                await asyncio.sleep(self.config.reconnect_initial_delay)
+
+
+async def _unless_disconnected(client: aiomqtt.Client, operation: Awaitable[None]) -> None:
+    """Await ``operation`` but give up as soon as the connection drops.
+
+    aiomqtt's ``publish()`` waits for its PUBACK until its timeout even when the connection
+    is already gone, which would stall every publish across a broker restart.
+    """
+    task = asyncio.ensure_future(operation)
+    disconnected = client._disconnected
+    try:
+        await asyncio.wait({task, disconnected}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        task.cancel()
+        raise
+    if task.done():
+        task.result()
+        return
+    task.cancel()
+    with contextlib.suppress(BaseException):
+        await task
+    cause = disconnected.exception() if not disconnected.cancelled() else None
+    raise aiomqtt.MqttError("connection lost while waiting for PUBACK") from cause
+
+
+async def _force_close(client: aiomqtt.Client, *, graceful: bool = False) -> None:
+    """Leave a connection. ``graceful`` sends DISCONNECT (the session and its unacked
+    messages survive it under a session expiry); otherwise the socket is just dropped."""
+    if graceful:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(client.__aexit__(None, None, None), 5.0)
+            return
+    with contextlib.suppress(Exception):
+        client._client._sock_close()
+    with contextlib.suppress(Exception):
+        await client.__aexit__(None, None, None)

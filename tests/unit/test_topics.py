@@ -1,0 +1,103 @@
+"""Topic names: exact spellings, id validation, parsing topics that come off the network."""
+
+from __future__ import annotations
+
+import pytest
+
+from fedbus.transport import topics
+
+
+def test_mqtt_topics_are_spelled_as_documented() -> None:
+    assert topics.mqtt_update("digits", "dev-1") == "fedbus/v1/digits/updates/dev-1"
+    assert topics.mqtt_updates_filter("digits") == "fedbus/v1/digits/updates/+"
+    assert topics.mqtt_model("digits") == "fedbus/v1/digits/model"
+    assert topics.mqtt_events("digits") == "fedbus/v1/digits/events"
+    assert topics.mqtt_deadletter("digits") == "fedbus/v1/digits/deadletter"
+    assert topics.mqtt_status("digits", "dev-1") == "fedbus/v1/digits/status/dev-1"
+    assert (
+        topics.mqtt_shared_updates("digits", "reducers")
+        == "$share/reducers/fedbus/v1/digits/updates/+"
+    )
+
+
+def test_kafka_topics_are_dot_separated_only() -> None:
+    assert topics.kafka_topics("digits") == {
+        "updates": "fedbus.digits.updates",
+        "models": "fedbus.digits.models",
+        "events": "fedbus.digits.events",
+        "deadletter": "fedbus.digits.deadletter",
+    }
+    for name in topics.kafka_topics("m-1").values():
+        assert "_" not in name and "/" not in name and len(name) <= 249
+
+
+@pytest.mark.parametrize("good", ["a", "0", "dev-1", "a" * 64, "x-y-z", "9lives"])
+def test_valid_ids_pass(good: str) -> None:
+    assert topics.validate_id(good) == good
+    assert topics.mqtt_update(good, good).endswith(f"/updates/{good}")
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "",
+        "a" * 65,
+        "-a",
+        "a-",
+        "A",
+        "dev_1",
+        "dev.1",
+        "a/b",
+        "+",
+        "#",
+        "a+b",
+        "a#",
+        "$sys",
+        " a",
+        "a\n",
+        "é",
+    ],
+)
+def test_invalid_ids_are_refused_everywhere(bad: str) -> None:
+    with pytest.raises(ValueError, match="not 1-64 chars"):
+        topics.validate_id(bad)
+    for build in (topics.mqtt_model, topics.mqtt_updates_filter, topics.kafka_updates):
+        with pytest.raises(ValueError):
+            build(bad)
+    with pytest.raises(ValueError):
+        topics.mqtt_update("digits", bad)
+    with pytest.raises(ValueError):
+        topics.mqtt_shared_updates("digits", bad)
+
+
+def test_client_is_parsed_from_update_topics() -> None:
+    assert topics.client_from_update_topic("fedbus/v1/digits/updates/dev-7") == "dev-7"
+    assert topics.parse_update_topic("fedbus/v1/digits/updates/dev-7") == ("digits", "dev-7")
+    shared = "$share/reducers/fedbus/v1/digits/updates/dev-7"
+    assert topics.client_from_update_topic(shared) == "dev-7"
+
+
+@pytest.mark.parametrize(
+    "topic",
+    [
+        "fedbus.digits.updates",  # Kafka: the client is in the key
+        "fedbus/v1/digits/model",
+        "fedbus/v1/digits/updates/+",
+        "fedbus/v1/digits/updates/dev-1/extra",
+        "fedbus/v2/digits/updates/dev-1",
+        "/fedbus/v1/digits/updates/dev-1",
+        "fedbus/v1/Digits/updates/dev-1",
+        "fedbus/v1/digits/updates/DEV",
+        "fedbus/v1/digits/updates/",
+        "",
+        "$share/g",
+    ],
+)
+def test_anything_else_parses_to_none(topic: str) -> None:
+    assert topics.client_from_update_topic(topic) is None
+    assert topics.parse_update_topic(topic) is None
+
+
+def test_built_topics_round_trip_through_the_parser() -> None:
+    for model, client in [("m", "c"), ("model-9", "a" * 64)]:
+        assert topics.parse_update_topic(topics.mqtt_update(model, client)) == (model, client)
