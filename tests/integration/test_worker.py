@@ -37,12 +37,14 @@ def broker(transport_name: str, request: pytest.FixtureRequest) -> Any:
 async def _run_fleet(
     settings: Any, n_updates: int, base_of: Any, *, codec: str = "int8"
 ) -> list[np.ndarray]:
-    """Publish ``n_updates`` from 4 clients in a fixed order; return the decoded deltas."""
+    """Publish ``n_updates`` from 20 clients in turn; return the decoded deltas.
+
+    FedBuff takes one update per client per buffer, so a buffer of K needs K clients."""
     rng = np.random.default_rng(1)
     decoded = []
     async with make_transport(h.client_settings(settings), role="device") as dev:
         for i in range(n_updates):
-            client = f"dev-{i % 4}"
+            client = f"dev-{i % 20}"
             raw, d = h.update_bytes(
                 settings.model, client, base_of(i), rng.normal(0, 0.01, h.N), codec=codec, seed=i
             )
@@ -113,7 +115,7 @@ async def test_fedbuff_end_to_end(
     async with h.running_worker(settings) as worker:
         deltas = await _run_fleet(settings, n, lambda i: 0, codec="int4")
         for _ in range(400):
-            if worker.strategy.version >= 20:
+            if worker.published_version >= 20:
                 break
             await asyncio.sleep(0.05)
         async with make_transport(h.client_settings(settings), role="reader") as reader:
@@ -178,19 +180,19 @@ async def test_bad_input_goes_to_dead_letter(
             await dev.publish_update(model_id, "dev-bad", bad["duplicate"])  # the valid first copy
             for reason, raw in bad.items():
                 if reason == "stale":  # push the model 6 versions past base 0 first
-                    for j in range(6):
+                    for j in range(6):  # the first copy made version 1; each push one more
                         ok, _ = h.update_bytes(
-                            model_id,
-                            "dev-good",
-                            worker.strategy.version,
-                            rng.normal(0, 0.01, h.N),
-                            seed=j,
+                            model_id, "dev-good", 1 + j, rng.normal(0, 0.01, h.N), seed=j
                         )
                         await dev.publish_update(model_id, "dev-good", ok)
                 await dev.publish_update(model_id, "dev-bad", raw)
-            ok, _ = h.update_bytes(model_id, "dev-good", 0, rng.normal(0, 0.01, h.N))
+            ok, _ = h.update_bytes(model_id, "dev-good", 7, rng.normal(0, 0.01, h.N))
             await dev.publish_update(model_id, "dev-good", ok)
         records = await reader
+        for _ in range(200):  # the first copy, 9 bad, 6 pushes and the last good one
+            if worker.processed >= 17:
+                break
+            await asyncio.sleep(0.05)
         reasons = sorted(env.decode(r, expect="deadletter").reason for r in records)  # type: ignore[union-attr]
         assert reasons == expected
         rejected = {

@@ -1,0 +1,1 @@
+"""Fallback aggregation (compact)."""
