@@ -1,1 +1,0 @@
-"""Fallback aggregation (compact)."""
