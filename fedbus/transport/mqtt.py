@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import ssl
 import time
@@ -82,6 +83,32 @@ class MqttConfig:
     @property
     def is_v5(self) -> bool:
         return self.protocol == "5"
+
+
+def _ignore_writes_to_closed_sockets(loop: asyncio.AbstractEventLoop) -> None:
+    """aiomqtt schedules ``loop.add_writer(fd)`` from paho's callback; when the socket closes
+    before that runs, asyncio logs EBADF with a traceback. Nothing is lost (the connection is
+    gone either way), so that one error is dropped; everything else reaches the previous
+    handler."""
+    previous = loop.get_exception_handler()
+    if getattr(previous, "_fedbus_ebadf", False):
+        return
+
+    def handler(lp: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:
+        exc = context.get("exception")
+        if (
+            isinstance(exc, OSError)
+            and exc.errno == errno.EBADF
+            and "add_writer" in repr(context.get("handle"))
+        ):
+            return
+        if previous is not None:
+            previous(lp, context)
+        else:
+            lp.default_exception_handler(context)
+
+    handler._fedbus_ebadf = True  # type: ignore[attr-defined]
+    loop.set_exception_handler(handler)
 
 
 class _Token(NamedTuple):
@@ -227,6 +254,7 @@ class MqttTransport(Transport):
 
     async def start(self) -> None:
         self._closing = False
+        _ignore_writes_to_closed_sockets(asyncio.get_running_loop())
         await self._with_backoff(self._connect, "connect", self.config.connect_timeout)
 
     async def close(self) -> None:
