@@ -218,7 +218,7 @@ async def test_events_describe_each_version(
     async with h.running_worker(settings):
         subscribed = asyncio.Event()
         reader = asyncio.create_task(
-            h.read_channel(settings, "events", until=lambda g: len(g) >= 3, subscribed=subscribed)
+            h.read_channel(settings, "events", until=lambda g: len(g) >= 2, subscribed=subscribed)
         )
         await asyncio.wait_for(subscribed.wait(), 30)
         await _run_fleet(settings, 12, lambda i: 0)
