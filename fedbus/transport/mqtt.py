@@ -73,6 +73,7 @@ class MqttConfig:
     # Per operation (connect, subscribe, one publish): a 10 MB publish must fit.
     timeout: float = 30.0
     connect_timeout: float = 10.0
+    connect_attempt_timeout: float = 3.0
     reconnect_initial_delay: float = 0.1
     reconnect_max_delay: float = 5.0
     # Give up (raise TransportError) after this long without a connection; None: never.
@@ -86,20 +87,21 @@ class MqttConfig:
 
 
 def _ignore_writes_to_closed_sockets(loop: asyncio.AbstractEventLoop) -> None:
-    """aiomqtt schedules ``loop.add_writer(fd)`` from paho's callback; when the socket closes
-    before that runs, asyncio logs EBADF with a traceback. Nothing is lost (the connection is
-    gone either way), so that one error is dropped; everything else reaches the previous
-    handler."""
+    """aiomqtt schedules ``loop.add_reader/add_writer(fd)`` from paho's callbacks; when the
+    socket closes before that runs, asyncio logs EBADF or ENOENT with a traceback. Nothing is
+    lost (the connection is gone either way), so that error is dropped; everything else
+    reaches the previous handler."""
     previous = loop.get_exception_handler()
     if getattr(previous, "_fedbus_ebadf", False):
         return
 
     def handler(lp: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:
         exc = context.get("exception")
+        handle = repr(context.get("handle"))
         if (
             isinstance(exc, OSError)
-            and exc.errno == errno.EBADF
-            and "add_writer" in repr(context.get("handle"))
+            and exc.errno in (errno.EBADF, errno.ENOENT)
+            and ("add_writer" in handle or "add_reader" in handle)
         ):
             return
         if previous is not None:
@@ -171,7 +173,11 @@ class MqttTransport(Transport):
 
     async def _open(self, client: aiomqtt.Client) -> None:
         try:
-            await asyncio.wait_for(client.__aenter__(), self.config.connect_timeout)
+            # Bound each attempt well below the overall budget: an attempt that hangs (seen
+            # right after a broker restart, when aiomqtt's deferred socket callbacks race a
+            # reused file descriptor) is abandoned and retried instead of eating the budget.
+            limit = min(self.config.connect_timeout, self.config.connect_attempt_timeout)
+            await asyncio.wait_for(client.__aenter__(), limit)
         except TimeoutError as exc:
             await _force_close(client)
             raise aiomqtt.MqttError("connect timed out") from exc
