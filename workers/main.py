@@ -23,12 +23,20 @@ def make_transport(settings: WorkerSettings, *, role: str = "worker") -> Transpo
         from fedbus.transport.kafka import KafkaConfig, KafkaTransport
 
         k = settings.kafka
+        ssl_context = None
+        if k.security_protocol in ("SSL", "SASL_SSL"):
+            from aiokafka.helpers import create_ssl_context
+
+            ssl_context = create_ssl_context(
+                cafile=k.ssl_cafile, certfile=k.ssl_certfile, keyfile=k.ssl_keyfile
+            )
         return KafkaTransport(
             KafkaConfig(
                 bootstrap_servers=k.bootstrap_servers,
                 security_protocol=k.security_protocol,
                 sasl_mechanism=k.sasl_mechanism,
                 sasl_plain_username=k.sasl_plain_username,
+                ssl_context=ssl_context,
                 sasl_plain_password=k.sasl_plain_password.get_secret_value()
                 if k.sasl_plain_password
                 else None,
@@ -43,6 +51,13 @@ def make_transport(settings: WorkerSettings, *, role: str = "worker") -> Transpo
     from fedbus.transport.mqtt import MqttConfig, MqttTransport
 
     m = settings.mqtt
+    tls = None
+    if m.tls_ca_certs or m.tls_certfile:
+        import aiomqtt
+
+        tls = aiomqtt.TLSParameters(
+            ca_certs=m.tls_ca_certs, certfile=m.tls_certfile, keyfile=m.tls_keyfile
+        )
     shared = m.shared_group if settings.aggregation.algorithm == "fedbuff" else None
     return MqttTransport(
         MqttConfig(
@@ -58,6 +73,8 @@ def make_transport(settings: WorkerSettings, *, role: str = "worker") -> Transpo
             session_expiry_interval=m.session_expiry_interval,
             clean_start=role != "worker",
             shared_group=shared,
+            tls_params=tls,
+            tls_insecure=m.tls_insecure or None,
         )
     )
 

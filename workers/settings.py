@@ -44,6 +44,9 @@ class KafkaSettings(BaseModel):
     sasl_mechanism: str | None = None
     sasl_plain_username: str | None = None
     sasl_plain_password: SecretStr | None = None
+    ssl_cafile: str | None = None  # with SSL / SASL_SSL: aiokafka's create_ssl_context(...)
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
     group_id: str | None = None
     update_partitions: int = 1  # FedAsync needs per-model order: keep one partition
     session_timeout_ms: int = 10000  # how long a dead worker holds its partitions

@@ -246,3 +246,34 @@ async def test_model_init_and_fp32_payload_round_trip(
     m = h.model_versions([raw])
     np.testing.assert_allclose(m[0], x0.astype(np.float32))
     assert encode(np.zeros(3), CodecSpec("fp32"))  # the codec the model channel uses
+
+
+async def test_health_and_metrics_endpoints(mosquitto: Any, tmp_path: Path, model_id: str) -> None:
+    """What Prometheus and an orchestrator see: /livez, /readyz and the fedbus_* series."""
+    import urllib.request
+
+    from fedbus.transport.brokers import free_port
+
+    port = free_port()
+    settings = h.settings_for("mqtt", mosquitto, model_id, tmp_path).model_copy(
+        update={"metrics_port": port}
+    )
+    await h.init_model(settings, np.zeros(h.N))
+
+    def get(path: str) -> tuple[int, str]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+            return r.status, r.read().decode()
+
+    async with h.running_worker(settings) as worker:
+        await _run_fleet(settings, 3, lambda i: 0)
+        async with asyncio.timeout(30):
+            while worker.processed < 3:
+                await asyncio.sleep(0.05)
+        assert (await asyncio.to_thread(get, "/livez"))[0] == 200
+        assert (await asyncio.to_thread(get, "/readyz"))[0] == 200
+        status, body = await asyncio.to_thread(get, "/metrics")
+    assert status == 200
+    assert f'fedbus_updates_received_total{{model="{model_id}",transport="mqtt"}} 3.0' in body
+    assert f'fedbus_model_version{{model="{model_id}"}} 3.0' in body
+    assert "fedbus_update_staleness_versions_bucket" in body
+    assert "client=" not in body and "client_id" not in body  # never a client label
