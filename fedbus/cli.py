@@ -137,7 +137,7 @@ def demo(
     concurrency: Annotated[int, typer.Option(help="Devices training at any moment.")] = 30,
     duration: Annotated[
         float, typer.Option(help="Simulated seconds per run (the median job takes ~1 s).")
-    ] = 60.0,
+    ] = 120.0,
     alpha: Annotated[float, typer.Option(help="Dirichlet alpha of the label split.")] = 0.3,
     codecs: Annotated[str, typer.Option(help="Comma-separated: fp32,int8,topk+int8.")] = (
         "fp32,int8,topk+int8"

@@ -47,7 +47,7 @@ class DemoConfig:
     devices: int = 100
     concurrency: int = 30
     dirichlet_alpha: float = 0.3
-    duration: float = 60.0  # simulated seconds per run; the median job takes about 1 s
+    duration: float = 120.0  # simulated seconds per run; the median job takes about 1 s
     client_lr: float = 0.3
     buffer_k: int = 10
     fedbuff_lr: float = 4.0
