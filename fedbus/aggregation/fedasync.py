@@ -8,7 +8,14 @@ from typing import Any, Literal
 import numpy as np
 
 from fedbus.aggregation import staleness as st
-from fedbus.aggregation.update import DedupWindow, Outcome, Update, check, clip_factor
+from fedbus.aggregation.update import (
+    DedupWindow,
+    Outcome,
+    Update,
+    check,
+    clip_factor,
+    read_only,
+)
 from fedbus.kernels import optim
 from fedbus.wire.errors import Reason
 
@@ -48,9 +55,7 @@ class FedAsync:
 
     @property
     def model(self) -> np.ndarray:
-        view = self._x.view()
-        view.flags.writeable = False
-        return view
+        return read_only(self._x)
 
     @property
     def pending(self) -> int:

@@ -25,7 +25,14 @@ from fedbus.aggregation.dp import DPConfig
 from fedbus.aggregation.foldqueue import FoldQueue
 from fedbus.aggregation.optimizers import ServerAdam, ServerOptimizer, ServerSGD
 from fedbus.aggregation.robust import robust_mean
-from fedbus.aggregation.update import DedupWindow, Outcome, Update, check, clip_factor
+from fedbus.aggregation.update import (
+    DedupWindow,
+    Outcome,
+    Update,
+    check,
+    clip_factor,
+    read_only,
+)
 
 
 def example_weight(kind: str, n: int, avg: float) -> float:
@@ -108,9 +115,7 @@ class FedBuff:
     # -- views ---------------------------------------------------------------------------
     @property
     def model(self) -> np.ndarray:
-        view = self._x.view()
-        view.flags.writeable = False
-        return view
+        return read_only(self._x)
 
     @property
     def pending(self) -> int:

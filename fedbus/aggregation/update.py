@@ -7,6 +7,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from fedbus.aggregation.delta import Delta
 from fedbus.wire.errors import Reason
 
@@ -72,6 +74,13 @@ def check(
     if not math.isfinite(update.delta.sq_norm()):
         return Outcome(False, Reason.NON_FINITE, staleness=tau), tau
     return None, tau
+
+
+def read_only(x: np.ndarray) -> np.ndarray:
+    """The model as callers see it: a view they cannot write through by accident."""
+    view = x.view()
+    view.flags.writeable = False
+    return view
 
 
 def clip_factor(delta: Delta, clip_norm: float | None) -> float:

@@ -3,7 +3,9 @@
 A block of ``block`` values is scaled by ``s = max|v| / Q`` (Q = 127 for int8, 7 for int4) and
 each value becomes the integer ``q = round(v / s)`` in ``[-Q, Q]``; the block decodes as
 ``q * s``. Outliers therefore only cost precision in their own block, and an all-zero block
-has ``s = 0`` and decodes to exact zeros (never NaN).
+has ``s = 0`` and decodes to exact zeros (never NaN). So does a block whose scale would be
+a subnormal float32 (absmax below ``Q * 2^-126``, about 1.5e-36 for int8): such values are
+far below anything a model update carries, and a subnormal scale would lose the bound.
 
 Rounding is either to nearest (``|err| <= s/2``, biased per coordinate) or stochastic
 (``|err| < s``, unbiased). Stochastic is the default for updates because a server averages
@@ -20,6 +22,7 @@ from numba import njit
 
 INT8_Q = 127
 INT4_Q = 7
+_F32_TINY = np.float32(np.finfo(np.float32).tiny)  # smallest normal float32
 
 
 @njit(cache=True, nogil=True)
@@ -52,6 +55,8 @@ def quantize_blockwise(
         lo = b * block
         hi = min(lo + block, n)
         s32 = np.float32(_block_scale(v, lo, hi, q_max))
+        if s32 < _F32_TINY:  # a subnormal scale would break the error bound: send zeros
+            s32 = np.float32(0.0)
         scales[b] = s32
         s = np.float64(s32)
         if s == 0.0:

@@ -2,10 +2,10 @@
 
 A codec is described by a :class:`CodecSpec`, which travels in every update envelope as a
 small map (``schemas/README.md`` gives the byte layouts). Encoding runs on the device;
-decoding on the server is *lazy*: :func:`decode` validates the payload and returns a
-:class:`Delta` that holds zero-copy views of the encoded arrays and folds itself into an
-accumulator with the fused Numba kernels. The dequantised vector never exists on the
-server's fast path.
+decoding on the server is *lazy*: :func:`decode` validates the payload and returns a delta
+(the ``Delta`` protocol of ``fedbus.aggregation.delta``) that holds zero-copy views of the
+encoded arrays and folds itself into an accumulator with the fused Numba kernels. The
+dequantised vector never exists on the server's fast path.
 
 Payload layouts (little-endian):
 - ``fp32`` / ``fp16``: the values.
@@ -28,7 +28,7 @@ import io
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Literal
 
 import numpy as np
 import zstandard
@@ -178,19 +178,6 @@ def _index_bytes(k: int, n: int) -> int:
 
 
 # -- the server-side view of one update --------------------------------------------------
-
-
-class Delta(Protocol):
-    """What the aggregation layer needs from an update: its size, norm, and a fused fold."""
-
-    @property
-    def n(self) -> int: ...
-
-    def sq_norm(self) -> float: ...
-
-    def fold_into(self, acc: np.ndarray, factor: float) -> None: ...
-
-    def to_dense(self) -> np.ndarray: ...
 
 
 @dataclass
@@ -346,7 +333,7 @@ def _unzstd(payload: bytes, bound: int) -> bytes:
 
 
 def decode(payload: bytes, spec: CodecSpec, n: int) -> BlockDelta | FloatDelta | SparseDelta:
-    """Validate ``payload`` for a model of ``n`` parameters and return its lazy :class:`Delta`."""
+    """Validate ``payload`` for a model of ``n`` parameters and return its lazy delta."""
     wire_bytes = len(payload)
     expected = spec.raw_size(n)
     if spec.zstd:
