@@ -1,7 +1,10 @@
 """Coordinate-wise robust statistics over one buffer's weighted deltas (Yin et al., 2018).
 
-They need every individual update, so they cannot run under secure aggregation (where the
-server only ever sees sums); clipping and DP noise can.
+They act on the K staleness-weighted *deltas* of a buffer (models from different base
+versions are not comparable coordinate-wise). They need every individual update, so they
+cannot run under secure aggregation (where the server only ever sees sums); clipping and
+DP noise can. Conventions are NumPy's: the median of an even count is the mean of the two
+middle values; the beta-trimmed mean drops floor(beta m) values from each end.
 """
 
 from __future__ import annotations
@@ -15,11 +18,15 @@ import numpy as np
 def robust_mean(
     rows: np.ndarray, mode: Literal["median", "trimmed_mean"], beta: float = 0.2
 ) -> np.ndarray:
+    """Per column of an (m, n) array: the median, or the beta-trimmed mean."""
+    if rows.ndim != 2 or rows.shape[0] == 0:
+        raise ValueError("need an (m, n) array with m >= 1")
     if mode == "median":
         return np.median(rows, axis=0)
+    if mode != "trimmed_mean":
+        raise ValueError(f"unknown robust mode {mode!r}")
     if not 0.0 <= beta < 0.5:
         raise ValueError("trimmed mean needs 0 <= beta < 0.5")
     m = rows.shape[0]
     cut = math.floor(beta * m)
-    srt = np.sort(rows, axis=0)
-    return srt[cut : m - cut].mean(axis=0)
+    return np.sort(rows, axis=0)[cut : m - cut].mean(axis=0)

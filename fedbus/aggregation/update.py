@@ -1,4 +1,5 @@
-"""Updates as the aggregators see them, what they answer, and the bounded dedup window."""
+"""Updates as the aggregators see them, what they answer, the checks every policy makes in
+the same order, and the bounded dedup window."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from fedbus.wire.errors import Reason
 
 @dataclass(frozen=True)
 class Update:
+    """One client's progress ``u = x_end - x_start``, trained from model ``base_version``."""
+
     client_id: str
     update_id: str
     base_version: int
@@ -24,7 +27,13 @@ class Update:
 
 @dataclass(frozen=True)
 class Outcome:
-    """``new_version`` is set when this update produced a new global model version."""
+    """What a policy did with an update.
+
+    ``weight`` is the total factor the update was folded with (staleness x example weight x
+    clip factor, and alpha for FedAsync). ``new_version`` is set when this update produced a
+    new global model version; ``deferred`` when FedBuff accepted it but holds it for the
+    next buffer because its client already contributed to the current one.
+    """
 
     accepted: bool
     reason: Reason | None = None
@@ -35,18 +44,25 @@ class Outcome:
 
 
 class DedupWindow:
-    """The last ``capacity`` (client, update id) pairs folded in, oldest evicted first.
+    """The last ``capacity`` (client, update id) pairs accepted, oldest evicted first.
 
-    Size it to cover every message a broker may still redeliver: updates since the last
-    checkpoint plus those in flight (thousands, not millions).
+    Only accepted updates enter: a redelivered *rejected* update is judged again on its own
+    merits (and rejected again for its own reason), so a transient refusal never turns into
+    a misleading DUPLICATE. Size it to cover every message a broker may still redeliver:
+    updates since the last checkpoint plus those in flight (thousands, not millions).
     """
 
     def __init__(self, capacity: int = 100_000) -> None:
+        if capacity < 1:
+            raise ValueError("the dedup window needs a capacity of at least 1")
         self.capacity = capacity
         self._seen: OrderedDict[tuple[str, str], None] = OrderedDict()
 
     def __contains__(self, key: tuple[str, str]) -> bool:
         return key in self._seen
+
+    def __len__(self) -> int:
+        return len(self._seen)
 
     def add(self, key: tuple[str, str]) -> None:
         self._seen[key] = None
@@ -54,37 +70,48 @@ class DedupWindow:
             self._seen.popitem(last=False)
 
     def state(self) -> list[list[str]]:
+        """Oldest first, so a reload evicts in the same order."""
         return [list(k) for k in self._seen]
 
     def load(self, items: list[Any]) -> None:
-        self._seen = OrderedDict(((str(c), str(u)), None) for c, u in items)
+        self._seen = OrderedDict()
+        for c, u in items:
+            self.add((str(c), str(u)))
 
 
 def check(
-    update: Update, version: int, max_staleness: int | None, seen: DedupWindow
-) -> tuple[Outcome | None, int]:
-    """The checks every policy makes, in order: duplicate, future, stale, non-finite."""
+    update: Update, version: int, max_staleness: int | None, seen: DedupWindow, n: int
+) -> tuple[Outcome | None, int, float]:
+    """The checks every policy makes, in order: duplicate, future, stale, size, non-finite.
+
+    The size check (LAYOUT_MISMATCH) guards the fused kernels, which do not bounds-check;
+    the wire layer already refuses a wrong layout, so it only fires on a programming error.
+
+    Returns (refusal or None, staleness, squared norm). The squared norm is one pass over
+    the payload; it is returned so clipping reuses it instead of reading the payload again.
+    A finite update whose squared norm overflows is refused as NON_FINITE too: its norm
+    cannot be bounded, so it cannot be clipped.
+    """
     if (update.client_id, update.update_id) in seen:
-        return Outcome(False, Reason.DUPLICATE), 0
+        return Outcome(False, Reason.DUPLICATE), 0, 0.0
     tau = version - update.base_version
     if tau < 0:
-        return Outcome(False, Reason.FUTURE_VERSION, staleness=tau), tau
+        return Outcome(False, Reason.FUTURE_VERSION, staleness=tau), tau, 0.0
     if max_staleness is not None and tau > max_staleness:
-        return Outcome(False, Reason.STALE, staleness=tau), tau
-    if not math.isfinite(update.delta.sq_norm()):
-        return Outcome(False, Reason.NON_FINITE, staleness=tau), tau
-    return None, tau
+        return Outcome(False, Reason.STALE, staleness=tau), tau, 0.0
+    if update.delta.n != n:
+        return Outcome(False, Reason.LAYOUT_MISMATCH, staleness=tau), tau, 0.0
+    sq = float(update.delta.sq_norm())
+    if not math.isfinite(sq):
+        return Outcome(False, Reason.NON_FINITE, staleness=tau), tau, sq
+    return None, tau, sq
 
 
 def read_only(x: np.ndarray) -> np.ndarray:
-    """The model as callers see it: a view they cannot write through by accident."""
+    """The model as callers see it: a view they cannot write through by accident.
+
+    It is a view, so it follows the model as it changes; copy it to keep a snapshot.
+    """
     view = x.view()
     view.flags.writeable = False
     return view
-
-
-def clip_factor(delta: Delta, clip_norm: float | None) -> float:
-    """min(1, C / (||u|| + 1e-10)), computed from the codes, never the dense vector."""
-    if clip_norm is None:
-        return 1.0
-    return min(1.0, clip_norm / (math.sqrt(delta.sq_norm()) + 1e-10))
