@@ -61,6 +61,58 @@ def bench_kernels(
         )
 
 
+@bench_app.command("e2e")
+def bench_e2e(
+    transport: Annotated[str, typer.Option(help="mqtt or kafka.")] = "mqtt",
+    json_out: Annotated[bool, typer.Option("--json", help="Print a JSON list of records.")] = False,
+    sizes: Annotated[str, typer.Option(help="Comma-separated parameter counts.")] = "1e5,1e6",
+    repeats: Annotated[int, typer.Option(min=1, help="Paired repeats; medians are reported.")] = 5,
+    updates: Annotated[
+        int | None, typer.Option(help="Timed updates per case (default: ~200 MB of frames).")
+    ] = None,
+) -> None:
+    """Updates per second through one worker beside a bare subscriber on the same client
+    library and broker (started here on a free loopback port), plus commit latency."""
+    from fedbus.bench import e2e
+
+    if transport not in ("mqtt", "kafka"):
+        raise typer.BadParameter("mqtt or kafka", param_hint="--transport")
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    records = e2e.run(transport, _ints(sizes), repeats=repeats, updates_per_run=updates, log=log)
+    print(json.dumps(records, indent=1) if json_out else e2e.markdown(records))
+
+
+@bench_app.command("convergence")
+def bench_convergence(
+    json_out: Annotated[bool, typer.Option("--json", help="Print a JSON list of records.")] = False,
+    seeds: Annotated[int, typer.Option(min=1, help="Seeds; medians and ranges reported.")] = 5,
+    quick: Annotated[
+        bool, typer.Option(help="Same fleet, short budget and small grid (for CI).")
+    ] = False,
+    plot: Annotated[Path | None, typer.Option(help="Write the PNG plot here.")] = None,
+    workers: Annotated[int, typer.Option(help="Processes (0: up to 2).")] = 0,
+) -> None:
+    """FedBuff, FedAsync and synchronous FedAvg in the fixed standard setting (digits,
+    300 devices, concurrency 100, lognormal speeds, 10% dropouts), each at its best server
+    learning rate; fp32, int8 and top-k + int8."""
+    from fedbus.bench import convergence
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    report = convergence.run(seeds=seeds, quick=quick, log=log, workers=workers)
+    if json_out:
+        print(json.dumps(convergence.to_json(report), indent=1))
+    else:
+        print(convergence.markdown(report))
+    if plot is not None:
+        convergence.plot(report, plot)
+        log(f"plot: {plot}")
+
+
 model_app = typer.Typer(help="Publish and inspect global models.")
 app.add_typer(model_app, name="model")
 
