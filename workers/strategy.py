@@ -11,19 +11,30 @@ from fedbus.aggregation import (
     FedBuff,
     Hinge,
     Polynomial,
+    ServerAdam,
+    ServerOptimizer,
     ServerSGD,
+    Threshold,
 )
 from workers.settings import AggregationSettings
 
 Strategy = FedAsync | FedBuff
 
 
-def staleness_function(cfg: AggregationSettings) -> Constant | Polynomial | Hinge:
+def staleness_function(cfg: AggregationSettings) -> Constant | Polynomial | Hinge | Threshold:
     if cfg.staleness == "constant":
         return Constant()
     if cfg.staleness == "hinge":
         return Hinge(a=cfg.staleness_a, b=cfg.staleness_b)
+    if cfg.staleness == "threshold":
+        return Threshold(cutoff=int(cfg.staleness_b))
     return Polynomial(a=cfg.staleness_a)
+
+
+def server_optimizer(cfg: AggregationSettings) -> ServerOptimizer:
+    if cfg.server_optimizer == "adam":
+        return ServerAdam(lr=cfg.server_lr)
+    return ServerSGD(lr=cfg.server_lr, momentum=cfg.momentum)
 
 
 def build(cfg: AggregationSettings, initial: np.ndarray, version: int) -> Strategy:
@@ -35,6 +46,8 @@ def build(cfg: AggregationSettings, initial: np.ndarray, version: int) -> Strate
             alpha=cfg.alpha,
             staleness=s,
             max_staleness=cfg.max_staleness,
+            direction=cfg.direction,
+            ring_depth=cfg.ring_depth,
             clip_norm=cfg.clip_norm,
             version=version,
         )
@@ -44,16 +57,19 @@ def build(cfg: AggregationSettings, initial: np.ndarray, version: int) -> Strate
                 noise_multiplier=cfg.dp_noise_multiplier, clip_norm=cfg.clip_norm, seed=cfg.seed
             )
             if cfg.dp_noise_multiplier is not None and cfg.clip_norm is not None
-            else None
+            else None  # the settings refuse a noise multiplier without clip_norm
         )
         strategy = FedBuff(
             initial,
             buffer_size=cfg.buffer_size,
             staleness=s,
             max_staleness=cfg.max_staleness,
-            server_optimizer=ServerSGD(lr=cfg.server_lr, momentum=cfg.momentum),
+            server_optimizer=server_optimizer(cfg),
             clip_norm=cfg.clip_norm,
+            robust=cfg.robust,
+            trim_beta=cfg.trim_beta,
             dp=dp,
             version=version,
+            max_deferred=cfg.max_deferred,
         )
     return strategy

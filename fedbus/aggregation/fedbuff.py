@@ -16,7 +16,13 @@ aggregation). A second update from a client already in the buffer is accepted bu
   folded, oldest first, into the new buffer, skipping any whose client is already in it
   (they keep their place); a new buffer that reaches K flushes again, and so on;
 - so a deferred update's client is always in the current buffer, which keeps the order of
-  a client's updates intact, and ``pending`` never counts deferred ones (``deferred`` does).
+  a client's updates intact, and ``pending`` never counts deferred ones (``deferred`` does);
+- at most ``max_deferred`` updates wait (default K). Past that a repeat client's update is
+  refused with reason ``client_busy`` and stays out of the dedup window, so the device may
+  send it again later. Without the bound, a fleet with fewer than K active clients would
+  grow the queue without limit while the buffer never fills; with it, memory stays at
+  ``max_deferred`` dense vectors and the refusals show the operator that K is too large
+  for the fleet (the worker's ``buffer_timeout_s`` then applies partial buffers).
 
 The sum is linear, so partial buffers from several reducers merge exactly (:func:`merge`):
 FedBuff scales out by splitting the stream, and a committer applies the merged buffer.
@@ -40,6 +46,7 @@ from fedbus.aggregation.optimizers import ServerOptimizer, ServerSGD, optimizer_
 from fedbus.aggregation.robust import robust_mean
 from fedbus.aggregation.state import array, expect, snapshot
 from fedbus.aggregation.update import DedupWindow, Outcome, Update, check, read_only
+from fedbus.wire.errors import Reason
 
 ExampleWeighting = Literal["equal", "linear", "sqrt", "log10"]
 _EXAMPLE_FN = {
@@ -122,9 +129,12 @@ class FedBuff:
         dp: DPConfig | None = None,
         dedup_window: int = 100_000,
         version: int = 0,
+        max_deferred: int | None = None,
     ) -> None:
         if buffer_size < 1:
             raise ValueError("buffer_size must be at least 1")
+        if max_deferred is not None and max_deferred < 0:
+            raise ValueError("max_deferred must be >= 0 (or None for K)")
         if max_staleness is not None and max_staleness < 0:
             raise ValueError("max_staleness must be >= 0 (or None for unbounded)")
         if normalisation not in ("k", "weight_sum"):
@@ -152,6 +162,7 @@ class FedBuff:
         if self._x.ndim != 1:
             raise ValueError("the model is one flat float vector")
         self.k = buffer_size
+        self.max_deferred = buffer_size if max_deferred is None else max_deferred
         self.max_staleness = max_staleness
         self.optimizer: ServerOptimizer = server_optimizer or ServerSGD(1.0)
         self.clip_norm, self.normalisation = clip_norm, normalisation
@@ -194,8 +205,11 @@ class FedBuff:
             self.example_weighting, update.num_examples, self.avg_num_examples
         )
         factor = w * clip_factor(sq, self.clip_norm)
+        repeat = update.client_id in self._clients
+        if repeat and len(self._deferred) >= self.max_deferred:
+            return Outcome(False, Reason.CLIENT_BUSY, staleness=tau)
         self.seen.add((update.client_id, update.update_id))
-        if update.client_id in self._clients:
+        if repeat:
             weighted = update.delta.to_dense()
             weighted *= factor
             self._deferred.append(_Deferred(update.client_id, update.update_id, tau, w, weighted))

@@ -33,6 +33,7 @@ class Reason(StrEnum):
     TOO_OLD_FOR_RING = "too_old_for_ring"  # paper-direction FedAsync lacks that base model
     BAD_TYPE = "bad_type"  # message type not expected on this channel
     CLIENT_MISMATCH = "client_mismatch"  # envelope client differs from the topic's client level
+    CLIENT_BUSY = "client_busy"  # FedBuff: client already in the buffer and the deferral queue full
 
 
 class WireError(ValueError):

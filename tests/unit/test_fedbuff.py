@@ -119,7 +119,7 @@ def test_second_update_from_a_client_is_deferred() -> None:
 def test_deferred_updates_keep_their_order_and_can_chain_flushes() -> None:
     fb = FedBuff(np.zeros(1), buffer_size=2, staleness=Constant())
     for v in (1.0, 2.0, 4.0):
-        fb.submit(upd([v], client="a"))
+        assert fb.submit(upd([v], client="a")).accepted
     assert (fb.pending, fb.deferred) == (1, 2)
     fb.submit(upd([8.0], client="b"))  # flush [1 + 8]; a's 2 opens the next, a's 4 waits
     np.testing.assert_allclose(fb.model, [4.5])
@@ -128,6 +128,37 @@ def test_deferred_updates_keep_their_order_and_can_chain_flushes() -> None:
     assert out.new_version == 2
     np.testing.assert_allclose(fb.model, [4.5 + 9.0])
     assert (fb.pending, fb.deferred) == (1, 0)
+
+
+def test_deferral_is_bounded_and_a_refused_update_can_come_back() -> None:
+    """Fewer than K active clients must not grow memory without limit: past max_deferred
+    a repeat client is refused (client_busy), not remembered, and welcome once there is
+    room again."""
+    fb = FedBuff(np.zeros(1), buffer_size=3, staleness=Constant(), max_deferred=2)
+    fb.submit(upd([1.0], client="a"))
+    assert fb.submit(upd([2.0], client="a")).deferred
+    assert fb.submit(upd([3.0], client="a")).deferred
+    before = fb.state_dict()
+    busy = upd([4.0], client="a")
+    out = fb.submit(busy)
+    assert not out.accepted and out.reason is Reason.CLIENT_BUSY
+    assert fb.deferred == 2 and fb.state_dict()["deferred"] == before["deferred"]
+    fb.submit(upd([5.0], client="b"))
+    fb.submit(upd([6.0], client="c"))  # flush [1 + 5 + 6]; a's 2 opens the next, a's 3 waits
+    assert (fb.version, fb.pending, fb.deferred) == (1, 1, 1)
+    again = fb.submit(busy)  # same update id: not a duplicate, it was never accepted
+    assert again.accepted and again.deferred
+    assert fb.deferred == 2
+
+
+def test_default_deferral_bound_is_k() -> None:
+    fb = FedBuff(np.zeros(1), buffer_size=2, staleness=Constant())
+    fb.submit(upd([1.0], client="a"))
+    assert fb.submit(upd([1.0], client="a")).deferred
+    assert fb.submit(upd([1.0], client="a")).deferred
+    assert fb.submit(upd([1.0], client="a")).reason is Reason.CLIENT_BUSY
+    with pytest.raises(ValueError, match="max_deferred"):
+        FedBuff(np.zeros(1), max_deferred=-1)
 
 
 def test_drain_divides_by_k_and_deferred_open_the_next_buffer() -> None:

@@ -1,0 +1,70 @@
+"""Worker settings: TOML + environment precedence, refusals, and the policy they build."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from fedbus.aggregation import Constant, FedAsync, FedBuff, ServerAdam, Threshold
+from workers.settings import load
+from workers.strategy import build
+
+
+def test_toml_then_environment_then_overrides(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = tmp_path / "fedbus.toml"
+    cfg.write_text(
+        'model = "cardio"\n[aggregation]\nalgorithm = "fedbuff"\nbuffer_size = 7\n'
+        'robust = "trimmed_mean"\n[mqtt]\nport = 1999\n'
+    )
+    monkeypatch.setenv("FEDBUS_AGGREGATION__BUFFER_SIZE", "9")
+    s = load(cfg, transport="kafka")
+    assert (s.model, s.transport, s.mqtt.port) == ("cardio", "kafka", 1999)
+    assert s.aggregation.buffer_size == 9  # environment beats the file
+    assert s.aggregation.robust == "trimmed_mean"
+
+
+def test_every_policy_knob_reaches_the_policy_object() -> None:
+    s = load(
+        None,
+        aggregation={
+            "algorithm": "fedbuff",
+            "buffer_size": 4,
+            "max_deferred": 1,
+            "staleness": "threshold",
+            "staleness_b": 3,
+            "server_optimizer": "adam",
+            "server_lr": 0.01,
+            "robust": "median",
+        },
+    )
+    p = build(s.aggregation, np.zeros(3), version=5)
+    assert isinstance(p, FedBuff) and (p.k, p.max_deferred, p.version) == (4, 1, 5)
+    assert p.staleness == Threshold(cutoff=3)
+    assert isinstance(p.optimizer, ServerAdam) and p.optimizer.lr == 0.01
+    assert p.robust == "median"
+    a = build(
+        load(None, aggregation={"algorithm": "fedasync", "staleness": "constant",
+                                "direction": "paper", "alpha": 0.3}).aggregation,
+        np.zeros(3), version=0,
+    )  # fmt: skip
+    assert isinstance(a, FedAsync) and a.staleness == Constant() and a.direction == "paper"
+
+
+@pytest.mark.parametrize(
+    "aggregation, message",
+    [
+        ({"dp_noise_multiplier": 1.0}, "needs clip_norm"),
+        ({"algorithm": "fedasync", "robust": "median"}, "need a buffer"),
+        ({"alpha": 0.0}, "alpha"),
+        ({"buffer_size": 0}, "buffer_size"),
+        ({"robust": "mean-ish"}, "robust"),
+    ],
+)
+def test_inconsistent_policies_are_refused_at_start(aggregation: dict, message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        load(None, aggregation=aggregation)
