@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -55,18 +55,38 @@ class KafkaSettings(BaseModel):
 
 
 class AggregationSettings(BaseModel):
+    """The policy (``workers/strategy.py`` turns it into one FedAsync or FedBuff object)."""
+
     algorithm: Literal["fedbuff", "fedasync"] = "fedbuff"
     buffer_size: int = Field(10, ge=1)
-    staleness: Literal["constant", "polynomial", "hinge"] = "polynomial"
-    staleness_a: float = 0.5
-    staleness_b: float = 4.0
-    max_staleness: int | None = None
-    server_lr: float = 1.0
-    momentum: float = 0.0
-    alpha: float = 0.6  # FedAsync mixing
-    clip_norm: float | None = None
-    dp_noise_multiplier: float | None = None
+    # FedBuff: updates held for the next buffer when their client is already in this one;
+    # None = buffer_size. Past it a repeat client is refused with reason client_busy.
+    max_deferred: int | None = Field(None, ge=0)
+    staleness: Literal["constant", "polynomial", "hinge", "threshold"] = "polynomial"
+    staleness_a: float = 0.5  # polynomial exponent, or hinge slope
+    staleness_b: float = 4.0  # hinge knee, or threshold cutoff
+    max_staleness: int | None = Field(None, ge=0)
+    server_optimizer: Literal["sgd", "adam"] = "sgd"  # FedBuff; sgd takes momentum
+    server_lr: float = Field(1.0, gt=0)
+    momentum: float = Field(0.0, ge=0, lt=1)
+    alpha: float = Field(0.6, gt=0, le=1)  # FedAsync mixing
+    direction: Literal["delta", "paper"] = "delta"  # FedAsync; paper keeps a ring of bases
+    ring_depth: int = Field(8, ge=1)
+    clip_norm: float | None = Field(None, gt=0)
+    # FedBuff robust aggregation (Byzantine devices): coordinate-wise median or trimmed mean
+    robust: Literal["median", "trimmed_mean"] | None = None
+    trim_beta: float = Field(0.2, ge=0, lt=0.5)
+    # Central DP (FedBuff): Gaussian noise z * clip_norm / K per flush; needs clip_norm
+    dp_noise_multiplier: float | None = Field(None, gt=0)
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AggregationSettings:
+        if self.dp_noise_multiplier is not None and self.clip_norm is None:
+            raise ValueError("dp_noise_multiplier needs clip_norm (the sensitivity bound)")
+        if self.algorithm == "fedasync" and (self.robust or self.dp_noise_multiplier):
+            raise ValueError("robust aggregation and DP need a buffer: use algorithm fedbuff")
+        return self
 
 
 class WorkerSettings(BaseSettings):
