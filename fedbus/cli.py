@@ -175,6 +175,93 @@ def model_init(
     print(f"published {settings.model} version {version} on {settings.transport}")
 
 
+client_app = typer.Typer(help="Device-side tools: simulated fleets against a live deployment.")
+app.add_typer(client_app, name="client")
+
+
+@client_app.command("simulate")
+def client_simulate(
+    config: ConfigOpt = None,
+    transport: TransportOpt = None,
+    model: ModelOpt = None,
+    example: Annotated[
+        str, typer.Option(help="What the devices train: softmax or mlp (match model init).")
+    ] = "softmax",
+    devices: Annotated[int, typer.Option(min=1, help="Simulated devices (digits shards).")] = 100,
+    concurrency: Annotated[int, typer.Option(min=1, help="Devices training at any moment.")] = 30,
+    alpha: Annotated[float, typer.Option(help="Dirichlet alpha of the label split.")] = 0.3,
+    sigma: Annotated[float, typer.Option(help="Lognormal sigma of device slowness.")] = 1.0,
+    dropout: Annotated[float, typer.Option(help="Fraction of jobs that vanish.")] = 0.1,
+    codec: Annotated[
+        str, typer.Option(help="Update codec, e.g. int8, int4, fp16, 'topk:fraction=0.05'.")
+    ] = "int8",
+    client_lr: Annotated[float, typer.Option(help="Local SGD learning rate.")] = 0.3,
+    clip_norm: Annotated[float | None, typer.Option(help="Clip each delta to this L2 norm.")] = (
+        None
+    ),
+    duration: Annotated[float, typer.Option(help="Wall seconds to run.")] = 60.0,
+    uploads: Annotated[int | None, typer.Option(help="Stop after this many uploads.")] = None,
+    speed: Annotated[
+        float, typer.Option(help="Simulated seconds per wall second (a median job is 1 s).")
+    ] = 10.0,
+    spool: Annotated[
+        Path | None, typer.Option(help="Store-and-forward folder (survives broker outages).")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of split, speeds, dropouts and training.")] = 0,
+) -> None:
+    """Run a fleet of simulated devices (scikit-learn's digits, non-IID, heterogeneous speeds,
+    dropouts) through the real client SDK against a running broker and worker; print the
+    global model's accuracy as versions come back."""
+    import asyncio
+
+    from fedbus import log as fedlog
+    from fedbus.sim.data import digits_fleet
+    from fedbus.sim.fleet import FleetConfig, FleetReport, LayoutMismatchError, run_fleet
+    from fedbus.sim.models import MLP, SoftmaxRegression
+    from fedbus.sim.timing import FleetTiming
+    from workers.main import make_transport
+    from workers.settings import load
+
+    if example not in ("softmax", "mlp"):
+        raise typer.BadParameter("softmax or mlp", param_hint="--example")
+    settings = load(config, transport=transport, model=model)
+    fedlog.configure("console", "warning")
+    fleet = digits_fleet(devices, alpha, seed)
+    net = SoftmaxRegression(64, 10) if example == "softmax" else MLP(64, 32, 10)
+    timing = FleetTiming(devices, sigma=sigma, dropout=dropout, seed=seed)
+    cfg = FleetConfig(
+        model=settings.model,
+        concurrency=min(concurrency, devices),
+        duration_s=duration,
+        max_uploads=uploads,
+        speed=speed,
+        codec=codec,
+        client_lr=client_lr,
+        clip_norm=clip_norm,
+        spool_root=spool,
+        seed=seed,
+    )
+
+    def progress(r: FleetReport) -> None:
+        t, version, n, acc = r.history[-1]
+        print(f"{t:6.1f} s  version {version:5d}  uploads {n:6d}  accuracy {acc:.3f}", flush=True)
+
+    async def main() -> FleetReport:
+        async with make_transport(settings, role="fleet") as t:
+            return await run_fleet(t, fleet, net, timing, cfg, on_progress=progress)
+
+    try:
+        r = asyncio.run(main())
+    except (LayoutMismatchError, TimeoutError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise typer.Exit(2) from None
+    print(
+        f"{r.uploads} uploads ({r.bytes_uploaded / 1e6:.2f} MB, {r.dropped} dropped) in "
+        f"{r.wall_s:.1f} s; versions {r.first_version} -> {r.last_version}; accuracy "
+        f"{r.initial_accuracy:.3f} -> {r.final_accuracy:.3f}"
+    )
+
+
 @app.command("demo")
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for the plot (and JSON).")] = Path(
