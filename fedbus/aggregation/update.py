@@ -56,27 +56,51 @@ class DedupWindow:
         if capacity < 1:
             raise ValueError("the dedup window needs a capacity of at least 1")
         self.capacity = capacity
-        self._seen: OrderedDict[tuple[str, str], None] = OrderedDict()
+        # Keys are "client<US>update" strings, not tuples: the checkpoint form is then one
+        # C-level join instead of a Python walk over up to `capacity` pairs, which cost the
+        # worker milliseconds per checkpoint. Ids never contain the separators (the wire
+        # layer allows [a-z0-9-] only; ``add`` refuses them from library callers).
+        self._seen: OrderedDict[str, None] = OrderedDict()
+
+    @staticmethod
+    def _key(key: tuple[str, str]) -> str:
+        return f"{key[0]}{_UNIT}{key[1]}"
 
     def __contains__(self, key: tuple[str, str]) -> bool:
-        return key in self._seen
+        return self._key(key) in self._seen
 
     def __len__(self) -> int:
         return len(self._seen)
 
     def add(self, key: tuple[str, str]) -> None:
-        self._seen[key] = None
+        client, update = key
+        if _UNIT in client or _RECORD in client or _UNIT in update or _RECORD in update:
+            raise ValueError("client and update ids may not contain ASCII separators")
+        self._seen[self._key(key)] = None
         while len(self._seen) > self.capacity:
             self._seen.popitem(last=False)
 
-    def state(self) -> list[list[str]]:
-        """Oldest first, so a reload evicts in the same order."""
-        return [list(k) for k in self._seen]
+    def keys(self) -> list[tuple[str, str]]:
+        """The remembered (client, update id) pairs, oldest first."""
+        return [(c, u) for c, u in (k.split(_UNIT, 1) for k in self._seen)]
 
-    def load(self, items: list[Any]) -> None:
+    def state(self) -> str:
+        """Oldest first, so a reload evicts in the same order: one string, pairs separated
+        by ASCII record separators, client and update id by a unit separator."""
+        return _RECORD.join(self._seen)
+
+    def load(self, items: str | list[Any]) -> None:
+        """Accepts :meth:`state`'s string, or the list of pairs older checkpoints hold."""
         self._seen = OrderedDict()
-        for c, u in items:
+        if isinstance(items, str):
+            pairs: Any = (r.split(_UNIT, 1) for r in items.split(_RECORD)) if items else ()
+        else:
+            pairs = items
+        for c, u in pairs:
             self.add((str(c), str(u)))
+
+
+_UNIT, _RECORD = "\x1f", "\x1e"
 
 
 def check(

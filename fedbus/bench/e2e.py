@@ -15,7 +15,9 @@ loop, so the worker and its yardstick share the same cores the same way:
 * **worker**: an ``AggregatorWorker`` (FedBuff, K=10, constant staleness, no staleness
   limit, acknowledging every 10 messages, **checkpoint fsync off**, metrics endpoint off,
   models published fp32) consuming the same number of messages. Rate = updates from the
-  first publish until its ``processed`` counter reaches them.
+  first publish until its ``processed`` counter reaches them *and* the version holding the
+  last of them is published (the worker writes, acknowledges and publishes in the
+  background of its loop, so "handled" alone would stop the clock one commit early).
 
 Each case starts on a fresh model id (fresh topics, session and group) and first pushes K
 warm-up messages through, so connection set-up, Kafka group joins and Numba compilation
@@ -500,7 +502,12 @@ async def _worker_case(
                         raise RuntimeError("worker stopped before it was ready")
 
                     def handled(n: int) -> Callable[[], bool]:
-                        return lambda: worker.processed >= n or task.done()
+                        # n is a multiple of K from distinct clients: n // K versions, and
+                        # the run ends when the last one is published (its updates acked)
+                        return lambda: (
+                            (worker.processed >= n and worker.published_version >= n // BUFFER_SIZE)
+                            or task.done()
+                        )
 
                     await _publish(pub, model, warm, window=window)
                     await _until(handled(len(warm)), worker.progress, "worker warm-up")

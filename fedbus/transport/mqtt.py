@@ -319,12 +319,14 @@ class MqttTransport(Transport):
                 self.stale_acks += 1
                 continue
             client._client.ack(token.mid, token.qos)
-        if client is not None and client._client.is_connected():
-            # Hand the PUBACKs to the socket now rather than on a later loop iteration, so
-            # a caller that stops right after ack() has still sent them. (A lost PUBACK is
-            # harmless: the broker redelivers and the caller's dedup drops the repeat.)
-            with contextlib.suppress(Exception):
-                client._client.loop_write()
+        # The PUBACKs are queued in paho and leave on the next loop iteration, through the
+        # writer aiomqtt registers. Do not call ``loop_write()`` here to hurry them: paho
+        # registers that writer through ``call_soon_threadsafe``, so a direct write that
+        # drains the queue first unregisters a writer that is not there yet; the writer
+        # added a moment later then fires on every iteration of the event loop (a writable
+        # socket, nothing to write) until the next outgoing packet, burning a core. A
+        # graceful close sends DISCONNECT after them; a lost PUBACK is harmless anyway (the
+        # broker redelivers and the caller's dedup drops the repeat).
 
     # -- publishing -----------------------------------------------------------------------
     async def _publish(

@@ -267,7 +267,8 @@ async def test_health_and_metrics_endpoints(mosquitto: Any, tmp_path: Path, mode
     async with h.running_worker(settings) as worker:
         await _run_fleet(settings, 3, lambda i: 0)
         async with asyncio.timeout(30):
-            while worker.processed < 3:
+            # a version is published by the commit that follows its update (see the worker)
+            while worker.processed < 3 or worker.published_version < 3:
                 await asyncio.sleep(0.05)
         assert (await asyncio.to_thread(get, "/livez"))[0] == 200
         assert (await asyncio.to_thread(get, "/readyz"))[0] == 200

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import collections
-
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -11,6 +9,7 @@ from hypothesis import strategies as st
 
 from fedbus.aggregation import (
     Constant,
+    DedupWindow,
     DenseDelta,
     DPConfig,
     FedAsync,
@@ -334,4 +333,14 @@ def test_dedup_window_is_bounded() -> None:
         fa.submit(upd([0.0], base=fa.version))
     # evicted: accepted again (the window must cover what a broker can still redeliver)
     assert fa.submit(Update(first.client_id, first.update_id, fa.version, 1, first.delta)).accepted
-    assert collections.Counter(map(tuple, fa.seen.state()))[(first.client_id, first.update_id)] == 1
+    restored = DedupWindow(3)
+    restored.load(fa.seen.state())
+    assert (first.client_id, first.update_id) in restored and len(restored) == 3
+    legacy = DedupWindow(3)  # checkpoints before the string form held a list of pairs
+    legacy.load([["a", "u1"], ["b", "u2"]])
+    assert ("b", "u2") in legacy and ("a", "u2") not in legacy
+    empty = DedupWindow(3)
+    empty.load(DedupWindow(3).state())
+    assert len(empty) == 0
+    with pytest.raises(ValueError, match="separators"):
+        empty.add(("a\x1fb", "u"))

@@ -138,7 +138,7 @@ def test_dedup_window_is_bounded_and_evicts_oldest() -> None:
     sent = [upd([1.0], base=v) for v in range(4)]
     for u in sent:
         assert fa.submit(u).accepted
-    assert [tuple(k) for k in fa.seen.state()] == [(u.client_id, u.update_id) for u in sent[1:]]
+    assert fa.seen.keys() == [(u.client_id, u.update_id) for u in sent[1:]]
     assert fa.submit(Update(sent[3].client_id, sent[3].update_id, 4, 1, sent[3].delta)).reason == (
         Reason.DUPLICATE
     )
