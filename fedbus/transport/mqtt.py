@@ -15,6 +15,10 @@ Limits that shape the worker:
   or the broker's ``max_inflight_messages`` must be raised.
 * Mosquitto queues at most ``max_queued_messages`` (default 1000) for an offline session
   and silently drops the rest; ``brokers.MosquittoBroker`` raises it to 10000.
+* Presence (``status_topic``, normally ``fedbus/v1/<model>/status/<client>``): a retained
+  ``online`` record after every connect, ``offline`` from :meth:`MqttTransport.close`, and
+  the same ``offline`` registered as the connection's Last Will, which the broker publishes
+  when a device vanishes without a DISCONNECT (power loss, kill -9, keepalive expiry).
 * Shared subscriptions (``$share/<group>/...``) spread one model's updates over several
   reducers: right for FedBuff, wrong for FedAsync (order-dependent), which needs a plain
   subscription and one active consumer per model. Nothing read through ``$share`` is ever
@@ -26,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import json
 import logging
 import ssl
 import time
@@ -42,7 +47,7 @@ from paho.mqtt.properties import Properties
 from fedbus.transport import topics
 from fedbus.transport.base import Message, Transport, TransportError
 
-__all__ = ["MqttConfig", "MqttTransport"]
+__all__ = ["MqttConfig", "MqttTransport", "status_record"]
 
 log = logging.getLogger("fedbus.transport.mqtt")
 
@@ -80,6 +85,8 @@ class MqttConfig:
     reconnect_timeout: float | None = 120.0
     # Client-side cap on our own outgoing QoS 1 messages in flight (paho's default is 20).
     max_inflight_messages: int | None = None
+    # Retained presence topic (topics.mqtt_status(model, client)); None: no presence.
+    status_topic: str | None = None
 
     @property
     def is_v5(self) -> bool:
@@ -141,10 +148,19 @@ class MqttTransport(Transport):
         self.stale_acks = 0
 
     # -- connections ----------------------------------------------------------------------
-    def _new_client(self, identifier: str, *, clean: bool, persistent: bool) -> aiomqtt.Client:
+    def _new_client(
+        self, identifier: str, *, clean: bool, persistent: bool, presence: bool = False
+    ) -> aiomqtt.Client:
         c = self.config
         properties: Properties | None = None
         kwargs: dict[str, object] = {}
+        if presence and c.status_topic:
+            kwargs["will"] = aiomqtt.Will(
+                c.status_topic,
+                status_record("offline", _status_client(c.status_topic)),
+                qos=1,
+                retain=True,
+            )
         if c.is_v5:
             properties = Properties(PacketTypes.CONNECT)
             properties.SessionExpiryInterval = c.session_expiry_interval if persistent else 0
@@ -185,7 +201,7 @@ class MqttTransport(Transport):
     async def _connect(self) -> None:
         # Clean start only on the very first connection: a reconnect must resume the session.
         clean = self.config.clean_start and not self._connected_once
-        client = self._new_client(self.identifier, clean=clean, persistent=True)
+        client = self._new_client(self.identifier, clean=clean, persistent=True, presence=True)
         # The point of this module: no PUBACK until ack(). Must precede the CONNECT, since a
         # resumed session starts redelivering right after CONNACK.
         client._client.manual_ack_set(True)
@@ -193,6 +209,15 @@ class MqttTransport(Transport):
         try:
             for topic, qos in self._subscriptions.items():
                 await self._subscribe(client, topic, qos)
+            if self.config.status_topic:
+                online = status_record("online", _status_client(self.config.status_topic))
+                await client.publish(
+                    self.config.status_topic,
+                    online,
+                    qos=1,
+                    retain=True,
+                    timeout=self.config.timeout,
+                )
         except BaseException:
             await _force_close(client)
             raise
@@ -268,6 +293,15 @@ class MqttTransport(Transport):
         self._up.clear()
         client, self._client = self._client, None
         if client is not None:
+            if self.config.status_topic:
+                # A clean DISCONNECT discards the Last Will, so say it ourselves; best effort:
+                # if the broker is gone, the will it holds says the same.
+                with contextlib.suppress(Exception):
+                    offline = status_record("offline", _status_client(self.config.status_topic))
+                    await asyncio.wait_for(
+                        client.publish(self.config.status_topic, offline, qos=1, retain=True),
+                        self.config.connect_attempt_timeout,
+                    )
             await _force_close(client, graceful=True)
 
     # -- updates --------------------------------------------------------------------------
@@ -423,6 +457,18 @@ class MqttTransport(Transport):
                     return
                 log.warning("mqtt model follower lost its connection: %s", exc)
                 await asyncio.sleep(self.config.reconnect_initial_delay)
+
+
+def _status_client(status_topic: str) -> str:
+    return status_topic.rsplit("/", 1)[-1]
+
+
+def status_record(status: Literal["online", "offline"], client: str) -> bytes:
+    """The presence payload: small JSON, so dashboards and rule engines read it as is. The
+    time is when the record was made: for a Last Will, the time of the connect it guards."""
+    return json.dumps(
+        {"status": status, "client": client, "at": round(time.time(), 3)}, separators=(",", ":")
+    ).encode()
 
 
 async def _unless_disconnected(client: aiomqtt.Client, operation: Awaitable[None]) -> None:

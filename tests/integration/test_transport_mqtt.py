@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -14,12 +15,13 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import aiomqtt
 import pytest
 
 from fedbus.transport.base import Message, TransportError
 from fedbus.transport.brokers import MosquittoBroker, free_port
 from fedbus.transport.mqtt import MqttConfig, MqttTransport
-from fedbus.transport.topics import client_from_update_topic
+from fedbus.transport.topics import client_from_update_topic, mqtt_status
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -297,3 +299,64 @@ async def test_unreachable_broker_fails_within_bounds(mosquitto: MosquittoBroker
     with pytest.raises(TransportError, match="unreachable"):
         async with asyncio.timeout(WAIT):
             await MqttTransport(cfg).start()
+
+
+PRESENCE_CHILD = """
+import asyncio, sys
+from fedbus.transport.mqtt import MqttConfig, MqttTransport
+
+async def main(port, status_topic):
+    t = MqttTransport(MqttConfig(hostname="127.0.0.1", port=port, identifier="dev-presence",
+                                 status_topic=status_topic))
+    await t.start()
+    print("connected", flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main(int(sys.argv[1]), sys.argv[2]))
+"""
+
+
+async def test_presence_online_then_last_will_on_kill_then_clean_offline(
+    mosquitto: MosquittoBroker, model_id: str
+) -> None:
+    """Device presence is retained: online after connect; when the device dies without a
+    DISCONNECT (SIGKILL) the broker publishes its Last Will; a clean close says offline."""
+    status_topic = mqtt_status(model_id, "dev-7")
+    seen: list[dict[str, Any]] = []
+
+    async def watch(until: str) -> dict[str, Any]:
+        async with asyncio.timeout(WAIT):
+            async for m in observer.messages:
+                rec = json.loads(bytes(m.payload))  # type: ignore[arg-type]
+                seen.append(rec)
+                if rec["status"] == until:
+                    return rec
+        raise AssertionError("no presence record")
+
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", PRESENCE_CHILD, str(mosquitto.port), status_topic,
+        cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        await _read_line(proc, "connected")
+        async with aiomqtt.Client(mosquitto.host, mosquitto.port) as observer:
+            await observer.subscribe(status_topic, qos=1)
+            online = await watch("online")  # retained: arrives although published earlier
+            assert online["client"] == "dev-7"
+            proc.send_signal(signal.SIGKILL)
+            await asyncio.wait_for(proc.wait(), WAIT)
+            offline = await watch("offline")  # the Last Will, published by the broker
+            assert offline["client"] == "dev-7"
+            async with MqttTransport(config(mosquitto, status_topic=status_topic)):
+                assert (await watch("online"))["client"] == "dev-7"
+            assert (await watch("offline"))["at"] >= online["at"]  # said by close()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert [r["status"] for r in seen] == ["online", "offline", "online", "offline"]
+    async with aiomqtt.Client(mosquitto.host, mosquitto.port) as late:  # retained for newcomers
+        await late.subscribe(status_topic, qos=1)
+        async with asyncio.timeout(WAIT):
+            m = await anext(aiter(late.messages))
+        assert json.loads(bytes(m.payload))["status"] == "offline"  # type: ignore[arg-type]
