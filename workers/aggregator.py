@@ -4,25 +4,49 @@ The loop is deliberately plain. For every message: validate, verify, decode lazi
 the update to the aggregation policy (FedAsync or FedBuff), and dead-letter anything
 refused. The delivery contract rests on one ordering rule:
 
-    fold -> checkpoint (state + consumed offsets + dedup window) -> acknowledge, publish
+    fold -> commit (durable: the message's effect, offsets, dedup window) -> acknowledge, publish
 
-A message is acknowledged (MQTT PUBACK, Kafka offset commit) only once a checkpoint holds
-its effect, and a version is published only once a checkpoint holds it. After a crash the
-broker redelivers everything unacknowledged: a message whose effect is in the checkpoint is
-refused as a duplicate by the restored dedup window, every other one is folded for the
-first time. A version that was checkpointed but not yet published is published at
-start-up from the checkpoint's own model, so a published version always has the content
-a restart would publish again; model messages are idempotent by version and event ids are
-deterministic, so a consumer can drop the rare repeat.
+A message is acknowledged (MQTT PUBACK, Kafka offset commit) only once a commit holds its
+effect, and a version is published only once a commit holds it. After a crash the broker
+redelivers everything unacknowledged: a message whose effect was committed is refused as a
+duplicate by the restored dedup window, every other one is folded for the first time. A
+version that was committed but not confirmed published is published at start-up from the
+restored model, so a published version always has the content a restart would publish
+again; model messages are idempotent by version and event ids are deterministic, so a
+consumer can drop the rare repeat.
 
-The work after a checkpoint's snapshot is pipelined behind the loop instead of stopping it
-(:class:`_Commit`): the snapshot (``state_dict()``, a detached copy) and the fp32 model to
-publish are taken synchronously, then writing the file, acknowledging and publishing run in
-one background task while the loop keeps folding the next updates. Only one such task runs
-at a time, and the next snapshot waits for it, which keeps two facts true: every version
-older than a checkpoint's own was published (and confirmed) before that checkpoint was
-taken, so the checkpoint's ``published_version``/``pending_event`` say exactly what a
-restart must publish again; and acknowledgements and models leave in order.
+**What a commit writes.** Durability costs what was received, not the model's size
+(:mod:`fedbus.store.wal`). The log holds the raw messages the policy *accepted* (a refused
+message changed no policy state) and any partial-buffer drain (``buffer_timeout_s``), in the
+order the policy saw them; a thread of its own writes them as they come
+(``STREAM_BYTES`` at a time). A commit appends one commit record with the worker's small
+bookkeeping (consumed offsets, counters, the tally of the version being built, the confirmed
+``published_version`` and the event still owed) and flushes (and fsyncs) the log: only
+records followed by a durable commit record count. Every ``snapshot_interval_s`` (or
+``snapshot_log_bytes`` of log) a commit also takes a full snapshot (``state_dict()``: model,
+buffer, optimizer, dedup window) that starts a new log segment; it is written in the
+background, since the log already holds everything, and once it is durable the older
+segments are deleted. A crash before that leaves the older snapshot and both segments,
+which replay in turn. Start-up loads the newest
+snapshot and replays the committed log records through the same code path (decode ->
+``strategy.submit``; ``drain``), without dead letters, events or acknowledgements, then
+takes the last commit record's bookkeeping: the state is bitwise the one the crashed worker
+had at its last commit. Floats match because everything the policy does depends only on
+the sequence it is fed, with one exception that replay mirrors: FedBuff batches int8 folds
+(:class:`~fedbus.aggregation.foldqueue.FoldQueue`) and ``state_dict()`` flushes the batch, so
+``state_dict()`` is called live only when a snapshot starts a segment, and replay flushes at
+each segment boundary. A torn log tail (kill -9 mid-append) fails its CRC and is dropped
+with the rest of its commit, whose messages were never acknowledged. Start-up then writes a
+fresh snapshot, so a segment is only ever appended to by the process that created it.
+
+The work after a commit's snapshot of the bookkeeping is pipelined behind the loop instead
+of stopping it (:class:`_Commit`): the commit record is queued to the log's thread and the
+fp32 model to publish is taken synchronously, then waiting for the log, acknowledging and
+publishing run in one background task while the loop keeps folding the next updates. Only
+one such task runs at a time, and the next commit waits for it, which keeps two facts true:
+every version older than a commit's own was published (and confirmed) before that commit
+was taken, so its ``published_version``/``pending_event`` say exactly what a restart must
+publish again; and acknowledgements and models leave in order.
 
 Kernels release the GIL, so large updates are folded on a worker thread while the event
 loop keeps the broker connection alive.
@@ -34,6 +58,7 @@ import asyncio
 import contextlib
 import time
 from collections import Counter
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,7 +66,8 @@ import numpy as np
 
 from fedbus import log as fedlog
 from fedbus.aggregation import Outcome, Update
-from fedbus.store.checkpoint import CheckpointStore
+from fedbus.store import wal
+from fedbus.store.checkpoint import CheckpointError, CheckpointStore
 from fedbus.transport.base import Message, Transport
 from fedbus.transport.topics import client_from_update_topic
 from fedbus.wire import envelope as env
@@ -53,6 +79,10 @@ from workers import events
 from workers.observability import HealthServer, Metrics
 from workers.settings import WorkerSettings
 from workers.strategy import Strategy, build
+
+# Accepted updates are handed to the log writer once this many bytes wait, so a commit
+# finds most of its records already written and only flushes them.
+STREAM_BYTES = 256 * 1024
 
 # Below this a fold takes well under a millisecond, and a thread hop costs more than it saves:
 # the fold thread waits for the GIL behind the receive path (measured at 1M: 1.5 ms a fold
@@ -89,15 +119,16 @@ class Tally:
 
 @dataclass
 class _Commit:
-    """What one checkpoint commits, taken synchronously at snapshot time: the state to
-    write, the messages and offsets it covers, and (if it holds a new version) the model
-    to publish with its event. Everything here is detached from the live policy."""
+    """What one commit makes durable, taken synchronously: its log records (already queued
+    to the writer: ``durable`` completes once they are on disk), the messages and offsets
+    it covers, and (if it holds a new version) the model to publish with its event.
+    Everything here is detached from the live policy."""
 
-    state: dict[str, Any]
     version: int
     messages: list[Message]
     offsets: dict[int, int]
     updates_folded: int
+    durable: Future[Any]
     weights: np.ndarray | None = None  # fp32 model of ``version``, to publish
     event: dict[str, Any] | None = None  # its model.published event
 
@@ -111,11 +142,11 @@ class AggregatorWorker:
         self.model = settings.model
         self.metrics = Metrics()
         self.health = HealthServer(self.metrics, settings.metrics_host, settings.metrics_port)
+        directory = settings.checkpoint_dir / settings.model
         self.store = CheckpointStore(
-            settings.checkpoint_dir / settings.model,
-            keep=settings.checkpoint_keep,
-            fsync=settings.checkpoint_fsync,
+            directory, keep=settings.checkpoint_keep, fsync=settings.checkpoint_fsync
         )
+        self.wal = wal.WriteAheadLog(directory, fsync=settings.checkpoint_fsync)
         keys = load_public_keys(settings.public_keys_dir) if settings.public_keys_dir else {}
         self.verifier = Verifier(keys, required=settings.require_signatures)
         self.model_codec = CodecSpec.parse(settings.model_codec)
@@ -130,7 +161,15 @@ class AggregatorWorker:
         self.tally = Tally()
         self.pending_event: dict[str, Any] | None = None
         self.unacked: list[Message] = []
-        self.last_checkpoint = time.monotonic()
+        self.last_checkpoint = self.last_snapshot = time.monotonic()
+        self._segment = 0  # the log segment commits append to (a snapshot starts the next)
+        self._records: wal.Chunks = []  # log records not yet handed to the writer
+        self._records_bytes = 0
+        self._log_bytes = 0  # handed to the writer for the current segment
+        self._writer: wal.LogWriter | None = None  # the log's own thread, while running
+        self._snapshot_task: asyncio.Task[None] | None = None  # at most one in flight
+        self._buffer_since: tuple[int, float] | None = None  # (version, when) buffer non-empty
+        self.replayed = 0  # log records replayed at start-up: for tests
         self._commit_task: asyncio.Task[None] | None = None  # the one commit in flight
         transport_name = settings.transport
         self._m_received = self.metrics.received.labels(self.model, transport_name)
@@ -149,12 +188,17 @@ class AggregatorWorker:
             self.layout = Layout.from_wire(state["layout"])
             self.strategy = build(self.settings.aggregation, np.zeros(self.layout.n_params), 0)
             self.strategy.load_state_dict(state["strategy"])
-            self.offsets = {int(p): int(o) for p, o in state["offsets"].items()}
-            self.published_version = state["published_version"]
-            self.total_folded = state["total_folded"]
-            self.tally = Tally.from_state(state["tally"])
-            self.pending_event = state.get("pending_event")
-            self.log.info("restored", version=self.strategy.version, offsets=self.offsets)
+            self._load_book(state)
+            segments = self.wal.segments()
+            # Checkpoints from before the log name no segment: none of them is theirs.
+            first = state.get("wal", segments[-1] + 1 if segments else 0)
+            await asyncio.to_thread(self._replay, first)
+            self.log.info(
+                "restored",
+                version=self.strategy.version,
+                offsets=self.offsets,
+                replayed=self.replayed,
+            )
             return
         while not stop.is_set():
             raw = await self.transport.latest_model(self.model, timeout=2.0)
@@ -172,11 +216,64 @@ class AggregatorWorker:
             self.log.info("waiting for a model; run `fedbus model init`")
         raise asyncio.CancelledError
 
+    def _book(self) -> dict[str, Any]:
+        """The worker's own state beside the policy's: small, in every commit record."""
+        return {
+            "offsets": {str(p): o for p, o in self.offsets.items()},
+            "published_version": self.published_version,
+            "total_folded": self.total_folded,
+            "tally": self.tally.to_state(),
+            "pending_event": self.pending_event,
+        }
+
+    def _load_book(self, d: dict[str, Any]) -> None:
+        self.offsets = {int(p): int(o) for p, o in d["offsets"].items()}
+        self.published_version = int(d["published_version"])
+        self.total_folded = int(d["total_folded"])
+        self.tally = Tally.from_state(d["tally"])
+        self.pending_event = d.get("pending_event")
+
+    def _replay(self, first: int) -> None:
+        """Re-apply the committed log from segment ``first`` on (see module doc); on a
+        thread, before anything is consumed."""
+        segments = [s for s in self.wal.segments() if s >= first]
+        for i, seg in enumerate(segments):
+            if i:
+                # This segment was started by a snapshot, whose state_dict() flushed
+                # FedBuff's staged folds: flush at the same point.
+                self.strategy.state_dict()
+            found = self.wal.read(seg)
+            if found.torn:
+                self.log.warning(
+                    "dropped an uncommitted log tail",
+                    segment=seg,
+                    bytes=found.size - found.committed_end,
+                )
+            for records, book in found.batches:
+                for record in records:
+                    self._replay_one(record)
+                self._load_book(book)
+        self._segment = max([first, *segments])
+
+    def _replay_one(self, record: wal.Record) -> None:
+        if record.kind == wal.DRAIN:
+            if not self.strategy.drain():
+                raise CheckpointError("log replay diverged: a logged drain found no buffer")
+        else:
+            topic, key, partition, offset = record.meta
+            msg = Message(topic, record.payload, key, partition, offset)
+            outcome, _, err = self._fold(msg, verify=False)
+            if err is not None or outcome is None or not outcome.accepted:
+                why = err.reason if err is not None else outcome and outcome.reason
+                raise CheckpointError(f"log replay diverged: {msg!r} refused ({why})")
+        self.replayed += 1
+
     # -- one message ---------------------------------------------------------------------
     def _fold(
-        self, msg: Message
+        self, msg: Message, *, verify: bool = True
     ) -> tuple[Outcome | None, env.UpdateEnvelope | None, WireError | None]:
-        """Pure work: validate, decode lazily, submit. Returns the outcome or the refusal."""
+        """Pure work: validate, decode lazily, submit. Returns the outcome or the refusal.
+        Log replay skips the signature check: the message passed it when accepted."""
         upd: env.UpdateEnvelope | None = None
         try:
             upd = env.decode_update(msg.payload, max_bytes=self.settings.max_message_bytes)
@@ -191,7 +288,8 @@ class AggregatorWorker:
                 raise WireError(
                     Reason.LAYOUT_MISMATCH, f"layout {upd.layout} is not {self.layout.fingerprint}"
                 )
-            self.verifier.verify(upd)
+            if verify:
+                self.verifier.verify(upd)
             spec = CodecSpec.from_wire(upd.codec)
             delta = decode(upd.payload, spec, self.layout.n_params)
             outcome = self.strategy.submit(
@@ -228,6 +326,9 @@ class AggregatorWorker:
             await self._dead_letter(msg, upd, err)
         else:
             assert outcome is not None
+            self._log(
+                wal.message_record(msg.topic, msg.payload, msg.key, msg.partition, msg.offset)
+            )
             self._m_accepted.inc()
             if outcome.staleness is not None:
                 self._m_staleness.observe(outcome.staleness)
@@ -268,6 +369,39 @@ class AggregatorWorker:
         await self.transport.publish_event(self.model, events.to_json(event))
 
     # -- versions, checkpoints, acknowledgements -----------------------------------------
+    def _log(self, chunks: wal.Chunks) -> None:
+        """Queue records for the log; past ``STREAM_BYTES`` the writer thread takes them now
+        (they count only once a commit record follows them)."""
+        self._records += chunks
+        self._records_bytes += wal.size(chunks)
+        if self._records_bytes >= STREAM_BYTES and self._writer is not None:
+            self._writer.write(self._segment, self._records)
+            self._log_bytes += self._records_bytes
+            self._records, self._records_bytes = [], 0
+
+    def _drain_wait(self) -> float | None:
+        """Seconds until the partial FedBuff buffer is due to be applied (0: now); None when
+        there is no buffer timeout or nothing waits."""
+        timeout = self.settings.aggregation.buffer_timeout_s
+        if timeout is None or self.strategy.pending == 0:
+            self._buffer_since = None
+            return None
+        now = time.monotonic()
+        version = self.strategy.version
+        if self._buffer_since is None or self._buffer_since[0] != version:
+            self._buffer_since = (version, now)  # a flush opened a new buffer
+        return max(0.0, self._buffer_since[1] + timeout - now)
+
+    async def _drain(self) -> None:
+        """Apply the partial buffer (still divided by K): a version like any other. The
+        drain is logged in its place in the message sequence, so replay repeats it."""
+        pending = self.strategy.pending
+        if not self.strategy.drain():
+            return
+        self._log(wal.drain_record())
+        self.log.info("buffer timeout: partial buffer applied", updates=pending)
+        await self._new_version()
+
     async def _new_version(self) -> None:
         await self._settle()  # the previous version's publish is confirmed first
         version = self.strategy.version
@@ -291,24 +425,61 @@ class AggregatorWorker:
         if task is not None:
             await task
 
-    async def _checkpoint_and_ack(self, publish: bool = False, *, wait: bool = False) -> None:
-        """Snapshot now; write, acknowledge and publish in the background (see module doc).
-
-        ``wait`` returns only once all of it is done (shutdown, tests).
-        """
-        await self._settle()
-        version = self.strategy.version
-        state = {
+    def _snapshot_state(self) -> dict[str, Any]:
+        """A full snapshot of the state now; it starts the next log segment."""
+        self._segment += 1
+        self._log_bytes = 0
+        self.last_snapshot = time.monotonic()
+        return {
             "layout": self.layout.to_wire(),
             "strategy": self.strategy.state_dict(),
-            "offsets": {str(p): o for p, o in self.offsets.items()},
-            "published_version": self.published_version,
-            "total_folded": self.total_folded,
-            "tally": self.tally.to_state(),
-            "pending_event": self.pending_event,
+            **self._book(),
+            "wal": self._segment,  # the first segment this snapshot does not cover
         }
-        commit = _Commit(state, version, self.unacked, dict(self.offsets), self.total_folded)
+
+    def _save_snapshot(self, state: dict[str, Any], version: int) -> None:
+        """On a thread: write the snapshot, then drop the segments it covers."""
+        self.store.save(state, version)
+        if self._writer is None:
+            self.wal.remove_before(state["wal"])
+        else:  # the writer owns the log: deletion waits its turn behind earlier writes
+            self._writer.call(self.wal.remove_before, state["wal"])
+
+    async def _checkpoint_and_ack(
+        self, publish: bool = False, *, wait: bool = False, snapshot: bool = False
+    ) -> None:
+        """Commit now; write, acknowledge and publish in the background (see module doc).
+
+        A commit is a log append (its commit record); a full snapshot is also started when
+        ``snapshot`` is asked for or one is due, unless one is still being written.
+        ``wait`` returns only once all of it, snapshot included, is done (shutdown, tests).
+        """
+        await self._settle()
+        assert self._writer is not None
+        version = self.strategy.version
+        records = self._records + wal.commit_record(self._book())
+        self._log_bytes += wal.size(records)
+        durable = self._writer.commit(self._segment, records)
+        commit = _Commit(version, self.unacked, dict(self.offsets), self.total_folded, durable)
+        self._records, self._records_bytes = [], 0
         self.unacked = []
+        s = self.settings
+        running = self._snapshot_task
+        if running is not None and (snapshot or running.done()):
+            self._snapshot_task = None
+            await running  # re-raise a failed snapshot
+            running = None
+        if running is None and (
+            snapshot
+            or time.monotonic() - self.last_snapshot >= s.snapshot_interval_s
+            or self._log_bytes >= s.snapshot_log_bytes
+        ):
+            # The log already holds everything up to here, so acknowledging never waits
+            # for the snapshot: it only bounds the log (and start-up's replay).
+            state = self._snapshot_state()  # later records go to the next segment
+            self._snapshot_task = asyncio.create_task(
+                asyncio.to_thread(self._save_snapshot, state, version)
+            )
         if publish or self.published_version < version:
             # fp32 copy taken now: the live model moves on while this commit is written
             commit.weights = self.strategy.model.astype(np.float32)
@@ -318,11 +489,21 @@ class AggregatorWorker:
         self._commit_task = asyncio.create_task(self._commit(commit))
         if wait:
             await self._settle()
+            task, self._snapshot_task = self._snapshot_task, None
+            if task is not None:
+                await task
 
     async def _commit(self, c: _Commit) -> None:
         t0 = time.perf_counter()
-        # File I/O and encoding on a thread: the loop keeps receiving and folding meanwhile.
-        payload = await asyncio.to_thread(self._write, c)
+        # The log's thread writes while another encodes the model: the loop keeps receiving.
+        payload: bytes | None = None
+        if c.weights is None:
+            await asyncio.wrap_future(c.durable)
+        else:
+            _, payload = await asyncio.gather(
+                asyncio.wrap_future(c.durable),
+                asyncio.to_thread(self._model_message, c.version, c.weights, c.updates_folded),
+            )
         self.metrics.checkpoint_seconds.labels(self.model).observe(time.perf_counter() - t0)
         # Both only need the file: acknowledging and publishing go out side by side.
         steps = []
@@ -337,14 +518,6 @@ class AggregatorWorker:
             for result in results:
                 if isinstance(result, BaseException):
                     raise result
-
-    def _write(self, c: _Commit) -> bytes | None:
-        """Blocking part of a commit, on a worker thread: write the checkpoint, then encode
-        the model message it allows to publish. Touches only the detached commit."""
-        self.store.save(c.state, c.version)
-        if c.weights is None:
-            return None
-        return self._model_message(c.version, c.weights, c.updates_folded)
 
     def _model_message(self, version: int, weights: np.ndarray, updates_folded: int) -> bytes:
         model = env.ModelEnvelope(
@@ -391,6 +564,11 @@ class AggregatorWorker:
             await self.health.start()
         try:
             await self._restore(stop)
+            # A fresh snapshot of what was restored: new commits go to a new segment, and a
+            # torn tail left in the old one is never appended after.
+            state = self._snapshot_state()
+            await asyncio.to_thread(self._save_snapshot, state, self.strategy.version)
+            self._writer = wal.LogWriter(self.wal)
             if self.offsets:
                 await self.transport.seek(self.offsets)
             await self.transport.subscribe_updates(self.model)
@@ -407,8 +585,14 @@ class AggregatorWorker:
             except Exception as exc:  # already failing or stopping: report, then try again
                 self.log.warning("commit failed", error=repr(exc))
             with contextlib.suppress(Exception):
-                if hasattr(self, "strategy") and (self.unacked or not self.store.latest()):
-                    await self._checkpoint_and_ack(wait=True)
+                if self._writer is not None and (self.unacked or self._log_bytes):
+                    await self._checkpoint_and_ack(wait=True, snapshot=True)
+            if self._snapshot_task is not None:
+                with contextlib.suppress(Exception):
+                    await self._snapshot_task
+            if self._writer is not None:
+                self._writer.close()
+            self.wal.close()
             await self.health.stop()
             self.log.info("stopped")
 
@@ -424,6 +608,7 @@ class AggregatorWorker:
         interval = self.settings.checkpoint_interval_s
         try:
             while not stop.is_set():
+                due = self._drain_wait()
                 try:
                     # Fast path: under load the queue is rarely empty, and waiting on a new
                     # task per message would cost more than handling a small update.
@@ -433,7 +618,7 @@ class AggregatorWorker:
                     get = asyncio.create_task(queue.get())
                     done, _ = await asyncio.wait(
                         {get, stop_task, pump_task},
-                        timeout=interval,
+                        timeout=interval if due is None else min(interval, due),
                         return_when=asyncio.FIRST_COMPLETED,
                     )
                     if get in done:
@@ -448,7 +633,13 @@ class AggregatorWorker:
                 commit = self._commit_task
                 if commit is not None and commit.done():
                     await self._settle()  # re-raise a failed write, ack or publish
+                snap = self._snapshot_task
+                if snap is not None and snap.done():
+                    self._snapshot_task = None
+                    snap.result()  # re-raise a failed snapshot
                 self._m_lag.set(len(self.unacked) + queue.qsize())
+                if self._drain_wait() == 0.0:
+                    await self._drain()
                 if self.unacked and time.monotonic() - self.last_checkpoint >= interval:
                     await self._checkpoint_and_ack()
         finally:

@@ -79,6 +79,9 @@ class AggregationSettings(BaseModel):
     # Central DP (FedBuff): Gaussian noise z * clip_norm / K per flush; needs clip_norm
     dp_noise_multiplier: float | None = Field(None, gt=0)
     seed: int = 0
+    # FedBuff: a buffer non-empty for this long without reaching K is applied as it is
+    # (still divided by K), so a fleet with fewer than K active clients still makes progress.
+    buffer_timeout_s: float | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _consistent(self) -> AggregationSettings:
@@ -106,7 +109,11 @@ class WorkerSettings(BaseSettings):
     checkpoint_keep: int = 3
     checkpoint_fsync: bool = True
     ack_every: int = Field(10, ge=1, le=20)  # Mosquitto delivers at most 20 unacked messages
-    checkpoint_interval_s: float = 1.0
+    checkpoint_interval_s: float = 1.0  # commit (log append, ack) unacked messages this often
+    # A full snapshot (model, buffer, dedup window) replaces the log this often, or once the
+    # log since the last one holds this many bytes; in between commits only append to it.
+    snapshot_interval_s: float = Field(30.0, gt=0)
+    snapshot_log_bytes: int = Field(256 * 1024 * 1024, ge=1)
     max_message_bytes: int = 64 * 1024 * 1024
     model_codec: str = "fp32"
     require_signatures: bool = False

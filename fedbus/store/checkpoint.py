@@ -5,6 +5,9 @@ dedup window), the consumed transport offsets and the worker's counters *togethe
 restart then resumes at exactly the point whose effects the file contains, so a
 redelivered message is either after the checkpoint (and is folded for the first time) or
 inside the dedup window (and is refused as a duplicate). Nothing is lost or counted twice.
+The worker writes one only now and then (a snapshot); between snapshots its write-ahead log
+(:mod:`.wal`) holds what it accepted, and the snapshot names the first log segment it does
+not cover.
 
 Format (version 2): an 8-byte magic, a little-endian u64 header length, a msgpack header
 holding the state with every NumPy array replaced by a reference (dtype string, shape,

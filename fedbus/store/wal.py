@@ -1,0 +1,263 @@
+"""Write-ahead log: what a worker accepted between two full snapshots, in the order it did.
+
+A full checkpoint (:mod:`.checkpoint`) costs the model's size; the log costs what was
+received. Between snapshots a worker appends, per commit, the messages its policy
+*accepted* (raw payload plus topic, key, partition and offset), the partial-buffer drains
+it made, and one ``COMMIT`` record with its small bookkeeping (offsets, counters, the event
+it owes). A restart loads the newest snapshot and replays the committed records through the
+same code path, which rebuilds the state bit for bit.
+
+Segments are files ``wal-<seq>.log`` in the checkpoint directory. A snapshot names the
+first segment it does *not* cover; once it is durable, older segments are deleted. The
+process that creates a segment is the only one that ever appends to it (a restart writes a
+snapshot and starts a new one), so a torn tail is never written after.
+
+Format: an 8-byte magic, then records ``<u32 length><u32 crc32><u8 kind><body>`` where the
+CRC covers length, kind and body. A reader stops at the first record that is incomplete or
+fails its CRC (a write torn by kill -9 or a crash) and keeps only what precedes the last
+``COMMIT`` before that point: a commit's records are durable together or not at all.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import struct
+import threading
+import zlib
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import msgpack
+
+MAGIC = b"FBWAL01\n"
+_HEAD = struct.Struct("<IIB")  # body length, crc32(length, kind, body), kind
+_MSG_HEAD = struct.Struct("<I")  # length of the message's msgpack metadata
+_NAME = re.compile(r"^wal-(\d{8})\.log$")
+
+MESSAGE, DRAIN, COMMIT = 1, 2, 3
+_KINDS = {MESSAGE, DRAIN, COMMIT}
+
+Chunks = list[bytes | memoryview]
+
+
+@dataclass(frozen=True)
+class Record:
+    kind: int
+    meta: Any = None  # MESSAGE: [topic, key, partition, offset]; COMMIT: the state
+    payload: bytes = field(default=b"", repr=False)  # MESSAGE only
+
+
+def _record(kind: int, parts: Iterable[bytes | memoryview]) -> Chunks:
+    parts = list(parts)
+    length = sum(memoryview(p).nbytes for p in parts)
+    crc = zlib.crc32(struct.pack("<IB", length, kind))
+    for p in parts:
+        crc = zlib.crc32(p, crc)
+    return [_HEAD.pack(length, crc, kind), *parts]
+
+
+def message_record(
+    topic: str, payload: bytes, key: bytes | None, partition: int | None, offset: int | None
+) -> Chunks:
+    """An accepted message; the payload is referenced, not copied."""
+    meta = msgpack.packb([topic, key, partition, offset], use_bin_type=True)
+    return _record(MESSAGE, [_MSG_HEAD.pack(len(meta)), meta, payload])
+
+
+def drain_record() -> Chunks:
+    return _record(DRAIN, [])
+
+
+def commit_record(state: Mapping[str, Any]) -> Chunks:
+    return _record(COMMIT, [msgpack.packb(dict(state), use_bin_type=True)])
+
+
+def size(chunks: Iterable[bytes | memoryview]) -> int:
+    return sum(memoryview(c).nbytes for c in chunks)
+
+
+@dataclass
+class Scan:
+    """A segment as read back: the committed batches, and what was dropped after them."""
+
+    batches: list[tuple[list[Record], dict[str, Any]]]  # (records, commit state)
+    committed_end: int  # file offset just after the last COMMIT
+    valid_end: int  # file offset just after the last record with a good CRC
+    size: int  # file size
+
+    @property
+    def torn(self) -> bool:
+        return self.committed_end != self.size
+
+
+def scan(raw: bytes | memoryview) -> Scan:
+    """Parse a segment's bytes; never raises on a damaged tail (see module doc)."""
+    view = memoryview(raw)
+    batches: list[tuple[list[Record], dict[str, Any]]] = []
+    if bytes(view[: len(MAGIC)]) != MAGIC:
+        return Scan(batches, 0, 0, len(view))
+    pos = committed = len(MAGIC)
+    current: list[Record] = []
+    while pos + _HEAD.size <= len(view):
+        length, crc, kind = _HEAD.unpack_from(view, pos)
+        start, end = pos + _HEAD.size, pos + _HEAD.size + length
+        if kind not in _KINDS or end > len(view):
+            break
+        body = view[start:end]
+        if zlib.crc32(body, zlib.crc32(struct.pack("<IB", length, kind))) != crc:
+            break
+        try:
+            record = _decode(kind, body)
+        except (ValueError, TypeError, msgpack.UnpackException):
+            break  # cannot happen with a good CRC unless the writer was broken
+        pos = end
+        if kind == COMMIT:
+            batches.append((current, record.meta))
+            current = []
+            committed = pos
+        else:
+            current.append(record)
+    return Scan(batches, committed, pos, len(view))
+
+
+def _decode(kind: int, body: memoryview) -> Record:
+    if kind == MESSAGE:
+        (mlen,) = _MSG_HEAD.unpack_from(body)
+        meta = msgpack.unpackb(body[_MSG_HEAD.size : _MSG_HEAD.size + mlen], raw=False)
+        if not isinstance(meta, list) or len(meta) != 4:
+            raise ValueError("bad message metadata")
+        return Record(MESSAGE, meta, bytes(body[_MSG_HEAD.size + mlen :]))
+    if kind == COMMIT:
+        state = msgpack.unpackb(body, raw=False, strict_map_key=False)
+        if not isinstance(state, dict):
+            raise ValueError("commit record is not a map")
+        return Record(COMMIT, state)
+    return Record(DRAIN)
+
+
+class WriteAheadLog:
+    """The segments of one checkpoint directory; appends go to one open segment at a time."""
+
+    def __init__(self, directory: str | os.PathLike[str], *, fsync: bool = True) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.fsync = fsync
+        self._file: BinaryIO | None = None
+        self._seq: int | None = None
+
+    def path(self, seq: int) -> Path:
+        return self.directory / f"wal-{seq:08d}.log"
+
+    def segments(self) -> list[int]:
+        found = []
+        for p in self.directory.iterdir():
+            m = _NAME.match(p.name)
+            if m:
+                found.append(int(m.group(1)))
+        return sorted(found)
+
+    def append(self, seq: int, chunks: Iterable[bytes | memoryview]) -> None:
+        """Append one commit's records to segment ``seq`` and flush (and fsync) them."""
+        f = self.write(seq, chunks)
+        f.flush()
+        if self.fsync:
+            _datasync(f.fileno())
+
+    def write(self, seq: int, chunks: Iterable[bytes | memoryview]) -> BinaryIO:
+        """Append records without waiting for them (a later :meth:`append` makes them
+        durable, with the commit record that makes them count)."""
+        if self._seq != seq:
+            self.close()
+            path = self.path(seq)
+            f = path.open("ab")
+            if f.tell() == 0:
+                f.write(MAGIC)
+                if self.fsync:  # the new name must survive a crash too
+                    f.flush()
+                    os.fsync(f.fileno())
+                    _fsync_dir(self.directory)
+            elif f.tell() < len(MAGIC):
+                f.close()
+                raise OSError(f"refusing to append to the damaged log segment {path}")
+            self._file, self._seq = f, seq
+        f = self._file
+        assert f is not None
+        for chunk in chunks:
+            f.write(chunk)
+        return f
+
+    def read(self, seq: int) -> Scan:
+        return scan(self.path(seq).read_bytes())
+
+    def remove_before(self, seq: int) -> None:
+        """Delete the segments a durable snapshot covers (every one below ``seq``)."""
+        if self._seq is not None and self._seq < seq:
+            self.close()
+        for s in self.segments():
+            if s < seq:
+                self.path(s).unlink(missing_ok=True)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        self._file, self._seq = None, None
+
+
+_datasync = getattr(os, "fdatasync", os.fsync)  # macOS has no fdatasync
+
+
+def _fsync_dir(directory: Path) -> None:
+    dfd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+class LogWriter:
+    """One thread owns the log: writes, commits and deletions run on it in the order they
+    were asked for, so the event loop never waits on the disk. After a failure every later
+    call fails with the same error: a commit never succeeds past a lost write."""
+
+    def __init__(self, log: WriteAheadLog) -> None:
+        self.log = log
+        self._q: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...], Future[Any]] | None]
+        self._q = queue.SimpleQueue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="fedbus-wal", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._q.get()) is not None:
+            fn, args, fut = item
+            try:
+                if self._error is not None:
+                    raise self._error
+                fut.set_result(fn(*args))
+            except BaseException as exc:  # handed to whoever waits on a commit
+                self._error = self._error or exc
+                fut.set_exception(exc)
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+        fut: Future[Any] = Future()
+        self._q.put((fn, args, fut))
+        return fut
+
+    def write(self, seq: int, chunks: Chunks) -> None:
+        """Stream records ahead of their commit; a failure surfaces at the next commit."""
+        self.call(self.log.write, seq, chunks)
+
+    def commit(self, seq: int, chunks: Chunks) -> Future[Any]:
+        """Append, flush and fsync; the future completes once the records are durable."""
+        return self.call(self.log.append, seq, chunks)
+
+    def close(self) -> None:
+        """Finish what was asked, then stop the thread and close the segment."""
+        self._q.put(None)
+        self._thread.join()
+        self.log.close()
