@@ -68,7 +68,9 @@ CLIENT_LR = 0.3
 LR_GRID = (1.0, 2.0, 4.0, 8.0, 16.0)
 """Server learning rates for sync FedAvg and FedBuff alike. FedBuff divides its buffer by K
 and down-weights stale updates (about 1/sqrt(1 + 10) here), so it needs the top of it."""
-ALPHA_GRID = (0.1, 0.2, 0.4, 0.6)
+ALPHA_GRID = (0.1, 0.2, 0.4, 0.6, 0.8, 1.0)
+"""FedAsync's mixing weight spans its whole range (0, 1]: a best value at the top of a
+shorter grid would leave FedAsync under-tuned and flatter FedBuff's upload ratio."""
 DURATION_S = 1500.0
 """Simulated seconds per run: ~500 synchronous rounds (a round lasts ~3 s, the 85th
 percentile job), by which time FedAvg's accuracy moves well under half a point."""

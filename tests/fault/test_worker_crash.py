@@ -12,9 +12,7 @@ import asyncio
 import contextlib
 import os
 import signal
-import urllib.request
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -24,25 +22,6 @@ from tests.integration import harness as h
 from workers.main import make_transport
 
 pytestmark = [pytest.mark.fault, pytest.mark.timeout(300)]
-
-
-def _ready(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
-            return r.status == 200
-    except OSError:
-        return False
-
-
-async def _start(settings: Any, log: Path) -> asyncio.subprocess.Process:
-    proc = await h.spawn_worker(settings, log)
-    for _ in range(600):
-        if _ready(settings.metrics_port):
-            return proc
-        if proc.returncode is not None:
-            break
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"worker did not become ready:\n{log.read_text()[-3000:]}")
 
 
 @pytest.mark.parametrize("transport_name", ["mqtt", "kafka"])
@@ -58,7 +37,7 @@ async def test_kill9_loses_nothing_counts_nothing_twice(
     n, kills = 240, 3
     rng = np.random.default_rng(7)
     deltas: list[np.ndarray] = []
-    proc = await _start(settings, log)
+    proc = await h.start_worker_process(settings, log)
     try:
         async with make_transport(h.client_settings(settings), role="device") as dev:
             for i in range(n):
@@ -71,7 +50,7 @@ async def test_kill9_loses_nothing_counts_nothing_twice(
                     await asyncio.sleep(0.3)  # let it get into the middle of the stream
                     os.kill(proc.pid, signal.SIGKILL)
                     await proc.wait()
-                    proc = await _start(settings, log)
+                    proc = await h.start_worker_process(settings, log)
                 else:
                     await asyncio.sleep(0.005)
         # every update folded exactly once: the version reaches n and stays there

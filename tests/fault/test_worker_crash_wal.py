@@ -15,8 +15,6 @@ import contextlib
 import json
 import os
 import signal
-import sys
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -31,28 +29,9 @@ from workers.main import make_transport
 pytestmark = [pytest.mark.fault, pytest.mark.timeout(300)]
 
 
-def _ready(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
-            return r.status == 200
-    except OSError:
-        return False
-
-
 async def _start(settings: Any, log: Path) -> asyncio.subprocess.Process:
-    env = h.env_for(settings)
-    env.update(FEDBUS_SNAPSHOT_INTERVAL_S="3600", FEDBUS_AGGREGATION__BUFFER_TIMEOUT_S="1.0")
-    with log.open("ab") as out:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "fedbus.cli", "worker", env=env, stdout=out, stderr=out
-        )
-    for _ in range(600):
-        if _ready(settings.metrics_port):
-            return proc
-        if proc.returncode is not None:
-            break
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"worker did not become ready:\n{log.read_text()[-3000:]}")
+    extra = {"FEDBUS_SNAPSHOT_INTERVAL_S": "3600", "FEDBUS_AGGREGATION__BUFFER_TIMEOUT_S": "1.0"}
+    return await h.start_worker_process(settings, log, extra)
 
 
 async def _logged(directory: Path) -> None:

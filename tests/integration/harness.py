@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import sys
+import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -78,11 +79,37 @@ def env_for(settings: WorkerSettings) -> dict[str, str]:
     return out
 
 
-async def spawn_worker(settings: WorkerSettings, log_path: Path) -> asyncio.subprocess.Process:
-    log = log_path.open("ab")
-    return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "fedbus.cli", "worker", env=env_for(settings), stdout=log, stderr=log
-    )
+async def spawn_worker(
+    settings: WorkerSettings, log_path: Path, extra_env: dict[str, str] | None = None
+) -> asyncio.subprocess.Process:
+    env = env_for(settings)
+    env.update(extra_env or {})
+    with log_path.open("ab") as log:
+        return await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "fedbus.cli", "worker", env=env, stdout=log, stderr=log
+        )
+
+
+def worker_ready(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
+            return bool(r.status == 200)
+    except OSError:
+        return False
+
+
+async def start_worker_process(
+    settings: WorkerSettings, log_path: Path, extra_env: dict[str, str] | None = None
+) -> asyncio.subprocess.Process:
+    """A worker in its own process (so that it can be killed -9), once /readyz says so."""
+    proc = await spawn_worker(settings, log_path, extra_env)
+    for _ in range(600):
+        if worker_ready(settings.metrics_port):
+            return proc
+        if proc.returncode is not None:
+            break
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"worker did not become ready:\n{log_path.read_text()[-3000:]}")
 
 
 def client_settings(settings: WorkerSettings) -> WorkerSettings:
