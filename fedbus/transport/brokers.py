@@ -233,6 +233,9 @@ class MosquittoBroker(_Broker):
             "allow_anonymous true",
             f"max_queued_messages {self.max_queued_messages}",
             f"max_inflight_messages {self.max_inflight_messages}",
+            # Nagle off towards clients: otherwise a PUBLISH to a worker that just received
+            # a PUBACK waits for the worker's delayed ACK (~40 ms per message on loopback).
+            "set_tcp_nodelay true",
             "log_dest stderr",  # unbuffered, unlike stdout; the child's output is the log
             "log_type error",
             "log_type warning",

@@ -32,6 +32,7 @@ import contextlib
 import errno
 import json
 import logging
+import socket
 import ssl
 import time
 import uuid
@@ -197,6 +198,7 @@ class MqttTransport(Transport):
         except TimeoutError as exc:
             await _force_close(client)
             raise aiomqtt.MqttError("connect timed out") from exc
+        _no_delay(client)
 
     async def _connect(self) -> None:
         # Clean start only on the very first connection: a reconnect must resume the session.
@@ -457,6 +459,17 @@ class MqttTransport(Transport):
                     return
                 log.warning("mqtt model follower lost its connection: %s", exc)
                 await asyncio.sleep(self.config.reconnect_initial_delay)
+
+
+def _no_delay(client: aiomqtt.Client) -> None:
+    """Switch Nagle's algorithm off, as latency-minded MQTT clients do. paho leaves it on, and
+    a small packet (a PUBACK) followed by a large one (a model) then stalls the large one's
+    tail until the broker's delayed ACK, about 40 ms on Linux: measured as 45 ms per model
+    publish, every version, before this. Unix sockets and websockets have no such option."""
+    sock = client._client.socket()
+    if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def _status_client(status_topic: str) -> str:
