@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -299,6 +300,9 @@ def demo(
     from fedbus import log as fedlog
     from workers import demo as d
 
+    # SIGTERM would end the process without unwinding, leaving the embedded broker running:
+    # turn it into an exit that runs every context manager's cleanup.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     fedlog.configure("console", "warning")
     cfg = d.DemoConfig(
         devices=devices,
