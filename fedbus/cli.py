@@ -218,17 +218,18 @@ def client_simulate(
     from fedbus import log as fedlog
     from fedbus.sim.data import digits_fleet
     from fedbus.sim.fleet import FleetConfig, FleetReport, LayoutMismatchError, run_fleet
-    from fedbus.sim.models import MLP, SoftmaxRegression
+    from fedbus.sim.models import EXAMPLES
+    from fedbus.sim.models import example as example_model
     from fedbus.sim.timing import FleetTiming
     from workers.main import make_transport
     from workers.settings import load
 
-    if example not in ("softmax", "mlp"):
-        raise typer.BadParameter("softmax or mlp", param_hint="--example")
+    if example not in EXAMPLES:
+        raise typer.BadParameter(" or ".join(EXAMPLES), param_hint="--example")
     settings = load(config, transport=transport, model=model)
     fedlog.configure("console", "warning")
     fleet = digits_fleet(devices, alpha, seed)
-    net = SoftmaxRegression(64, 10) if example == "softmax" else MLP(64, 32, 10)
+    net = example_model(example)
     timing = FleetTiming(devices, sigma=sigma, dropout=dropout, seed=seed)
     cfg = FleetConfig(
         model=settings.model,

@@ -110,13 +110,10 @@ def initial_weights(example: str, npz: Path | None, seed: int) -> tuple[Layout, 
             arrays = {k: data[k] for k in data.files}
         layout = Layout.from_arrays(arrays)
         return layout, layout.flatten(arrays)
-    from fedbus.sim.models import MLP, SoftmaxRegression
+    from fedbus.sim.models import example as example_model
 
-    if example not in ("softmax", "mlp"):
-        raise ValueError(f"unknown example model {example!r}: softmax or mlp")
-    model = SoftmaxRegression(64, 10) if example == "softmax" else MLP(64, 32, 10)
-    layout = Layout.from_wire([[n, list(s), d] for n, s, d in model.layout()])
-    return layout, model.init_params(seed)
+    model = example_model(example)
+    return model.wire_layout(), model.init_params(seed)
 
 
 def model_message(

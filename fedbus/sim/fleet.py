@@ -32,7 +32,6 @@ from fedbus.sim.models import FlatModel
 from fedbus.sim.timing import FleetTiming
 from fedbus.transport.base import Transport
 from fedbus.wire.codecs import CodecSpec
-from fedbus.wire.layout import Layout
 
 __all__ = ["FleetConfig", "FleetReport", "LayoutMismatchError", "run_fleet"]
 
@@ -77,7 +76,7 @@ Progress = Callable[[FleetReport], None]
 
 
 def _check_layout(gm: GlobalModel, model: FlatModel) -> None:
-    expected = Layout.from_wire([[n, list(s), d] for n, s, d in model.layout()])
+    expected = model.wire_layout()
     if gm.layout != expected:
         raise LayoutMismatchError(
             f"model {gm.model!r} on the broker has layout {gm.layout.fingerprint}, the simulated "

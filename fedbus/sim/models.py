@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from fedbus.wire.layout import Layout
+
 LayoutEntry = tuple[str, tuple[int, ...], str]
 
 
@@ -29,6 +31,11 @@ class FlatModel:
 
     def layout(self) -> list[LayoutEntry]:
         raise NotImplementedError
+
+    def wire_layout(self) -> Layout:
+        """The layout as the wire carries it: what ``fedbus model init --example`` publishes
+        and what a device checks the global model against."""
+        return Layout.from_wire([[n, list(s), d] for n, s, d in self.layout()])
 
     def init_params(self, seed: int) -> np.ndarray:
         raise NotImplementedError
@@ -226,3 +233,16 @@ class MLP(FlatModel):
         np.matmul(x.T, da, out=g1)
         _sum(da, axis=0, out=gb1)
         return loss
+
+
+EXAMPLES = ("softmax", "mlp")
+
+
+def example(name: str) -> FlatModel:
+    """The built-in digits models (64 pixels, 10 classes) that ``fedbus model init`` and
+    ``fedbus client simulate`` share, so a simulated fleet trains what was published."""
+    if name == "softmax":
+        return SoftmaxRegression(64, 10)
+    if name == "mlp":
+        return MLP(64, 32, 10)
+    raise ValueError(f"unknown example model {name!r}: {' or '.join(EXAMPLES)}")

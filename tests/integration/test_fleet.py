@@ -14,7 +14,6 @@ from fedbus.sim.data import digits_fleet
 from fedbus.sim.fleet import FleetConfig, LayoutMismatchError, run_fleet
 from fedbus.sim.models import SoftmaxRegression
 from fedbus.sim.timing import FleetTiming
-from fedbus.wire.layout import Layout
 from tests.integration import harness as h
 from workers.main import make_transport, model_message
 from workers.settings import WorkerSettings
@@ -22,7 +21,7 @@ from workers.settings import WorkerSettings
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 NET = SoftmaxRegression(64, 10)
-LAYOUT = Layout.from_wire([[n, list(s), d] for n, s, d in NET.layout()])
+LAYOUT = NET.wire_layout()
 
 
 async def _init_softmax(settings: WorkerSettings) -> None:
