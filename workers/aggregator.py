@@ -511,13 +511,11 @@ class AggregatorWorker:
             steps.append(self.transport.ack(c.messages, c.offsets))
         if payload is not None:
             steps.append(self._publish(c.version, payload, c.event, c.updates_folded))
-        if len(steps) == 1:
-            await steps[0]
-        elif steps:
-            results = await asyncio.gather(*steps, return_exceptions=True)
-            for result in results:
-                if isinstance(result, BaseException):
-                    raise result
+        # Both run to the end before a failure of either is raised: a publish is never left
+        # half-way because the acknowledgement failed.
+        for result in await asyncio.gather(*steps, return_exceptions=True):
+            if isinstance(result, BaseException):
+                raise result
 
     def _model_message(self, version: int, weights: np.ndarray, updates_folded: int) -> bytes:
         model = env.ModelEnvelope(
@@ -621,7 +619,9 @@ class AggregatorWorker:
                         timeout=interval if due is None else min(interval, due),
                         return_when=asyncio.FIRST_COMPLETED,
                     )
-                    if get in done:
+                    # Judge by the task, not by ``done``: it may have taken a message after
+                    # the wait woke up, and cancelling it then would drop that message.
+                    if get.done():
                         msg = get.result()
                     else:
                         get.cancel()

@@ -52,13 +52,17 @@ class Record:
     payload: bytes = field(default=b"", repr=False)  # MESSAGE only
 
 
-def _record(kind: int, parts: Iterable[bytes | memoryview]) -> Chunks:
-    parts = list(parts)
-    length = sum(memoryview(p).nbytes for p in parts)
+def _crc(length: int, kind: int, parts: Iterable[bytes | memoryview]) -> int:
     crc = zlib.crc32(struct.pack("<IB", length, kind))
     for p in parts:
         crc = zlib.crc32(p, crc)
-    return [_HEAD.pack(length, crc, kind), *parts]
+    return crc
+
+
+def _record(kind: int, parts: Iterable[bytes | memoryview]) -> Chunks:
+    parts = list(parts)
+    length = size(parts)
+    return [_HEAD.pack(length, _crc(length, kind, parts), kind), *parts]
 
 
 def message_record(
@@ -109,7 +113,7 @@ def scan(raw: bytes | memoryview) -> Scan:
         if kind not in _KINDS or end > len(view):
             break
         body = view[start:end]
-        if zlib.crc32(body, zlib.crc32(struct.pack("<IB", length, kind))) != crc:
+        if _crc(length, kind, [body]) != crc:
             break
         try:
             record = _decode(kind, body)
