@@ -226,6 +226,28 @@ class KafkaTransport(Transport):
                     raise TransportError(f"cannot create topic {name}: error {code} {message}")
             self._ensured.add(model)
 
+    async def peers(self, model: str) -> list[str]:
+        """Members of the model's consumer group that another worker id started.
+
+        Member ids begin with the client id, ``<worker id>-<role>-<instance>``. A member
+        with this worker's own id and role is its previous incarnation (killed, its session
+        not yet expired: the broker evicts it when this one joins), not a peer; so on Kafka
+        two workers must have distinct ``worker_id``s to be told apart."""
+        group = self.config.group_id or f"fedbus-reducers-{model}"
+        if self._admin is None:
+            admin = AIOKafkaAdminClient(**self._common())
+            await admin.start()
+            self._admin = admin
+        client = self.config.client_id or ""
+        own = client.rsplit("-", 1)[0] + "-" if client.count("-") >= 2 else "\0"
+        others = []
+        for response in await self._admin.describe_consumer_groups([group]):
+            for described in response.groups:
+                for member in described[5]:  # (member_id, client_id, host, metadata, ...)
+                    if not str(member[0]).startswith(own):
+                        others.append(f"consumer {member[0]} in group {group}")
+        return others
+
     async def _partitions(self, topic: str) -> list[int]:
         parts = await self._require_producer().partitions_for(topic)
         return sorted(parts)

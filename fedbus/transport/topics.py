@@ -26,6 +26,8 @@ __all__ = [
     "mqtt_status",
     "mqtt_update",
     "mqtt_updates_filter",
+    "mqtt_worker_status",
+    "mqtt_worker_status_filter",
     "parse_update_topic",
     "validate_id",
 ]
@@ -76,6 +78,15 @@ def mqtt_deadletter(model: str) -> str:
 
 def mqtt_status(model: str, client: str) -> str:
     return f"{MQTT_PREFIX}/{validate_id(model, 'model')}/status/{validate_id(client, 'client')}"
+
+
+def mqtt_worker_status(model: str, worker: str) -> str:
+    """A worker's retained presence (online, or offline as its Last Will)."""
+    return f"{MQTT_PREFIX}/{validate_id(model, 'model')}/workers/{validate_id(worker, 'worker')}"
+
+
+def mqtt_worker_status_filter(model: str) -> str:
+    return f"{MQTT_PREFIX}/{validate_id(model, 'model')}/workers/+"
 
 
 def parse_update_topic(topic: str) -> tuple[str, str] | None:
