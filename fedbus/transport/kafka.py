@@ -43,6 +43,7 @@ from aiokafka.structs import ConsumerRecord
 
 from fedbus.transport import topics
 from fedbus.transport.base import Message, Transport, TransportError
+from fedbus.wire.ids import validate_id
 
 __all__ = ["KafkaConfig", "KafkaTransport"]
 
@@ -382,7 +383,7 @@ class KafkaTransport(Transport):
 
     async def publish_update(self, model: str, client: str, payload: bytes) -> None:
         await self.ensure_topics(model)
-        key = topics.validate_id(client, "client").encode()
+        key = validate_id(client, "client").encode()
         await self._send(topics.kafka_updates(model), payload, key)
 
     # -- models ---------------------------------------------------------------------------

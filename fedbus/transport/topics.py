@@ -9,7 +9,7 @@ they can never contain a level separator or a wildcard.
 
 from __future__ import annotations
 
-from fedbus.wire.ids import is_valid_id
+from fedbus.wire.ids import is_valid_id, validate_id
 
 __all__ = [
     "MQTT_PREFIX",
@@ -34,15 +34,6 @@ __all__ = [
 
 MQTT_PREFIX = "fedbus/v1"
 KAFKA_PREFIX = "fedbus"
-
-
-def validate_id(value: str, what: str = "id") -> str:
-    """Return ``value`` if it may appear in a topic; raise ``ValueError`` otherwise."""
-    if not is_valid_id(value):
-        raise ValueError(
-            f"{what} {value!r} is not 1-64 chars of [a-z0-9-] without a leading/trailing '-'"
-        )
-    return value
 
 
 # -- MQTT ------------------------------------------------------------------------------
