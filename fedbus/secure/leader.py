@@ -145,9 +145,9 @@ class Leader:
         step = Step()
         for client, update_id, base, reason in receipt.entries:
             key = (str(client), str(update_id))
-            folded_or_ready = key in self._seen and key not in self._shares
-            if key in self._ready or folded_or_ready:
-                continue  # a verdict on a replay of an update already in hand: ignore
+            settled = key in self._seen and key not in self._shares  # folded or dropped
+            if key in self._ready or key in self._early or settled or reason == "duplicate":
+                continue  # a verdict on a replay of an update the helper already confirmed
             if reason is None:
                 if key in self._shares:
                     self._ready.append(key)

@@ -125,3 +125,15 @@ def test_partial_buffer_closes_only_at_min_buffer() -> None:
     step = world.leader.close_partial()
     assert [clients_of(m) for m in step.manifests] == [["dev-1", "dev-2"]]
     assert world.complete(step.manifests[0]).version == 10  # the helper agrees: 2 >= min
+
+
+def test_a_replay_seen_by_the_helper_first_does_not_cost_the_original(world: World) -> None:
+    """The helper sees an update and its replay before the leader sees either: its receipt
+    says held, then duplicate. The leader must keep the update, not drop it."""
+    ms = [world.encode(f"dev-{i}", delta(i)) for i in (1, 2, 3)]
+    world.to_helper([ms[0], ms[0]])
+    assert world.refused == [("helper", "dev-1", ms[0].update_id, "duplicate")]
+    world.publish(ms[1:])
+    world.to_leader(ms[:1])
+    assert clients_of(world.manifests[0]) == ["dev-2", "dev-3", "dev-1"]
+    np.testing.assert_array_equal(world.complete(world.manifests[0]).total, exact(world, ms, 10))
