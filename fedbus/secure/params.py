@@ -113,6 +113,8 @@ class SecureConfig:
     _w_max: int = field(init=False, default=0, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        if not (isinstance(self.clip_norm, int | float) and 0 < self.clip_norm < math.inf):
+            raise ValueError(f"clip_norm must be a positive finite number, got {self.clip_norm}")
         if self.buffer_size < 2:
             raise ValueError("buffer_size must be at least 2: a sum of one update is the update")
         min_buffer = self.buffer_size if self.min_buffer is None else self.min_buffer

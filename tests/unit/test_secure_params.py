@@ -113,6 +113,8 @@ def test_weight_rounding_to_zero_counts_as_stale() -> None:
         {"buffer_size": 4, "min_buffer": 1},
         {"buffer_size": 4, "min_buffer": 5},
         {"max_staleness": -1},
+        {"clip_norm": math.nan},
+        {"clip_norm": 0.0},
         {"weight_bits": 17},
         {"frac_bits": 31},
     ],
