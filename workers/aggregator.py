@@ -68,13 +68,14 @@ from fedbus import log as fedlog
 from fedbus.aggregation import Outcome, Update
 from fedbus.store import wal
 from fedbus.store.checkpoint import CheckpointError, CheckpointStore
+from fedbus.store.keys import load_public_keys
 from fedbus.transport.base import Message, Transport
 from fedbus.transport.topics import client_from_update_topic
 from fedbus.wire import envelope as env
 from fedbus.wire.codecs import CodecSpec, decode, decode_dense, encode
 from fedbus.wire.errors import Reason, WireError
 from fedbus.wire.layout import Layout
-from fedbus.wire.signing import Verifier, load_public_keys
+from fedbus.wire.signing import Verifier
 from workers import events
 from workers.observability import HealthServer, Metrics
 from workers.settings import WorkerSettings

@@ -14,8 +14,9 @@ most ``C * 2^f + 1`` because clipping leaves no coordinate larger than C
 (:meth:`~fedbus.secure.params.QuantParams.coordinate_bound`).
 
 Clipping is computed here rather than imported from :mod:`fedbus.aggregation.clipping`:
-importing that package loads Numba and dp-accounting, which a device must not need. The
-formula is the same (FLSim's ``min(1, C / (||x|| + 1e-10))``).
+importing that package loads every aggregation policy (and Numba, where installed) into a
+device process that only needs one norm. The formula is the same (FLSim's
+``min(1, C / (||x|| + 1e-10))``).
 """
 
 from __future__ import annotations

@@ -76,6 +76,10 @@ class KafkaConfig:
     session_timeout_ms: int = 10000
     heartbeat_interval_ms: int = 3000
     request_timeout_ms: int = 40000
+    # How long a fetch waits for data when there is none. aiokafka's 500 ms default is what an
+    # update or a model waits at low rates when the broker answers only at the deadline
+    # (Tansu does); under load fetches return full and this never applies.
+    fetch_max_wait_ms: int = 10
 
 
 class _SeekOnAssign(ConsumerRebalanceListener):
@@ -134,6 +138,7 @@ class KafkaTransport(Transport):
             auto_offset_reset="earliest",
             max_partition_fetch_bytes=self.config.max_message_bytes,
             fetch_max_bytes=self.config.max_message_bytes,
+            fetch_max_wait_ms=self.config.fetch_max_wait_ms,
             **self._common(),
         )
 
@@ -241,6 +246,7 @@ class KafkaTransport(Transport):
             auto_offset_reset="earliest",
             max_partition_fetch_bytes=c.max_message_bytes,
             fetch_max_bytes=c.max_message_bytes,
+            fetch_max_wait_ms=c.fetch_max_wait_ms,
             session_timeout_ms=c.session_timeout_ms,
             heartbeat_interval_ms=c.heartbeat_interval_ms,
             **self._common(),

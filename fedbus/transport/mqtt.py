@@ -52,6 +52,7 @@ __all__ = ["MqttConfig", "MqttTransport", "status_record"]
 
 log = logging.getLogger("fedbus.transport.mqtt")
 
+PENDING_CALLS_WARNING = 10_000
 VERSION_PROPERTY = "fedbus-version"
 """MQTT 5 user property on model messages, so a follower can skip a version it has."""
 
@@ -186,6 +187,9 @@ class MqttTransport(Transport):
             logger=log,
             **kwargs,  # type: ignore[arg-type]
         )
+        # aiomqtt warns on every publish once more than 10 wait for their PUBACK; a fleet
+        # simulator or a device flushing its spool has hundreds in flight by design.
+        client.pending_calls_threshold = PENDING_CALLS_WARNING
         return client
 
     async def _open(self, client: aiomqtt.Client) -> None:

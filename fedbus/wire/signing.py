@@ -11,9 +11,7 @@ signing is deterministic, so a device needs no random source to sign.
 from __future__ import annotations
 
 import dataclasses
-import logging
 from collections.abc import Mapping
-from pathlib import Path
 from typing import TypeVar
 
 from cryptography.exceptions import InvalidSignature
@@ -29,9 +27,6 @@ from fedbus.wire.ids import validate_id
 
 KEY_BYTES = 32
 SIGNATURE_BYTES = 64
-PUBLIC_KEY_SUFFIX = ".pub"
-
-_log = logging.getLogger(__name__)
 S = TypeVar("S", bound=Signable)
 
 
@@ -133,47 +128,3 @@ def verify_signature(message: Signable, public_key_bytes: bytes, signer: str) ->
         raise WireError(
             Reason.BAD_SIGNATURE, f"{message.type} is not signed by the {signer}"
         ) from None
-
-
-def _parse_key(path: Path) -> bytes:
-    data = path.read_bytes()
-    if len(data) == KEY_BYTES:
-        return data
-    try:
-        key = bytes.fromhex(data.decode("ascii").strip())
-    except (UnicodeDecodeError, ValueError):
-        key = b""
-    if len(key) != KEY_BYTES:
-        raise ValueError(f"{path.name}: expected {KEY_BYTES} raw bytes or 64 hex characters")
-    return key
-
-
-def load_public_keys(directory: str | Path) -> dict[str, bytes]:
-    """Read ``<client>.pub`` files (32 raw bytes, or 64 hex characters) from ``directory``.
-
-    One file per device lets provisioning add or revoke a device with a file operation. A
-    file whose stem is not a valid client id is an error: it would silently never match.
-    """
-    root = Path(directory)
-    if not root.is_dir():
-        raise ValueError(f"public key directory {str(root)!r} does not exist")
-    keys: dict[str, bytes] = {}
-    for path in sorted(root.glob(f"*{PUBLIC_KEY_SUFFIX}")):
-        client = path.name[: -len(PUBLIC_KEY_SUFFIX)]
-        try:
-            validate_id(client, "client")
-        except WireError as exc:
-            raise ValueError(f"{path.name}: file name is not <client id>.pub ({exc})") from exc
-        keys[client] = _parse_key(path)
-    _log.debug("loaded %d public keys", len(keys))
-    return keys
-
-
-def write_public_key(directory: str | Path, client: str, public_key_bytes: bytes) -> Path:
-    """Store a device's public key as hex in ``<directory>/<client>.pub`` (provisioning)."""
-    validate_id(client, "client")
-    if len(public_key_bytes) != KEY_BYTES:
-        raise ValueError(f"an Ed25519 public key is {KEY_BYTES} raw bytes")
-    path = Path(directory) / f"{client}{PUBLIC_KEY_SUFFIX}"
-    path.write_text(public_key_bytes.hex() + "\n")
-    return path

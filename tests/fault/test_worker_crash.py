@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedbus.transport.brokers import free_port
+from fedbus.testing.brokers import free_port
 from tests.integration import harness as h
 from workers.main import make_transport
 

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from fedbus.store import wal
-from fedbus.transport.brokers import free_port
+from fedbus.testing.brokers import free_port
 from tests.integration import harness as h
 from workers.main import make_transport
 
