@@ -780,7 +780,8 @@ def signing_bytes(update: Signable) -> bytes:
         update.layout,
         hashlib.sha256(update.payload).digest(),
     ]
-    return SIGNING_DOMAIN + msgpack.packb(body, use_bin_type=True)
+    packed: bytes = msgpack.packb(body, use_bin_type=True)
+    return SIGNING_DOMAIN + packed
 
 
 def manifest_digest(manifest: SecureManifestEnvelope) -> bytes:
