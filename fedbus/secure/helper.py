@@ -6,7 +6,8 @@ single device's update by differencing sums:
 
 - **one answer per version**: a second, different manifest for an answered version is
   refused (two sums over sets differing by one update would reveal it); the same manifest
-  again gets the same answer (redelivery after a crash);
+  again gets the same answer (redelivery after a crash) while that answer is among the
+  last ``keep_answers``, and is refused after;
 - **versions in order**, each answered once;
 - **each update folded at most once, ever** (kept until it is too stale to fold anyway);
 - **at least ``min_buffer`` updates, from distinct clients**, none with weight 0;
@@ -56,7 +57,10 @@ class Helper:
         version: int,
         identity_key: bytes,
         leader_identity: bytes,
+        keep_answers: int = 4,
     ) -> None:
+        if keep_answers < 1:
+            raise ValueError("keep_answers must be at least 1")
         self.model = model
         self.config = config
         self.n_params = n_params
@@ -66,7 +70,8 @@ class Helper:
         self._leader = leader_identity
         self._held: dict[Key, tuple[int, bytes]] = {}
         self._folded: dict[Key, int] = {}
-        self._last: SecureSumEnvelope | None = None
+        self.keep_answers = keep_answers
+        self._answers: dict[int, SecureSumEnvelope] = {}  # the last few, by version
 
     # -- updates ---------------------------------------------------------------------------
     def receive(self, opened: OpenedShare) -> list[Any]:
@@ -107,11 +112,11 @@ class Helper:
         if manifest.model != self.model:
             raise _bad(f"manifest for model {manifest.model}, not {self.model}")
         digest = manifest_digest(manifest)
-        last = self._last
-        if last is not None and manifest.version == last.version:
-            if digest == last.manifest:
-                return last  # redelivered: the same answer
-            raise _bad(f"a different manifest for version {manifest.version}, already answered")
+        if manifest.version < self.version:
+            kept = self._answers.get(manifest.version)
+            if kept is not None and kept.manifest == digest:
+                return kept  # redelivered: the same answer
+            raise _bad(f"version {manifest.version} was already answered")
         if manifest.version != self.version:
             raise _bad(f"manifest for version {manifest.version}; expected {self.version}")
         rows = self._checked_rows(manifest)
@@ -126,10 +131,13 @@ class Helper:
             model=self.model, version=manifest.version, manifest=digest, count=total.count,
             payload=total.payload(),
         )  # fmt: skip
-        self._last = sign_update(answer, self._identity)
+        signed = sign_update(answer, self._identity)
+        self._answers[manifest.version] = signed
+        for old in [v for v in self._answers if v <= manifest.version - self.keep_answers]:
+            del self._answers[old]
         self.version += 1
         self._prune()
-        return self._last
+        return signed
 
     def _checked_rows(self, manifest: SecureManifestEnvelope) -> list[tuple[str, str, int]]:
         rows = [(str(c), str(u), int(w)) for c, u, w in manifest.entries]
@@ -163,18 +171,19 @@ class Helper:
 
     # -- checkpoints -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Plain types and bytes only; seeds are this helper's secrets, like its keys' use."""
-        last = self._last
+        """Plain types and bytes only. The seeds are this helper's shares: its checkpoints
+        must be kept apart from the leader's, as its keys are."""
         return {
             "role": "helper",
             "model": self.model,
             "version": self.version,
             "held": [[c, u, b, s] for (c, u), (b, s) in self._held.items()],
             "folded": [[c, u, b] for (c, u), b in self._folded.items()],
-            "last": None if last is None else {
-                "version": last.version, "manifest": last.manifest, "count": last.count,
-                "payload": last.payload, "sig": last.signature,
-            },
+            "answers": [
+                {"version": a.version, "manifest": a.manifest, "count": a.count,
+                 "payload": a.payload, "sig": a.signature}
+                for a in self._answers.values()
+            ],
         }  # fmt: skip
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
@@ -183,12 +192,13 @@ class Helper:
         self.version = int(d["version"])
         self._held = {(str(c), str(u)): (int(b), bytes(s)) for c, u, b, s in d["held"]}
         self._folded = {(str(c), str(u)): int(b) for c, u, b in d["folded"]}
-        last = d["last"]
-        self._last = None if last is None else SecureSumEnvelope(
-            model=self.model, version=int(last["version"]), manifest=bytes(last["manifest"]),
-            count=int(last["count"]), payload=bytes(last["payload"]),
-            signature=bytes(last["sig"]),
-        )  # fmt: skip
+        self._answers = {}
+        for a in d["answers"]:
+            answer = SecureSumEnvelope(
+                model=self.model, version=int(a["version"]), manifest=bytes(a["manifest"]),
+                count=int(a["count"]), payload=bytes(a["payload"]), signature=bytes(a["sig"]),
+            )  # fmt: skip
+            self._answers[answer.version] = answer
 
 
 def refusal_row(client: str, update_id: str, base_version: int, error: WireError) -> list[Any]:

@@ -247,6 +247,22 @@ def test_helper_answers_each_version_once(world: World) -> None:
         world.helper.apply(skipped)
 
 
+def test_helper_repeats_recent_answers_only() -> None:
+    """A leader restarting with two buffers in flight re-sends both manifests: the helper
+    answers both again, identically, as long as it keeps them (``keep_answers``)."""
+    world = World(n=16, buffer_size=2)
+    world.helper.keep_answers = 2
+    clients = [f"dev-{i}" for i in range(1, 7)]
+    for client in clients:
+        world.device_key(client)
+    world.publish([world.encode(c, DELTA) for c in clients])
+    m10, m11, m12 = world.manifests
+    answers = [world.helper.apply(m) for m in (m10, m11, m12)]
+    assert world.helper.apply(m11) == answers[1] and world.helper.apply(m12) == answers[2]
+    with pytest.raises(WireError, match="already answered"):
+        world.helper.apply(m10)  # no longer kept: refused, never recomputed
+
+
 def test_helper_refuses_a_manifest_the_leader_did_not_sign(world: World) -> None:
     messages = _held(world)[:3]
     impostor, _ = identity_keypair()
