@@ -1,7 +1,9 @@
-"""Ed25519 signatures on updates.
+"""Ed25519 signatures on updates (plain and secure) and on secure-aggregation messages.
 
 A signature ties an update to the device that holds the private key, so a compromised broker
-account or a replaying middlebox cannot inject deltas under another device's name. Ed25519
+account or a replaying middlebox cannot inject deltas under another device's name. The
+aggregators of secure aggregation sign their key, receipt, manifest and sum messages with
+identity keys their peers (and devices) are provisioned with (:func:`verify_signature`). Ed25519
 keeps keys (32 bytes) and signatures (64 bytes) small enough for microcontrollers, and
 signing is deterministic, so a device needs no random source to sign.
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
+from typing import TypeVar
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -18,12 +21,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
-from fedbus.wire.envelope import UpdateEnvelope, signing_bytes
+from fedbus.wire.envelope import SecureUpdateEnvelope, Signable, UpdateEnvelope, signing_bytes
 from fedbus.wire.errors import Reason, WireError
 from fedbus.wire.ids import validate_id
 
 KEY_BYTES = 32
 SIGNATURE_BYTES = 64
+S = TypeVar("S", bound=Signable)
 
 
 def generate_keypair() -> tuple[bytes, bytes]:
@@ -46,8 +50,9 @@ def public_key_of(private_key_bytes: bytes) -> bytes:
     return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
-def sign_update(update: UpdateEnvelope, private_key_bytes: bytes) -> UpdateEnvelope:
-    """A copy of ``update`` carrying the signature of its :func:`signing_bytes`."""
+def sign_update(update: S, private_key_bytes: bytes) -> S:
+    """A copy of ``update`` (or of any signable message) carrying the signature of its
+    :func:`signing_bytes`."""
     if len(private_key_bytes) != KEY_BYTES:
         raise ValueError(f"an Ed25519 private key is {KEY_BYTES} raw bytes")
     key = Ed25519PrivateKey.from_private_bytes(private_key_bytes)
@@ -77,7 +82,7 @@ class Verifier:
     def __contains__(self, client: object) -> bool:
         return client in self._keys
 
-    def verify(self, update: UpdateEnvelope) -> bool:
+    def verify(self, update: UpdateEnvelope | SecureUpdateEnvelope) -> bool:
         """Return True if a signature was verified, False if the update passes unverified.
 
         Raises ``WireError(UNSIGNED)`` or ``WireError(BAD_SIGNATURE)`` otherwise.
@@ -102,3 +107,24 @@ class Verifier:
                 Reason.BAD_SIGNATURE, f"signature of {update.client}/{update.update_id} fails"
             ) from None
         return True
+
+
+def verify_signature(message: Signable, public_key_bytes: bytes, signer: str) -> None:
+    """Check ``message``'s signature against one pinned key (an aggregator's identity).
+
+    Raises ``WireError(BAD_SIGNATURE)`` naming ``signer``; there is no optional mode: the
+    messages signed this way are worthless unsigned.
+    """
+    if len(public_key_bytes) != KEY_BYTES:
+        raise ValueError(f"an Ed25519 public key is {KEY_BYTES} raw bytes")
+    signature = message.signature
+    if signature is None or len(signature) != SIGNATURE_BYTES:
+        raise WireError(Reason.BAD_SIGNATURE, f"{message.type} lacks a 64-byte signature")
+    try:
+        Ed25519PublicKey.from_public_bytes(public_key_bytes).verify(
+            signature, signing_bytes(message)
+        )
+    except InvalidSignature:
+        raise WireError(
+            Reason.BAD_SIGNATURE, f"{message.type} is not signed by the {signer}"
+        ) from None

@@ -102,6 +102,24 @@ DEVICE_SCRIPT = textwrap.dedent(
         codec={"name": "fp32"}, payload=encode(end, CodecSpec("fp32")), created_at=0.0))
     gm = read_model(model)
     assert gm.version == 7 and np.allclose(gm.weights, end.astype(np.float32))
+
+    # Secure aggregation's device side needs nothing beyond the base install either.
+    from fedbus.secure import DeviceKeys, Keyring, SecureConfig, SecureUpdateEncoder, ShareOpener
+    from fedbus.secure.prg import expand
+    from fedbus.secure.sealing import generate_keypair as x25519_keypair
+    cfg = SecureConfig(clip_norm=100.0, staleness=lambda tau: 1.0, max_staleness=5)
+    rings = {r: Keyring(r, {0: x25519_keypair()[0]}) for r in ("leader", "helper")}
+    ids = {r: generate_keypair() for r in rings}
+    keys = DeviceKeys.from_messages(
+        *(rings[r].key_message("m", cfg.quant, ids[r][0], 0.0) for r in ("leader", "helper")),
+        leader_identity=ids["leader"][1], helper_identity=ids["helper"][1])
+    sec = env.decode_secure_update(env.encode(
+        SecureUpdateEncoder("dev-1", layout, keys, private_key=private).encode(want, 3, 12)))
+    opened = {r: ShareOpener("m", rings[r], layout.fingerprint, layout.n_params, cfg.quant,
+                             Verifier({"dev-1": public}, required=True)).open(sec)
+              for r in rings}
+    q = (opened["leader"].share + expand(opened["helper"].seed, layout.n_params)).view(np.int32)
+    assert np.all(np.abs(q / 2.0**cfg.frac_bits - want) <= 2.0**-cfg.frac_bits)
     print("device ok")
     """
 )

@@ -31,6 +31,20 @@ def test_kafka_topics_are_dot_separated_only() -> None:
         assert "_" not in name and "/" not in name and len(name) <= 249
 
 
+def test_secure_aggregation_topics() -> None:
+    assert topics.mqtt_keys("digits", "helper") == "fedbus/v1/digits/keys/helper"
+    assert topics.mqtt_secure("digits", "manifests") == "fedbus/v1/digits/secure/manifests"
+    assert topics.kafka_secure_topics("digits") == {
+        "keys": "fedbus.digits.keys",
+        "receipts": "fedbus.digits.secure.receipts",
+        "manifests": "fedbus.digits.secure.manifests",
+        "sums": "fedbus.digits.secure.sums",
+    }
+    for bad in (lambda: topics.mqtt_keys("digits", "boss"), lambda: topics.mqtt_secure("d", "x")):
+        with pytest.raises(ValueError):
+            bad()
+
+
 @pytest.mark.parametrize("good", ["a", "0", "dev-1", "a" * 64, "x-y-z", "9lives"])
 def test_valid_ids_pass(good: str) -> None:
     assert topics.validate_id(good, "id") == good
