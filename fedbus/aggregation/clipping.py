@@ -23,9 +23,20 @@ def clip_factor(sq_norm: float, clip_norm: float | None) -> float:
 
 
 def clip(u: np.ndarray, clip_norm: float | None) -> np.ndarray:
-    """A clipped float64 copy: for dense paths (robust rows, deferred updates) and tests."""
-    u = np.asarray(u, dtype=np.float64)
-    return clip_factor(float(u @ u), clip_norm) * u
+    """A clipped float64 copy (devices before encoding; dense server paths; tests).
+
+    NaN or infinity raise ``ValueError``: such a norm cannot be bounded, and a device must
+    not send it."""
+    x = np.array(u, dtype=np.float64, copy=True).ravel()
+    # einsum, not ``x @ x``: a BLAS dot wakes OpenBLAS's thread pool, whose spinning threads
+    # cost a device several times the CPU of the rest of its encoding.
+    sq = float(np.einsum("i,i->", x, x))
+    if not math.isfinite(sq):
+        raise ValueError("delta holds NaN or infinity (or its norm overflows)")
+    factor = clip_factor(sq, clip_norm)
+    if factor < 1.0:
+        x *= factor
+    return x
 
 
 def check_clip_norm(clip_norm: float | None) -> None:

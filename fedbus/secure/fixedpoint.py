@@ -12,37 +12,15 @@ frac * 2^32]`` rounds up with probability ``ceil(frac * 2^32) / 2^32``, a bias b
 of one unit. |q| is at
 most ``C * 2^f + 1`` because clipping leaves no coordinate larger than C
 (:meth:`~fedbus.secure.params.QuantParams.coordinate_bound`).
-
-Clipping is computed here rather than imported from :mod:`fedbus.aggregation.clipping`:
-importing that package loads every aggregation policy (and Numba, where installed) into a
-device process that only needs one norm. The formula is the same (FLSim's
-``min(1, C / (||x|| + 1e-10))``).
 """
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
+from fedbus.aggregation.clipping import clip
 from fedbus.secure.params import QuantParams
 from fedbus.secure.prg import expand, new_seed
-
-_CLIP_EPS = 1e-10
-
-
-def clip(delta: np.ndarray, clip_norm: float) -> np.ndarray:
-    """A float64 copy of ``delta`` scaled to L2 norm at most ``clip_norm``."""
-    x = np.array(delta, dtype=np.float64, copy=True).ravel()
-    # einsum, not ``x @ x``: a BLAS dot wakes OpenBLAS's thread pool, whose spinning threads
-    # cost a device several times the CPU of the whole quantisation.
-    norm = math.sqrt(float(np.einsum("i,i->", x, x)))
-    if not math.isfinite(norm):
-        raise ValueError("delta holds NaN or infinity")
-    factor = min(1.0, clip_norm / (norm + _CLIP_EPS))
-    if factor < 1.0:
-        x *= factor
-    return x
 
 
 def quantise(delta: np.ndarray, quant: QuantParams, *, seed: bytes | None = None) -> np.ndarray:

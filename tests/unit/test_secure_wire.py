@@ -163,7 +163,8 @@ def test_device_side_imports_only_the_light_dependencies() -> None:
     code = (
         "import sys, fedbus.secure\n"
         "heavy = {'numba', 'dp_accounting', 'zstandard', 'structlog', 'scipy', 'sklearn',\n"
-        "         'aiomqtt', 'aiokafka', 'pydantic', 'fedbus.aggregation', 'fedbus.kernels'}\n"
+        "         'aiomqtt', 'aiokafka', 'pydantic', 'fedbus.aggregation.fedbuff',\n"
+        "         'fedbus.aggregation.fedasync', 'fedbus.kernels'}\n"
         "print(sorted(heavy & set(sys.modules)))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
