@@ -24,6 +24,7 @@ from fedbus import log as fedlog
 from fedbus.client.spool import Spool
 from fedbus.client.updates import GlobalModel, UpdateEncoder, read_model
 from fedbus.transport.base import Transport
+from fedbus.transport.retry import backoff
 from fedbus.wire import envelope as env
 from fedbus.wire.codecs import CodecSpec
 
@@ -106,20 +107,22 @@ class Device:
         return update
 
     async def _send_with_retry(self, raw: bytes, attempts: int | None = None) -> None:
-        delay = self.retry_initial
-        tries = 0
-        while True:
-            try:
+        """Publish, backing off on any broker failure (``attempts``: give up after that
+        many tries and raise the last failure; ``None``: keep trying)."""
+
+        def note(exc: BaseException, delay: float) -> None:
+            self.log.warning("publish failed; retrying", error=repr(exc)[:200], delay=delay)
+
+        async for retry in backoff(
+            initial=self.retry_initial,
+            maximum=self.retry_max,
+            attempts=attempts,
+            retry_if=lambda exc: isinstance(exc, Exception),
+            on_retry=note,
+        ):
+            with retry:
                 await self.transport.publish_update(self.model, self.client, raw)
-                self.sent += 1
-                return
-            except Exception as exc:  # any broker failure: back off and try again
-                tries += 1
-                if attempts is not None and tries >= attempts:
-                    raise
-                self.log.warning("publish failed; retrying", error=repr(exc)[:200], delay=delay)
-                await asyncio.sleep(delay)
-                delay = min(self.retry_max, delay * 2)
+        self.sent += 1
 
     async def flush(self, attempts: int | None = 1) -> int:
         """Send what the spool holds, oldest first; stop at the first failure (kept)."""

@@ -47,6 +47,7 @@ from paho.mqtt.properties import Properties
 
 from fedbus.transport import topics
 from fedbus.transport.base import Message, Transport, TransportError
+from fedbus.transport.retry import backoff
 
 __all__ = ["MqttConfig", "MqttTransport", "status_record"]
 
@@ -247,27 +248,39 @@ class MqttTransport(Transport):
     async def _with_backoff(
         self, attempt: Callable[[], Awaitable[None]], what: str, limit: float | None
     ) -> None:
-        """Retry ``attempt`` (an async callable) with bounded exponential backoff."""
-        delay = self.config.reconnect_initial_delay
-        deadline = None if limit is None else time.monotonic() + limit
-        while True:
-            try:
-                await attempt()
-                return
-            except MqttConnectError as exc:
-                # A refused CONNECT (bad credentials, identifier not allowed) will not heal.
-                raise TransportError(f"{what}: MQTT broker refused the connection: {exc}") from exc
-            except (aiomqtt.MqttError, OSError) as exc:
-                if self._closing:
-                    raise TransportError(f"{what}: transport closed") from exc
-                if deadline is not None and time.monotonic() + delay > deadline:
-                    raise TransportError(
-                        f"{what}: MQTT broker {self.config.hostname}:{self.config.port} "
-                        f"unreachable for {limit} s: {exc}"
-                    ) from exc
-                log.warning("mqtt %s failed (%s); retrying in %.2f s", what, exc, delay)
-                await asyncio.sleep(delay)  # backoff, not synchronisation
-                delay = min(delay * 2, self.config.reconnect_max_delay)
+        """Retry ``attempt`` (an async callable) with bounded exponential backoff. A refused
+        CONNECT (bad credentials, an identifier not allowed) will not heal and is not
+        retried; nor is anything once the transport is closing."""
+
+        def transient(exc: BaseException) -> bool:
+            return (
+                isinstance(exc, aiomqtt.MqttError | OSError)
+                and not isinstance(exc, MqttConnectError)
+                and not self._closing
+            )
+
+        def note(exc: BaseException, delay: float) -> None:
+            log.warning("mqtt %s failed (%s); retrying in %.2f s", what, exc, delay)
+
+        try:
+            async for retry in backoff(
+                initial=self.config.reconnect_initial_delay,
+                maximum=self.config.reconnect_max_delay,
+                give_up_after=limit,
+                retry_if=transient,
+                on_retry=note,
+            ):
+                with retry:
+                    await attempt()
+        except MqttConnectError as exc:
+            raise TransportError(f"{what}: MQTT broker refused the connection: {exc}") from exc
+        except (aiomqtt.MqttError, OSError) as exc:
+            if self._closing:
+                raise TransportError(f"{what}: transport closed") from exc
+            raise TransportError(
+                f"{what}: MQTT broker {self.config.hostname}:{self.config.port} "
+                f"unreachable for {limit} s: {exc}"
+            ) from exc
 
     async def _reconnect(self, failed_generation: int) -> None:
         async with self._reconnect_lock:
