@@ -8,16 +8,20 @@ devices would become a million time series.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import threading
+from collections.abc import Iterable
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import (
-    CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
     generate_latest,
+    make_wsgi_app,
 )
+from prometheus_client.exposition import ThreadingWSGIServer
 
 STALENESS_BUCKETS = (0, 1, 2, 3, 5, 8, 13, 21, 34, 55, 89)
 DURATION_BUCKETS = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
@@ -86,51 +90,56 @@ class Metrics:
 
 
 class HealthServer:
-    """A tiny HTTP/1.0 responder on the event loop: no web framework for three paths."""
+    """``/metrics``, ``/livez`` and ``/readyz``: prometheus-client's WSGI exposition behind
+    the standard library's threading WSGI server, on a thread of its own so a scrape never
+    waits for the event loop (nor the loop for a slow scraper)."""
 
     def __init__(self, metrics: Metrics, host: str, port: int) -> None:
         self.metrics = metrics
         self.host, self.port = host, port
         self.live = True
         self.ready = False
-        self._server: asyncio.AbstractServer | None = None
+        self._server: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def _app(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "/")
+        if path == "/metrics":
+            return self._metrics(environ, start_response)  # type: ignore[no-any-return]
+        if path == "/livez":
+            ok, body = self.live, b"ok\n"
+        elif path == "/readyz":
+            ok = self.live and self.ready
+            body = b"ready\n" if ok else b"starting\n"
+        else:
+            start_response("404 Not Found", [("Content-Type", "text/plain")])
+            return [b"not found\n"]
+        start_response("200 OK" if ok else "503 Service Unavailable",
+                       [("Content-Type", "text/plain")])  # fmt: skip
+        return [body]
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, self.host, self.port)
-        self.port = self._server.sockets[0].getsockname()[1]
+        """Bind now (a port in use raises ``OSError`` here, at start-up), then serve."""
+        self._metrics = make_wsgi_app(self.metrics.registry)
+        self._server = make_server(
+            self.host, self.port, self._app, ThreadingWSGIServer, handler_class=_QuietHandler
+        )
+        self.port = self._server.server_port
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="fedbus-health", daemon=True
+        )
+        self._thread.start()
 
     async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            with contextlib.suppress(Exception):
-                await self._server.wait_closed()
+        server, self._server = self._server, None
+        if server is not None:
+            await asyncio.to_thread(server.shutdown)
+            server.server_close()
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            line = await asyncio.wait_for(reader.readline(), timeout=5)
-            parts = line.decode("latin-1").split()
-            path = parts[1] if len(parts) >= 2 else "/"
-            if path == "/metrics":
-                status, ctype, body = 200, CONTENT_TYPE_LATEST, self.metrics.render()
-            elif path == "/livez":
-                status, ctype, body = (200 if self.live else 503), "text/plain", b"ok\n"
-            elif path == "/readyz":
-                ok = self.live and self.ready
-                status, ctype, body = (
-                    (200 if ok else 503),
-                    "text/plain",
-                    b"ready\n" if ok else b"starting\n",
-                )
-            else:
-                status, ctype, body = 404, "text/plain", b"not found\n"
-            reason = {200: "OK", 404: "Not Found", 503: "Service Unavailable"}[status]
-            head = (
-                f"HTTP/1.0 {status} {reason}\r\nContent-Type: {ctype}\r\n"
-                f"Content-Length: {len(body)}\r\n\r\n"
-            )
-            writer.write(head.encode() + body)
-            await writer.drain()
-        except (TimeoutError, ConnectionError):
-            pass
-        finally:
-            writer.close()
+
+class _QuietHandler(WSGIRequestHandler):
+    """No access log on stderr: a scrape every 15 s is not news, and the worker's log is
+    JSON lines only."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        return None
