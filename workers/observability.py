@@ -18,7 +18,6 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
-    generate_latest,
     make_wsgi_app,
 )
 from prometheus_client.exposition import ThreadingWSGIServer
@@ -84,9 +83,6 @@ class Metrics:
         self.published = Counter(
             "fedbus_models_published", "Model versions published.", ["model"], registry=r
         )
-
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
 
 
 class HealthServer:
