@@ -195,6 +195,11 @@ class WriteAheadLog:
             f.write(chunk)
         return f
 
+    def flush(self) -> None:
+        """Hand what was written to the operating system (no fsync: not durable)."""
+        if self._file is not None:
+            self._file.flush()
+
     def read(self, seq: int) -> Scan:
         return scan(self.path(seq).read_bytes())
 
