@@ -59,6 +59,9 @@ STREAM_BYTES = 256 * 1024
 # messages per client, so on MQTT the broker bounds this first at the default ack_every.
 MAX_IN_FLIGHT = 8
 
+# How long the ``commit-in-flight`` crash point holds a commit before the worker dies.
+IN_FLIGHT_S = 0.1
+
 
 @dataclass
 class _Commit:
@@ -330,6 +333,9 @@ class Committer:
     # -- crash points (on the log's thread) -----------------------------------------------
     def _die_flushed(self, point: str, context: dict[str, Any]) -> None:
         self.wal.flush()
+        # A slow disk: the loop carries on while the commit is in flight, as it does live
+        # (it would send anything it wrongly sent before a commit is durable).
+        time.sleep(IN_FLIGHT_S)
         self.crash.fire(point, **context)
 
     def _die_torn(self, segment: int, records: wal.Chunks, messages: int) -> None:
