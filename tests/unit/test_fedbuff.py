@@ -309,6 +309,22 @@ def _int8_updates(count: int, n: int = 3000) -> list[Update]:
     ]
 
 
+def test_batched_int8_folds_equal_dense_folds() -> None:
+    """Staged int8 rows folded in batches give the model that folding each decoded update
+    densely gives (to float rounding)."""
+    rng = np.random.default_rng(5)
+    spec = CodecSpec("int8")
+    n = 3000
+    fused = FedBuff(np.zeros(n), buffer_size=20, staleness=Polynomial(0.5), clip_norm=3.0)
+    dense = FedBuff(np.zeros(n), buffer_size=20, staleness=Polynomial(0.5), clip_norm=3.0)
+    for i in range(20):
+        d = decode(encode(rng.standard_normal(n) * 0.1, spec, rng), spec, n)
+        fused.submit(Update(f"c{i}", f"u{i}", 0, 1, d))
+        dense.submit(Update(f"c{i}", f"u{i}", 0, 1, DenseDelta(d.to_dense())))
+    assert fused.version == dense.version == 1
+    np.testing.assert_allclose(fused.model, dense.model, rtol=0, atol=1e-7)
+
+
 def test_state_dict_has_no_side_effect_on_int8_batches() -> None:
     """Looking at the state after every update (a snapshot at any moment) leaves every bit
     of the result as it was: staged int8 rows are saved, not folded early."""
