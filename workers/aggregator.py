@@ -84,6 +84,7 @@ class AggregatorWorker:
         self._announced = -1  # newest version that has its event
         self._buffer_since: tuple[int, float] | None = None  # (version, when) buffer non-empty
         self.replayed = 0  # log records replayed at start-up: for tests
+        self.committed_version = -1  # newest version whose commit is durable
         m, t = self.model, settings.transport
         self._m_received = self.metrics.received.labels(m, t)
         self._m_bytes = self.metrics.bytes_received.labels(m)
@@ -147,7 +148,7 @@ class AggregatorWorker:
             crash=self.crash,
             log=self.log,
             state=self._state,
-            on_durable=self.metrics.version.labels(self.model).set,
+            on_durable=self._durable,
             on_announced=lambda v: self.book.events_sent(v),
         )
         segment = max([restored.segment, *self.wal.segments()])
@@ -168,7 +169,7 @@ class AggregatorWorker:
         if owed:
             self.book.events_sent(owed[-1]["data"]["version"])
         version = self.strategy.version
-        self.metrics.version.labels(self.model).set(version)
+        self._durable(version)  # the start-up snapshot holds it
         if self.publisher.confirmed < version:
             self.publisher.taken(version, time.monotonic())
             weights = self.strategy.model.astype(np.float32)
@@ -330,6 +331,11 @@ class AggregatorWorker:
         self.log.info("buffer timeout: partial buffer applied", updates=pending)
         self._versions_made()
         await self._commit(publish=True)
+
+    def _durable(self, version: int) -> None:
+        self.committed_version = version
+        self.metrics.version.labels(self.model).set(version)
+        self.progress.set()
 
     def _published(self, version: int) -> None:
         self.metrics.published.labels(self.model).inc()
