@@ -167,7 +167,7 @@ class ModelPublisher:
                 model=self.model,
                 version=w.version,
                 layout=self.layout.to_wire(),
-                codec=self.codec.to_wire(),
+                codec={**self.codec.to_wire()},
                 payload=encode(w.weights, self.codec),
                 created_at=time.time(),
                 updates_folded=w.updates_folded,
