@@ -202,7 +202,7 @@ class AggregatorWorker:
         self._m_received.inc()
         self._m_bytes.inc(len(msg.payload))
         self.book.tally.bytes += len(msg.payload)
-        source = Source(self.settings.transport, msg.topic, msg.key)
+        source = Source(self.settings.transport, msg.topic, msg.key, msg.principal)
         if self.layout.n_params >= OFFLOAD_PARAMS:
             verdict = await asyncio.to_thread(self._judge, msg.payload, source)
         else:

@@ -21,7 +21,9 @@ at a time). A commit appends one commit record with the worker's bookkeeping
 record count. Every ``snapshot_interval_s`` (or ``snapshot_log_bytes`` of log) a commit
 also takes a full snapshot (``state_dict()``: model, buffer, staged folds, optimizer, dedup
 window) that starts a new log segment; it is written in the background, since the log
-already holds everything, and once it is durable the older segments are deleted.
+already holds everything, and once it is durable the older segments are deleted. A crash
+before that leaves the older snapshot and both segments, which replay in turn
+(:mod:`.recovery`).
 
 **The order of what leaves.** A commit is taken synchronously by the loop (its records are
 queued to the log's thread, and everything it needs later is detached from the live
