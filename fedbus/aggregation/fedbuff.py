@@ -208,14 +208,17 @@ class FedBuff:
         repeat = update.client_id in self._clients
         if repeat and len(self._deferred) >= self.max_deferred:
             return Outcome(False, Reason.CLIENT_BUSY, staleness=tau)
-        self.seen.add((update.client_id, update.update_id))
+        # The dedup window takes the update only once it is held: an allocation that fails
+        # leaves no trace of it (ingest then refuses it as internal_error).
         if repeat:
             weighted = update.delta.to_dense()
             weighted *= factor
+            self.seen.add((update.client_id, update.update_id))
             self._deferred.append(_Deferred(update.client_id, update.update_id, tau, w, weighted))
             return Outcome(True, staleness=tau, weight=factor, deferred=True)
         before = self.version
         self._fold(update.client_id, w, update.delta, factor)
+        self.seen.add((update.client_id, update.update_id))
         self._flush_while_full()
         new = self.version if self.version != before else None
         return Outcome(True, staleness=tau, weight=factor, new_version=new)
