@@ -1,6 +1,6 @@
 """Broker fixtures: real Mosquitto and Tansu processes on free loopback ports.
 
-Brokers are started once per session from ``fedbus.transport.brokers`` and stopped by
+Brokers are started once per session from ``fedbus.testing.brokers`` and stopped by
 their PID. Tests isolate themselves by model id (every topic name contains it), not by
 broker. A missing Mosquitto skips the MQTT tests on a developer machine but fails them in
 CI (``CI`` set), where a skip would hide a broken pipeline.
@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, settings
 
-from fedbus.transport.brokers import (
+from fedbus.testing.brokers import (
     BrokerError,
     MosquittoBroker,
     TansuBroker,

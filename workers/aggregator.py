@@ -34,11 +34,12 @@ from fedbus import log as fedlog
 from fedbus.ingest import Ingest, Refusal, Source, Verdict, judge
 from fedbus.store import wal
 from fedbus.store.checkpoint import CheckpointStore
+from fedbus.store.keys import load_public_keys
 from fedbus.transport.base import Message, Transport
 from fedbus.wire import envelope as env
 from fedbus.wire.codecs import CodecSpec
 from fedbus.wire.layout import Layout
-from fedbus.wire.signing import Verifier, load_public_keys
+from fedbus.wire.signing import Verifier
 from workers import events, recovery
 from workers.book import Book, Tally
 from workers.committer import Committer

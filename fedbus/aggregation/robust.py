@@ -22,11 +22,13 @@ def robust_mean(
     if rows.ndim != 2 or rows.shape[0] == 0:
         raise ValueError("need an (m, n) array with m >= 1")
     if mode == "median":
-        return np.median(rows, axis=0)
+        median: np.ndarray = np.median(rows, axis=0)
+        return median
     if mode != "trimmed_mean":
         raise ValueError(f"unknown robust mode {mode!r}")
     if not 0.0 <= beta < 0.5:
         raise ValueError("trimmed mean needs 0 <= beta < 0.5")
     m = rows.shape[0]
     cut = math.floor(beta * m)
-    return np.sort(rows, axis=0)[cut : m - cut].mean(axis=0)
+    trimmed: np.ndarray = np.sort(rows, axis=0)[cut : m - cut].mean(axis=0)
+    return trimmed

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from fedbus.kernels import fold
+from fedbus.kernels.jit import fold
 from fedbus.wire.codecs import CodecSpec, decode, encode
 
 CODECS = ("int8", "int4", "fp16", "fp32", "topk")

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+
+from fedbus.store.files import atomic_write
 
 _NAME = re.compile(r"^(\d{20})-(\d{6})\.update$")
 
@@ -42,17 +43,7 @@ class Spool:
         """Persist one envelope; evicts the oldest ones beyond ``max_items``."""
         self._seq = (self._seq + 1) % 1_000_000
         name = f"{time.time_ns():020d}-{self._seq:06d}.update"
-        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(raw)
-                f.flush()
-                os.fsync(f.fileno())
-            target = self.directory / name
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        target = atomic_write(self.directory / name, raw)
         files = self._files()
         for old in files[: max(0, len(files) - self.max_items)]:
             old.unlink(missing_ok=True)

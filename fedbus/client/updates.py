@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fedbus.aggregation.clipping import clip
 from fedbus.wire import envelope as env
 from fedbus.wire.codecs import CodecSpec, ErrorFeedback, decode_dense, encode
 from fedbus.wire.ids import new_update_id, validate_id
@@ -40,14 +41,6 @@ def read_model(raw: bytes, max_bytes: int = env.DEFAULT_MAX_BYTES) -> GlobalMode
     layout = m.tensor_layout()
     weights = decode_dense(m.payload, CodecSpec.from_wire(m.codec), layout.n_params)
     return GlobalModel(m.model, m.version, layout, weights)
-
-
-def clip(delta: np.ndarray, clip_norm: float | None) -> np.ndarray:
-    """Scale ``delta`` to L2 norm at most ``clip_norm`` (the per-device sensitivity bound)."""
-    if clip_norm is None:
-        return delta
-    norm = float(np.linalg.norm(delta))
-    return delta * min(1.0, clip_norm / (norm + 1e-10))
 
 
 class UpdateEncoder:

@@ -10,7 +10,7 @@ import numpy as np
 
 
 def warm() -> None:
-    from fedbus.kernels import fold, optim
+    from fedbus.kernels.jit import fold, optim
     from fedbus.wire.codecs import CodecSpec, decode, encode
 
     rng = np.random.default_rng(0)

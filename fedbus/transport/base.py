@@ -101,6 +101,11 @@ class Transport(abc.ABC):
         """Resume updates from checkpointed offsets (partition -> next offset). Kafka only:
         an MQTT position lives in the broker's session, so this is a no-op there."""
 
+    async def peers(self, model: str) -> list[str]:
+        """Other live worker processes consuming ``model``'s updates, described for a person
+        (empty when this transport cannot tell). A worker refuses to start beside one."""
+        return []
+
     async def committed_offsets(self) -> dict[int, int]:
         """Offsets committed to the broker for the subscribed updates (Kafka only)."""
         return {}

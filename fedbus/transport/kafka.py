@@ -43,6 +43,7 @@ from aiokafka.structs import ConsumerRecord
 
 from fedbus.transport import topics
 from fedbus.transport.base import Message, Transport, TransportError
+from fedbus.wire.ids import validate_id
 
 __all__ = ["KafkaConfig", "KafkaTransport"]
 
@@ -76,6 +77,10 @@ class KafkaConfig:
     session_timeout_ms: int = 10000
     heartbeat_interval_ms: int = 3000
     request_timeout_ms: int = 40000
+    # How long a fetch waits for data when there is none. aiokafka's 500 ms default is what an
+    # update or a model waits at low rates when the broker answers only at the deadline
+    # (Tansu does); under load fetches return full and this never applies.
+    fetch_max_wait_ms: int = 10
 
 
 class _SeekOnAssign(ConsumerRebalanceListener):
@@ -134,6 +139,7 @@ class KafkaTransport(Transport):
             auto_offset_reset="earliest",
             max_partition_fetch_bytes=self.config.max_message_bytes,
             fetch_max_bytes=self.config.max_message_bytes,
+            fetch_max_wait_ms=self.config.fetch_max_wait_ms,
             **self._common(),
         )
 
@@ -221,6 +227,28 @@ class KafkaTransport(Transport):
                     raise TransportError(f"cannot create topic {name}: error {code} {message}")
             self._ensured.add(model)
 
+    async def peers(self, model: str) -> list[str]:
+        """Members of the model's consumer group that another worker id started.
+
+        Member ids begin with the client id, ``<worker id>-<role>-<instance>``. A member
+        with this worker's own id and role is its previous incarnation (killed, its session
+        not yet expired: the broker evicts it when this one joins), not a peer; so on Kafka
+        two workers must have distinct ``worker_id``s to be told apart."""
+        group = self.config.group_id or f"fedbus-reducers-{model}"
+        if self._admin is None:
+            admin = AIOKafkaAdminClient(**self._common())
+            await admin.start()
+            self._admin = admin
+        client = self.config.client_id or ""
+        own = client.rsplit("-", 1)[0] + "-" if client.count("-") >= 2 else "\0"
+        others = []
+        for response in await self._admin.describe_consumer_groups([group]):
+            for described in response.groups:
+                for member in described[5]:  # (member_id, client_id, host, metadata, ...)
+                    if not str(member[0]).startswith(own):
+                        others.append(f"consumer {member[0]} in group {group}")
+        return others
+
     async def _partitions(self, topic: str) -> list[int]:
         parts = await self._require_producer().partitions_for(topic)
         return sorted(parts)
@@ -241,6 +269,7 @@ class KafkaTransport(Transport):
             auto_offset_reset="earliest",
             max_partition_fetch_bytes=c.max_message_bytes,
             fetch_max_bytes=c.max_message_bytes,
+            fetch_max_wait_ms=c.fetch_max_wait_ms,
             session_timeout_ms=c.session_timeout_ms,
             heartbeat_interval_ms=c.heartbeat_interval_ms,
             **self._common(),
@@ -354,7 +383,7 @@ class KafkaTransport(Transport):
 
     async def publish_update(self, model: str, client: str, payload: bytes) -> None:
         await self.ensure_topics(model)
-        key = topics.validate_id(client, "client").encode()
+        key = validate_id(client, "client").encode()
         await self._send(topics.kafka_updates(model), payload, key)
 
     # -- models ---------------------------------------------------------------------------

@@ -52,6 +52,7 @@ __all__ = ["MqttConfig", "MqttTransport", "status_record"]
 
 log = logging.getLogger("fedbus.transport.mqtt")
 
+PENDING_CALLS_WARNING = 10_000
 VERSION_PROPERTY = "fedbus-version"
 """MQTT 5 user property on model messages, so a follower can skip a version it has."""
 
@@ -86,8 +87,12 @@ class MqttConfig:
     reconnect_timeout: float | None = 120.0
     # Client-side cap on our own outgoing QoS 1 messages in flight (paho's default is 20).
     max_inflight_messages: int | None = None
-    # Retained presence topic (topics.mqtt_status(model, client)); None: no presence.
+    # Retained presence topic (topics.mqtt_status(model, client), or
+    # topics.mqtt_worker_status(model, worker) for a worker); None: no presence.
     status_topic: str | None = None
+    # Names this process in its presence records, so a second process that uses the same
+    # client id (a copy-pasted config) is told apart from this one.
+    instance: str | None = None
 
     @property
     def is_v5(self) -> bool:
@@ -158,7 +163,7 @@ class MqttTransport(Transport):
         if presence and c.status_topic:
             kwargs["will"] = aiomqtt.Will(
                 c.status_topic,
-                status_record("offline", _status_client(c.status_topic)),
+                status_record("offline", _status_client(c.status_topic), c.instance),
                 qos=1,
                 retain=True,
             )
@@ -186,6 +191,9 @@ class MqttTransport(Transport):
             logger=log,
             **kwargs,  # type: ignore[arg-type]
         )
+        # aiomqtt warns on every publish once more than 10 wait for their PUBACK; a fleet
+        # simulator or a device flushing its spool has hundreds in flight by design.
+        client.pending_calls_threshold = PENDING_CALLS_WARNING
         return client
 
     async def _open(self, client: aiomqtt.Client) -> None:
@@ -212,7 +220,9 @@ class MqttTransport(Transport):
             for topic, qos in self._subscriptions.items():
                 await self._subscribe(client, topic, qos)
             if self.config.status_topic:
-                online = status_record("online", _status_client(self.config.status_topic))
+                online = status_record(
+                    "online", _status_client(self.config.status_topic), self.config.instance
+                )
                 await client.publish(
                     self.config.status_topic,
                     online,
@@ -299,7 +309,9 @@ class MqttTransport(Transport):
                 # A clean DISCONNECT discards the Last Will, so say it ourselves; best effort:
                 # if the broker is gone, the will it holds says the same.
                 with contextlib.suppress(Exception):
-                    offline = status_record("offline", _status_client(self.config.status_topic))
+                    offline = status_record(
+                        "offline", _status_client(self.config.status_topic), self.config.instance
+                    )
                     await asyncio.wait_for(
                         client.publish(self.config.status_topic, offline, qos=1, retain=True),
                         self.config.connect_attempt_timeout,
@@ -414,10 +426,37 @@ class MqttTransport(Transport):
         # handed to every reducer and folded twice.
         await self._publish(topics.mqtt_update(model, client), payload)
 
+    async def peers(self, model: str, settle: float = 0.5) -> list[str]:
+        """Other live worker processes on ``model``: their retained presence records under
+        ``fedbus/v1/<model>/workers/+`` that say ``online`` from another instance. Read over
+        a clean connection of its own, before this transport takes its persistent session
+        (which a second worker with the same client id would otherwise take over). Retained
+        messages arrive right after the subscription; ``settle`` waits for them."""
+        found: list[str] = []
+        async with self._reader(topics.mqtt_worker_status_filter(model)) as client:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(settle):
+                    async for m in client.messages:
+                        try:
+                            record = json.loads(bytes(m.payload))  # type: ignore[arg-type]
+                        except (ValueError, TypeError):
+                            continue
+                        if (
+                            isinstance(record, dict)
+                            and record.get("status") == "online"
+                            and record.get("instance") != self.config.instance
+                        ):
+                            since = time.strftime("%H:%M:%S", time.localtime(record.get("at", 0)))
+                            found.append(
+                                f"worker {record.get('client')!r} ({record.get('instance')}, "
+                                f"online since {since})"
+                            )
+        return found
+
     # -- models ---------------------------------------------------------------------------
     @contextlib.asynccontextmanager
-    async def _reader(self, model: str) -> AsyncIterator[aiomqtt.Client]:
-        """A clean, non-persistent connection subscribed to the model topic (auto-ack)."""
+    async def _reader(self, topic: str) -> AsyncIterator[aiomqtt.Client]:
+        """A clean, non-persistent connection subscribed to ``topic`` (auto-ack)."""
         identifier = f"{self.identifier[:40]}-m-{uuid.uuid4().hex[:8]}"
         opened: list[aiomqtt.Client] = []
 
@@ -429,7 +468,7 @@ class MqttTransport(Transport):
         await self._with_backoff(connect, "connect (model reader)", self.config.connect_timeout)
         client = opened[0]
         try:
-            await self._subscribe(client, topics.mqtt_model(model), 1)
+            await self._subscribe(client, topic, 1)
             yield client
         finally:
             await _force_close(client, graceful=True)
@@ -437,7 +476,7 @@ class MqttTransport(Transport):
     async def latest_model(self, model: str, timeout: float = 5.0) -> bytes | None:
         """The retained model; ``None`` after ``timeout`` if nothing is retained (MQTT has no
         "nothing retained" answer). A model published during the wait is returned too."""
-        async with self._reader(model) as client:
+        async with self._reader(topics.mqtt_model(model)) as client:
             try:
                 async with asyncio.timeout(timeout):
                     async for m in client.messages:
@@ -450,7 +489,7 @@ class MqttTransport(Transport):
     async def follow_models(self, model: str) -> AsyncIterator[bytes]:
         while not self._closing:
             try:
-                async with self._reader(model) as client:
+                async with self._reader(topics.mqtt_model(model)) as client:
                     async for m in client.messages:
                         if m.payload:
                             yield bytes(m.payload)  # type: ignore[arg-type]
@@ -476,12 +515,15 @@ def _status_client(status_topic: str) -> str:
     return status_topic.rsplit("/", 1)[-1]
 
 
-def status_record(status: Literal["online", "offline"], client: str) -> bytes:
+def status_record(
+    status: Literal["online", "offline"], client: str, instance: str | None = None
+) -> bytes:
     """The presence payload: small JSON, so dashboards and rule engines read it as is. The
     time is when the record was made: for a Last Will, the time of the connect it guards."""
-    return json.dumps(
-        {"status": status, "client": client, "at": round(time.time(), 3)}, separators=(",", ":")
-    ).encode()
+    record: dict[str, object] = {"status": status, "client": client, "at": round(time.time(), 3)}
+    if instance is not None:
+        record["instance"] = instance
+    return json.dumps(record, separators=(",", ":")).encode()
 
 
 async def _unless_disconnected(client: aiomqtt.Client, operation: Awaitable[None]) -> None:

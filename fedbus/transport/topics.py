@@ -9,23 +9,31 @@ they can never contain a level separator or a wildcard.
 
 from __future__ import annotations
 
-from fedbus.wire.ids import is_valid_id
+from fedbus.wire.ids import is_valid_id, validate_id
 
 __all__ = [
     "MQTT_PREFIX",
+    "SECURE_CHANNELS",
     "client_from_update_topic",
     "kafka_deadletter",
     "kafka_events",
+    "kafka_keys",
     "kafka_models",
+    "kafka_secure",
+    "kafka_secure_topics",
     "kafka_topics",
     "kafka_updates",
     "mqtt_deadletter",
     "mqtt_events",
+    "mqtt_keys",
     "mqtt_model",
+    "mqtt_secure",
     "mqtt_shared_updates",
     "mqtt_status",
     "mqtt_update",
     "mqtt_updates_filter",
+    "mqtt_worker_status",
+    "mqtt_worker_status_filter",
     "parse_update_topic",
     "split_update_topic",
     "validate_id",
@@ -33,15 +41,11 @@ __all__ = [
 
 MQTT_PREFIX = "fedbus/v1"
 KAFKA_PREFIX = "fedbus"
-
-
-def validate_id(value: str, what: str = "id") -> str:
-    """Return ``value`` if it may appear in a topic; raise ``ValueError`` otherwise."""
-    if not is_valid_id(value):
-        raise ValueError(
-            f"{what} {value!r} is not 1-64 chars of [a-z0-9-] without a leading/trailing '-'"
-        )
-    return value
+SECURE_CHANNELS = ("receipts", "manifests", "sums")
+"""Secure aggregation between the two aggregators: helper -> leader receipts and share-sums,
+leader -> helper manifests. One channel per message type, so a broker ACL can give each
+aggregator write access to exactly its own."""
+_ROLES = ("leader", "helper")
 
 
 # -- MQTT ------------------------------------------------------------------------------
@@ -77,6 +81,36 @@ def mqtt_deadletter(model: str) -> str:
 
 def mqtt_status(model: str, client: str) -> str:
     return f"{MQTT_PREFIX}/{validate_id(model, 'model')}/status/{validate_id(client, 'client')}"
+
+
+def mqtt_worker_status(model: str, worker: str) -> str:
+    """A worker's retained presence (online, or offline as its Last Will)."""
+    return f"{MQTT_PREFIX}/{validate_id(model, 'model')}/workers/{validate_id(worker, 'worker')}"
+
+
+def mqtt_worker_status_filter(model: str) -> str:
+    return f"{MQTT_PREFIX}/{validate_id(model, 'model')}/workers/+"
+
+
+def mqtt_keys(model: str, role: str) -> str:
+    """Retained: one aggregator's current public key for devices (secure aggregation)."""
+    return f"{MQTT_PREFIX}/{validate_id(model, 'model')}/keys/{_role(role)}"
+
+
+def mqtt_secure(model: str, channel: str) -> str:
+    return f"{MQTT_PREFIX}/{validate_id(model, 'model')}/secure/{_secure_channel(channel)}"
+
+
+def _role(role: str) -> str:
+    if role not in _ROLES:
+        raise ValueError(f"role must be one of {_ROLES}, not {role!r}")
+    return role
+
+
+def _secure_channel(channel: str) -> str:
+    if channel not in SECURE_CHANNELS:
+        raise ValueError(f"secure channel must be one of {SECURE_CHANNELS}, not {channel!r}")
+    return channel
 
 
 def parse_update_topic(topic: str) -> tuple[str, str] | None:
@@ -129,6 +163,20 @@ def kafka_events(model: str) -> str:
 
 def kafka_deadletter(model: str) -> str:
     return f"{KAFKA_PREFIX}.{validate_id(model, 'model')}.deadletter"
+
+
+def kafka_keys(model: str) -> str:
+    """Keyed by role (``leader`` / ``helper``) and compacted: each aggregator's latest key."""
+    return f"{KAFKA_PREFIX}.{validate_id(model, 'model')}.keys"
+
+
+def kafka_secure(model: str, channel: str) -> str:
+    return f"{KAFKA_PREFIX}.{validate_id(model, 'model')}.secure.{_secure_channel(channel)}"
+
+
+def kafka_secure_topics(model: str) -> dict[str, str]:
+    """The extra Kafka topics of a model in secure-aggregation mode, by role."""
+    return {"keys": kafka_keys(model)} | {c: kafka_secure(model, c) for c in SECURE_CHANNELS}
 
 
 def kafka_topics(model: str) -> dict[str, str]:

@@ -28,10 +28,9 @@ import io
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
-import zstandard
 
 from fedbus.kernels import blockwise, fold
 from fedbus.wire.errors import Reason, WireError
@@ -276,7 +275,7 @@ def encode(delta: np.ndarray, spec: CodecSpec, rng: np.random.Generator | None =
         raise ValueError("delta has NaN or infinite values: refusing to send it")
     raw = _encode_raw(v, spec, rng)
     if spec.zstd:
-        raw = zstandard.ZstdCompressor(level=3).compress(raw)
+        raw = _zstd().ZstdCompressor(level=3).compress(raw)
     return raw
 
 
@@ -320,13 +319,37 @@ def _encode_raw(v: np.ndarray, spec: CodecSpec, rng: np.random.Generator | None)
 # -- decode (server side) ----------------------------------------------------------------
 
 
+def _zstd() -> Any:
+    """zstandard, imported on first use: the zstd stage is optional on devices (the
+    ``zstd`` extra), and the worker extra always installs it."""
+    try:
+        import zstandard
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise WireError(
+            Reason.UNKNOWN_CODEC, "the zstd stage needs zstandard: pip install 'fedbus[zstd]'"
+        ) from exc
+    return zstandard
+
+
+def _window_limit(bound: int) -> int:
+    """The largest zstd window a frame for ``bound`` output bytes may ask for: a frame never
+    needs a window larger than its content, so a header asking for more is refused before the
+    decoder allocates it (zstd's own ceiling is 2 GiB)."""
+    return max(1 << 10, 1 << max(0, bound - 1).bit_length())
+
+
 def _unzstd(payload: bytes, bound: int) -> bytes:
-    """Decompress at most ``bound`` bytes: the frame header's own size claim is not trusted."""
-    with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(payload)) as reader:
+    """Decompress at most ``bound`` bytes: the frame header's own size claim is not trusted,
+    and neither is its window size."""
+    z = _zstd()
+    decompressor = z.ZstdDecompressor(max_window_size=_window_limit(bound))
+    with decompressor.stream_reader(io.BytesIO(payload)) as reader:
         try:
             out = reader.read(bound + 1)
-        except zstandard.ZstdError as exc:
-            raise WireError(Reason.MALFORMED, f"zstd stage: {exc}") from exc
+        except z.ZstdError as exc:
+            # "Frame requires too much memory": a window past the limit, i.e. a bomb's header
+            reason = Reason.DECOMPRESSION_BOMB if "memory" in str(exc) else Reason.MALFORMED
+            raise WireError(reason, f"zstd stage: {exc}") from exc
     if len(out) > bound:
         raise WireError(Reason.DECOMPRESSION_BOMB, f"zstd stage expands past {bound} bytes")
     return out

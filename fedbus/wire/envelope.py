@@ -1,4 +1,4 @@
-"""Msgpack envelopes: the four message types fedbus puts on a broker.
+"""Msgpack envelopes: the message types fedbus puts on a broker.
 
 Every message is one msgpack map with ``schema`` (int), ``type`` (str) and ``model`` (id);
 the rest depends on the type (``schemas/*.schema.json`` is the authoritative definition and
@@ -39,6 +39,8 @@ MAX_ORIGINAL_BYTES = 64 << 10
 """How much of a rejected message a dead-letter record keeps by default (64 KiB)."""
 MAX_DETAIL_CHARS = 1000
 SIGNING_DOMAIN = b"fedbus-update-v1\0"
+SHARE_DOMAIN = b"fedbus-secure-share-v1\0"
+"""Prefix of the HPKE ``info`` that binds a sealed share to its update (secure aggregation)."""
 
 # Limits for everything but bin payloads: headers are small, and a hostile message must not
 # make msgpack allocate a billion-entry list before any field is looked at.
@@ -50,7 +52,14 @@ _MAX_JSON_DEPTH = 32
 _FINGERPRINT_RE = re.compile(r"[0-9a-f]{32}")
 _REASON_RE = re.compile(r"[a-z][a-z0-9_]{0,63}")
 
-MESSAGE_TYPES = ("update", "model", "event", "deadletter")
+MESSAGE_TYPES = (
+    "update", "model", "event", "deadletter",
+    "secure_update", "secure_key", "secure_receipt", "secure_manifest", "secure_sum",
+)  # fmt: skip
+SECURE_ROLES = ("leader", "helper")
+_MAX_FRAC_BITS = 30
+_KEY_BYTES = 32
+_DIGEST_BYTES = 32
 
 
 # -- field checks: each raises WireError(WRONG_TYPE) naming the field ------------------------
@@ -152,6 +161,50 @@ def _json(name: str, value: object, depth: int = 0) -> None:
             _json(f"{name}.{k}", v, depth + 1)
         return
     raise _wrong(name, "JSON-compatible (null, bool, number, string, list, map)", value)
+
+
+def _role(value: object) -> str:
+    if _str("role", value, 16) not in SECURE_ROLES:
+        raise WireError(Reason.WRONG_TYPE, f"role must be leader or helper, got {value!r}")
+    return str(value)
+
+
+def _sig(value: object) -> bytes:
+    sig = _bytes("sig", value)
+    if len(sig) > _MAX_SIG:
+        raise WireError(Reason.WRONG_TYPE, f"sig is longer than {_MAX_SIG} bytes")
+    return sig
+
+
+def _fixed_bytes(name: str, value: object, size: int) -> bytes:
+    out = _bytes(name, value)
+    if len(out) != size:
+        raise WireError(Reason.WRONG_TYPE, f"{name} must be {size} bytes, got {len(out)}")
+    return out
+
+
+def _quant(frac_bits: object, clip_norm: object) -> float:
+    """Fixed-point parameters of a secure share: 0 <= frac_bits <= 30, clip_norm > 0."""
+    if _int("frac_bits", frac_bits) > _MAX_FRAC_BITS:
+        raise WireError(Reason.WRONG_TYPE, f"frac_bits = {frac_bits} exceeds {_MAX_FRAC_BITS}")
+    norm = _float("clip_norm", clip_norm)
+    if norm <= 0:
+        raise WireError(Reason.WRONG_TYPE, "clip_norm must be positive")
+    return norm
+
+
+def _rows(name: str, value: object, width: int) -> list[list[Any]]:
+    """An array of fixed-width arrays (manifest and receipt entries); fields checked later."""
+    if not isinstance(value, list | tuple):
+        raise _wrong(name, "an array", value)
+    if len(value) > _MAX_ARRAY:
+        raise WireError(Reason.WRONG_TYPE, f"{name} has more than {_MAX_ARRAY} entries")
+    rows = []
+    for i, row in enumerate(value):
+        if not isinstance(row, list | tuple) or len(row) != width:
+            raise WireError(Reason.WRONG_TYPE, f"{name}[{i}] must be an array of {width}")
+        rows.append(list(row))
+    return rows
 
 
 def _common(env: _Envelope) -> None:
@@ -376,10 +429,255 @@ class DeadLetterEnvelope(_Envelope):
                 self._set(name, None)
 
 
-Envelope = UpdateEnvelope | ModelEnvelope | EventEnvelope | DeadLetterEnvelope
+# -- secure aggregation (fedbus.secure): device -> both aggregators, and between them -------
+
+
+@dataclass(frozen=True, kw_only=True)
+class SecureUpdateEnvelope(_Envelope):
+    """A device's update split into two additive shares, each sealed to one aggregator.
+
+    ``leader_share`` and ``helper_share`` are HPKE ciphertexts (RFC 9180: X25519,
+    HKDF-SHA256, ChaCha20-Poly1305) whose ``info`` is :meth:`share_context`: the whole public
+    header and the recipient's role, so a share moved into another update, another model or
+    another aggregator's slot fails to open. Each aggregator's key epoch is named separately
+    because the two aggregators rotate their keys independently. ``signature`` covers
+    :func:`signing_bytes` (hashes of both sealed shares included). Byte layouts in
+    ``schemas/README.md``.
+    """
+
+    type: ClassVar[str] = "secure_update"
+    _required: ClassVar[tuple[str, ...]] = (
+        "model", "client", "update_id", "base_version", "num_examples", "layout",
+        "leader_epoch", "helper_epoch", "frac_bits", "clip_norm", "leader_share", "helper_share",
+    )  # fmt: skip
+    _wire_names: ClassVar[dict[str, str]] = {"signature": "sig"}
+
+    client: str
+    update_id: str
+    base_version: int
+    num_examples: int
+    layout: str
+    leader_epoch: int
+    helper_epoch: int
+    frac_bits: int
+    clip_norm: float
+    leader_share: bytes = field(repr=False)
+    helper_share: bytes = field(repr=False)
+    signature: bytes | None = None
+    sent_at: float | None = None
+
+    def __post_init__(self) -> None:
+        _common(self)
+        validate_id(self.client, "client")
+        validate_id(self.update_id, "update_id")
+        _int("base_version", self.base_version)
+        _int("num_examples", self.num_examples)
+        if not isinstance(self.layout, str) or not _FINGERPRINT_RE.fullmatch(self.layout):
+            raise WireError(Reason.WRONG_TYPE, "layout must be a fingerprint of 32 hex chars")
+        _int("leader_epoch", self.leader_epoch)
+        _int("helper_epoch", self.helper_epoch)
+        self._set("clip_norm", _quant(self.frac_bits, self.clip_norm))
+        self._set("leader_share", _bytes("leader_share", self.leader_share))
+        self._set("helper_share", _bytes("helper_share", self.helper_share))
+        if self.signature is not None:
+            self._set("signature", _sig(self.signature))
+        self._set("sent_at", _opt_float("sent_at", self.sent_at))
+
+    def epoch(self, role: str) -> int:
+        return self.leader_epoch if role == "leader" else self.helper_epoch
+
+    def sealed_share(self, role: str) -> bytes:
+        return self.leader_share if role == "leader" else self.helper_share
+
+    def share_context(self, role: str) -> bytes:
+        """The HPKE ``info`` for ``role``'s share: :data:`SHARE_DOMAIN` then the msgpack array
+        ``[schema, model, role, client, update_id, base_version, num_examples, layout,
+        leader_epoch, helper_epoch, frac_bits, clip_norm]`` (clip_norm as float64)."""
+        body = [
+            self.schema, self.model, _role(role), self.client, self.update_id,
+            self.base_version, self.num_examples, self.layout, self.leader_epoch,
+            self.helper_epoch, self.frac_bits, float(self.clip_norm),
+        ]  # fmt: skip
+        packed: bytes = msgpack.packb(body, use_bin_type=True)
+        return SHARE_DOMAIN + packed
+
+    def _signed(self) -> list[Any]:
+        return [
+            self.schema, self.model, self.client, self.update_id, self.base_version,
+            self.num_examples, self.layout, self.leader_epoch, self.helper_epoch,
+            self.frac_bits, float(self.clip_norm), hashlib.sha256(self.leader_share).digest(),
+            hashlib.sha256(self.helper_share).digest(),
+        ]  # fmt: skip
+
+
+@dataclass(frozen=True, kw_only=True)
+class SecureKeyEnvelope(_Envelope):
+    """One aggregator's current public key for a model, for devices (retained / compacted).
+
+    Signed with the aggregator's Ed25519 identity key, which devices are provisioned with:
+    an unsigned key message would let whoever can write the channel (the other aggregator
+    or the broker) substitute its own key and open both shares of every update.
+    ``frac_bits`` and ``clip_norm`` are the fixed-point parameters the aggregator accepts;
+    a device uses them only if both aggregators publish the same values.
+    """
+
+    type: ClassVar[str] = "secure_key"
+    _required: ClassVar[tuple[str, ...]] = (
+        "model", "role", "epoch", "public_key", "frac_bits", "clip_norm", "created_at", "sig",
+    )  # fmt: skip
+    _wire_names: ClassVar[dict[str, str]] = {"signature": "sig"}
+
+    role: str
+    epoch: int
+    public_key: bytes
+    frac_bits: int
+    clip_norm: float
+    created_at: float
+    signature: bytes = b""
+
+    def __post_init__(self) -> None:
+        _common(self)
+        _role(self.role)
+        _int("epoch", self.epoch)
+        self._set("public_key", _fixed_bytes("public_key", self.public_key, _KEY_BYTES))
+        self._set("clip_norm", _quant(self.frac_bits, self.clip_norm))
+        self._set("created_at", _float("created_at", self.created_at))
+        self._set("signature", _sig(self.signature))
+
+    def _signed(self) -> list[Any]:
+        return [
+            self.schema, self.model, self.role, self.epoch, self.public_key, self.frac_bits,
+            float(self.clip_norm), self.created_at,
+        ]  # fmt: skip
+
+
+@dataclass(frozen=True, kw_only=True)
+class SecureReceiptEnvelope(_Envelope):
+    """The helper's verdicts on shares it received: ``entries`` of ``[client, update_id,
+    base_version, reason]``, reason nil when the helper holds the share.
+
+    The leader puts an update in a buffer only once the helper confirmed it, so a share that
+    reached only one aggregator never blocks a buffer, and the helper never has to refuse a
+    manifest for an honest reason.
+    """
+
+    type: ClassVar[str] = "secure_receipt"
+    _required: ClassVar[tuple[str, ...]] = ("model", "entries", "sig")
+    _wire_names: ClassVar[dict[str, str]] = {"signature": "sig"}
+
+    entries: list[list[Any]]
+    signature: bytes = b""
+
+    def __post_init__(self) -> None:
+        _common(self)
+        rows = _rows("entries", self.entries, 4)
+        for i, (client, update_id, base, reason) in enumerate(rows):
+            validate_id(client, f"entries[{i}] client")
+            validate_id(update_id, f"entries[{i}] update_id")
+            _int(f"entries[{i}] base_version", base)
+            if reason is not None and not (
+                isinstance(reason, str) and _REASON_RE.fullmatch(reason)
+            ):
+                raise WireError(Reason.WRONG_TYPE, f"entries[{i}] reason is not a reason code")
+        self._set("entries", rows)
+        self._set("signature", _sig(self.signature))
+
+    def _signed(self) -> list[Any]:
+        return [self.schema, self.model, self.entries]
+
+
+@dataclass(frozen=True, kw_only=True)
+class SecureManifestEnvelope(_Envelope):
+    """The leader's decision for one buffer: which updates it sums, with their integer
+    weights, applied at model ``version``. Metadata only: no share travels with it.
+
+    The helper folds exactly these updates, after checking what it can on its own (see
+    :class:`fedbus.secure.helper.Helper`); its answer names the manifest by
+    :func:`manifest_digest`.
+    """
+
+    type: ClassVar[str] = "secure_manifest"
+    _required: ClassVar[tuple[str, ...]] = ("model", "version", "entries", "sig")
+    _wire_names: ClassVar[dict[str, str]] = {"signature": "sig"}
+
+    version: int
+    entries: list[list[Any]]
+    signature: bytes = b""
+
+    def __post_init__(self) -> None:
+        _common(self)
+        _int("version", self.version)
+        rows = _rows("entries", self.entries, 3)
+        for i, (client, update_id, weight) in enumerate(rows):
+            validate_id(client, f"entries[{i}] client")
+            validate_id(update_id, f"entries[{i}] update_id")
+            if _int(f"entries[{i}] weight", weight) >= 1 << 32:
+                raise WireError(Reason.WRONG_TYPE, f"entries[{i}] weight exceeds 2^32 - 1")
+        self._set("entries", rows)
+        self._set("signature", _sig(self.signature))
+
+    def _signed(self) -> list[Any]:
+        return [self.schema, self.model, self.version, self.entries]
+
+
+@dataclass(frozen=True, kw_only=True)
+class SecureSumEnvelope(_Envelope):
+    """The helper's share-sum of one manifest's buffer: ``count`` updates, ``payload`` the
+    n uint32 little-endian residues. Uniformly distributed on its own; only added to the
+    leader's share-sum does it give the buffer's sum, never a single update."""
+
+    type: ClassVar[str] = "secure_sum"
+    _required: ClassVar[tuple[str, ...]] = (
+        "model", "version", "manifest", "count", "payload", "sig",
+    )  # fmt: skip
+    _wire_names: ClassVar[dict[str, str]] = {"signature": "sig"}
+
+    version: int
+    manifest: bytes
+    count: int
+    payload: bytes = field(repr=False)
+    signature: bytes = b""
+
+    def __post_init__(self) -> None:
+        _common(self)
+        _int("version", self.version)
+        self._set("manifest", _fixed_bytes("manifest", self.manifest, _DIGEST_BYTES))
+        _int("count", self.count)
+        payload = _bytes("payload", self.payload)
+        if len(payload) % 4:
+            raise WireError(
+                Reason.PAYLOAD_LENGTH, f"payload of {len(payload)} bytes is not uint32s"
+            )
+        self._set("payload", payload)
+        self._set("signature", _sig(self.signature))
+
+    def _signed(self) -> list[Any]:
+        return [
+            self.schema, self.model, self.version, self.manifest, self.count,
+            hashlib.sha256(self.payload).digest(),
+        ]  # fmt: skip
+
+
+SecureEnvelope = (
+    SecureUpdateEnvelope | SecureKeyEnvelope | SecureReceiptEnvelope | SecureManifestEnvelope
+    | SecureSumEnvelope
+)  # fmt: skip
+Envelope = UpdateEnvelope | ModelEnvelope | EventEnvelope | DeadLetterEnvelope | SecureEnvelope
+Signable = UpdateEnvelope | SecureEnvelope
 _CLASSES: dict[str, type[_Envelope]] = {
-    c.type: c for c in (UpdateEnvelope, ModelEnvelope, EventEnvelope, DeadLetterEnvelope)
-}
+    c.type: c
+    for c in (
+        UpdateEnvelope, ModelEnvelope, EventEnvelope, DeadLetterEnvelope, SecureUpdateEnvelope,
+        SecureKeyEnvelope, SecureReceiptEnvelope, SecureManifestEnvelope, SecureSumEnvelope,
+    )
+}  # fmt: skip
+_SIGNING_DOMAINS: dict[str, bytes] = {
+    c.type: f"fedbus-{c.type.replace('_', '-')}-v1".encode() + b"\0"
+    for c in (
+        SecureUpdateEnvelope, SecureKeyEnvelope, SecureReceiptEnvelope, SecureManifestEnvelope,
+        SecureSumEnvelope,
+    )
+}  # fmt: skip
 
 
 # -- encode / decode -----------------------------------------------------------------------
@@ -446,14 +744,31 @@ def decode_update(
     return env
 
 
-def signing_bytes(update: UpdateEnvelope) -> bytes:
-    """The bytes an update's signature covers.
+def decode_secure_update(
+    raw: bytes | bytearray | memoryview, max_bytes: int = DEFAULT_MAX_BYTES
+) -> SecureUpdateEnvelope:
+    """:func:`decode` for the updates channel of a model in secure mode."""
+    env = decode(raw, max_bytes=max_bytes, expect="secure_update")
+    assert isinstance(env, SecureUpdateEnvelope)
+    return env
 
+
+def signing_bytes(update: Signable) -> bytes:
+    """The bytes an update's (or a secure-aggregation message's) signature covers.
+
+    Secure-aggregation messages: ``fedbus-<type with - for _>-v1\\0`` followed by the
+    msgpack array of their signed fields (``schemas/README.md`` lists them; large binary
+    fields enter as their SHA-256).
+
+    Plain updates:
     ``SIGNING_DOMAIN`` followed by the msgpack array ``[schema, model, client, update_id,
     base_version, num_examples, [[key, value], ...] (codec, keys sorted), layout,
     sha256(payload)]``. The domain tag keeps these signatures from being valid for any other
     fedbus message; hashing the payload lets a device sign without a second copy of it.
     """
+    if not isinstance(update, UpdateEnvelope):
+        signed: bytes = msgpack.packb(update._signed(), use_bin_type=True)
+        return _SIGNING_DOMAINS[update.type] + signed
     body = [
         update.schema,
         update.model,
@@ -465,7 +780,14 @@ def signing_bytes(update: UpdateEnvelope) -> bytes:
         update.layout,
         hashlib.sha256(update.payload).digest(),
     ]
-    return SIGNING_DOMAIN + msgpack.packb(body, use_bin_type=True)
+    packed: bytes = msgpack.packb(body, use_bin_type=True)
+    return SIGNING_DOMAIN + packed
+
+
+def manifest_digest(manifest: SecureManifestEnvelope) -> bytes:
+    """SHA-256 of the manifest's signing bytes: how a share-sum names the manifest it sums,
+    so a sum can never be combined with a leader share-sum of another buffer."""
+    return hashlib.sha256(signing_bytes(manifest)).digest()
 
 
 __all__ = [
@@ -474,14 +796,25 @@ __all__ = [
     "MAX_ORIGINAL_BYTES",
     "MESSAGE_TYPES",
     "SCHEMA_VERSION",
+    "SECURE_ROLES",
+    "SHARE_DOMAIN",
     "SIGNING_DOMAIN",
     "DeadLetterEnvelope",
     "Envelope",
     "EventEnvelope",
     "ModelEnvelope",
+    "SecureEnvelope",
+    "SecureKeyEnvelope",
+    "SecureManifestEnvelope",
+    "SecureReceiptEnvelope",
+    "SecureSumEnvelope",
+    "SecureUpdateEnvelope",
+    "Signable",
     "UpdateEnvelope",
     "decode",
+    "decode_secure_update",
     "decode_update",
     "encode",
+    "manifest_digest",
     "signing_bytes",
 ]

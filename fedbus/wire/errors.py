@@ -35,6 +35,11 @@ class Reason(StrEnum):
     CLIENT_MISMATCH = "client_mismatch"  # envelope client differs from the topic's client level
     CLIENT_BUSY = "client_busy"  # FedBuff: client already in the buffer and the deferral queue full
     INTERNAL_ERROR = "internal_error"  # checking or folding it raised: a fedbus bug, logged in full
+    # Secure aggregation (fedbus.secure):
+    BAD_SHARE = "bad_share"  # a sealed share does not open: wrong key, tampered, or moved
+    WRONG_KEY_EPOCH = "wrong_key_epoch"  # sealed to a key epoch this aggregator does not hold
+    QUANT_MISMATCH = "quant_mismatch"  # fixed-point parameters differ from the model's config
+    BAD_MANIFEST = "bad_manifest"  # a buffer manifest or share-sum the peer aggregator refuses
 
 
 class WireError(ValueError):

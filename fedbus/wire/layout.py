@@ -42,7 +42,7 @@ def _canonical_dtype(dtype: object) -> str:
             f"dtype {name} is not aggregatable; layouts hold only float16/float32/float64 "
             "tensors (keep integer buffers such as batch-norm counters out of the layout)",
         )
-    return name
+    return str(name)
 
 
 @dataclass(frozen=True, slots=True)

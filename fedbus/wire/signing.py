@@ -1,7 +1,9 @@
-"""Ed25519 signatures on updates.
+"""Ed25519 signatures on updates (plain and secure) and on secure-aggregation messages.
 
 A signature ties an update to the device that holds the private key, so a compromised broker
-account or a replaying middlebox cannot inject deltas under another device's name. Ed25519
+account or a replaying middlebox cannot inject deltas under another device's name. The
+aggregators of secure aggregation sign their key, receipt, manifest and sum messages with
+identity keys their peers (and devices) are provisioned with (:func:`verify_signature`). Ed25519
 keeps keys (32 bytes) and signatures (64 bytes) small enough for microcontrollers, and
 signing is deterministic, so a device needs no random source to sign.
 """
@@ -9,9 +11,8 @@ signing is deterministic, so a device needs no random source to sign.
 from __future__ import annotations
 
 import dataclasses
-import logging
 from collections.abc import Mapping
-from pathlib import Path
+from typing import TypeVar
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -20,15 +21,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
-from fedbus.wire.envelope import UpdateEnvelope, signing_bytes
+from fedbus.wire.envelope import SecureUpdateEnvelope, Signable, UpdateEnvelope, signing_bytes
 from fedbus.wire.errors import Reason, WireError
 from fedbus.wire.ids import validate_id
 
 KEY_BYTES = 32
 SIGNATURE_BYTES = 64
-PUBLIC_KEY_SUFFIX = ".pub"
-
-_log = logging.getLogger(__name__)
+S = TypeVar("S", bound=Signable)
 
 
 def generate_keypair() -> tuple[bytes, bytes]:
@@ -51,8 +50,9 @@ def public_key_of(private_key_bytes: bytes) -> bytes:
     return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
-def sign_update(update: UpdateEnvelope, private_key_bytes: bytes) -> UpdateEnvelope:
-    """A copy of ``update`` carrying the signature of its :func:`signing_bytes`."""
+def sign_update(update: S, private_key_bytes: bytes) -> S:
+    """A copy of ``update`` (or of any signable message) carrying the signature of its
+    :func:`signing_bytes`."""
     if len(private_key_bytes) != KEY_BYTES:
         raise ValueError(f"an Ed25519 private key is {KEY_BYTES} raw bytes")
     key = Ed25519PrivateKey.from_private_bytes(private_key_bytes)
@@ -82,7 +82,7 @@ class Verifier:
     def __contains__(self, client: object) -> bool:
         return client in self._keys
 
-    def verify(self, update: UpdateEnvelope) -> bool:
+    def verify(self, update: UpdateEnvelope | SecureUpdateEnvelope) -> bool:
         """Return True if a signature was verified, False if the update passes unverified.
 
         Raises ``WireError(UNSIGNED)`` or ``WireError(BAD_SIGNATURE)`` otherwise.
@@ -109,45 +109,22 @@ class Verifier:
         return True
 
 
-def _parse_key(path: Path) -> bytes:
-    data = path.read_bytes()
-    if len(data) == KEY_BYTES:
-        return data
-    try:
-        key = bytes.fromhex(data.decode("ascii").strip())
-    except (UnicodeDecodeError, ValueError):
-        key = b""
-    if len(key) != KEY_BYTES:
-        raise ValueError(f"{path.name}: expected {KEY_BYTES} raw bytes or 64 hex characters")
-    return key
+def verify_signature(message: Signable, public_key_bytes: bytes, signer: str) -> None:
+    """Check ``message``'s signature against one pinned key (an aggregator's identity).
 
-
-def load_public_keys(directory: str | Path) -> dict[str, bytes]:
-    """Read ``<client>.pub`` files (32 raw bytes, or 64 hex characters) from ``directory``.
-
-    One file per device lets provisioning add or revoke a device with a file operation. A
-    file whose stem is not a valid client id is an error: it would silently never match.
+    Raises ``WireError(BAD_SIGNATURE)`` naming ``signer``; there is no optional mode: the
+    messages signed this way are worthless unsigned.
     """
-    root = Path(directory)
-    if not root.is_dir():
-        raise ValueError(f"public key directory {str(root)!r} does not exist")
-    keys: dict[str, bytes] = {}
-    for path in sorted(root.glob(f"*{PUBLIC_KEY_SUFFIX}")):
-        client = path.name[: -len(PUBLIC_KEY_SUFFIX)]
-        try:
-            validate_id(client, "client")
-        except WireError as exc:
-            raise ValueError(f"{path.name}: file name is not <client id>.pub ({exc})") from exc
-        keys[client] = _parse_key(path)
-    _log.debug("loaded %d public keys", len(keys))
-    return keys
-
-
-def write_public_key(directory: str | Path, client: str, public_key_bytes: bytes) -> Path:
-    """Store a device's public key as hex in ``<directory>/<client>.pub`` (provisioning)."""
-    validate_id(client, "client")
     if len(public_key_bytes) != KEY_BYTES:
         raise ValueError(f"an Ed25519 public key is {KEY_BYTES} raw bytes")
-    path = Path(directory) / f"{client}{PUBLIC_KEY_SUFFIX}"
-    path.write_text(public_key_bytes.hex() + "\n")
-    return path
+    signature = message.signature
+    if signature is None or len(signature) != SIGNATURE_BYTES:
+        raise WireError(Reason.BAD_SIGNATURE, f"{message.type} lacks a 64-byte signature")
+    try:
+        Ed25519PublicKey.from_public_bytes(public_key_bytes).verify(
+            signature, signing_bytes(message)
+        )
+    except InvalidSignature:
+        raise WireError(
+            Reason.BAD_SIGNATURE, f"{message.type} is not signed by the {signer}"
+        ) from None

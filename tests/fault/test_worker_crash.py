@@ -35,8 +35,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from fedbus.testing.brokers import free_port
 from fedbus.transport.base import Transport
-from fedbus.transport.brokers import free_port
 from fedbus.wire import envelope as env
 from tests.integration import harness as h
 from workers.crashpoints import ENV

@@ -12,8 +12,8 @@ import os
 
 import pytest
 
-from fedbus.bench import e2e
-from fedbus.transport.brokers import mosquitto_available
+from fedbus.testing.brokers import mosquitto_available
+from workers.bench import e2e
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 

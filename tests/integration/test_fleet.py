@@ -7,9 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
-from fedbus.cli import app
+from fedbus.cli import main
 from fedbus.sim.data import digits_fleet
 from fedbus.sim.fleet import FleetConfig, LayoutMismatchError, run_fleet
 from fedbus.sim.models import SoftmaxRegression
@@ -81,12 +80,14 @@ async def test_fleet_refuses_a_model_it_cannot_train(
             await run_fleet(t, fleet, NET, timing, cfg)
 
 
-def test_cli_simulate_reports_a_missing_model(model_id: str, mosquitto: object) -> None:
+def test_cli_simulate_reports_a_missing_model(
+    model_id: str, mosquitto: object, capsys: pytest.CaptureFixture[str]
+) -> None:
     port = mosquitto.port  # type: ignore[attr-defined]
-    result = CliRunner().invoke(
-        app,
-        ["client", "simulate", "--model", model_id, "--duration", "1", "--devices", "5"],
-        env={"FEDBUS_MQTT__HOSTNAME": "127.0.0.1", "FEDBUS_MQTT__PORT": str(port)},
-    )
-    assert result.exit_code == 2, result.output
-    assert "fedbus model init" in result.output
+    code = main(
+        ["client", "simulate", "--model", model_id, "--duration", "1", "--devices", "5",
+         "--mqtt-port", str(port)]
+    )  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and "fedbus model init" in err[0]

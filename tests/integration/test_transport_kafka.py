@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
+from fedbus.testing.brokers import TansuBroker, free_port
 from fedbus.transport.base import Message, TransportError
-from fedbus.transport.brokers import TansuBroker, free_port
 from fedbus.transport.kafka import KafkaConfig, KafkaTransport
 from fedbus.transport.topics import kafka_updates
 

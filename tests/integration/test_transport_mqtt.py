@@ -18,8 +18,8 @@ from typing import Any
 import aiomqtt
 import pytest
 
+from fedbus.testing.brokers import MosquittoBroker, free_port
 from fedbus.transport.base import Message, TransportError
-from fedbus.transport.brokers import MosquittoBroker, free_port
 from fedbus.transport.mqtt import MqttConfig, MqttTransport
 from fedbus.transport.topics import client_from_update_topic, mqtt_status
 

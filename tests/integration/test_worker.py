@@ -255,7 +255,7 @@ async def test_health_and_metrics_endpoints(mosquitto: Any, tmp_path: Path, mode
     """What Prometheus and an orchestrator see: /livez, /readyz and the fedbus_* series."""
     import urllib.request
 
-    from fedbus.transport.brokers import free_port
+    from fedbus.testing.brokers import free_port
 
     port = free_port()
     settings = h.settings_for("mqtt", mosquitto, model_id, tmp_path).model_copy(

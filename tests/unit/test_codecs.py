@@ -252,6 +252,19 @@ def test_decompression_bomb_is_refused() -> None:
     assert e.value.reason == Reason.MALFORMED
 
 
+def test_zstd_window_larger_than_the_payload_is_refused_before_decoding() -> None:
+    """A frame may claim a window of up to 2 GiB, which the decoder would allocate: for a
+    1,000-parameter int8 payload no window beyond 2 KiB is honest."""
+    spec = CodecSpec("int8", zstd=True)
+    n = 1000
+    params = zstandard.ZstdCompressionParameters.from_level(3, window_log=27)
+    raw = encode(np.ones(n), CodecSpec("int8")) + b"\0" * (1 << 20)
+    big_window = zstandard.ZstdCompressor(compression_params=params).compress(raw)
+    with pytest.raises(WireError) as e:
+        decode(big_window, spec, n)
+    assert e.value.reason == Reason.DECOMPRESSION_BOMB
+
+
 @pytest.mark.parametrize(
     "wire",
     [

@@ -53,6 +53,11 @@ SCHEMA_FILES = {
     "model.schema.json",
     "event.schema.json",
     "deadletter.schema.json",
+    "secure_update.schema.json",
+    "secure_key.schema.json",
+    "secure_receipt.schema.json",
+    "secure_manifest.schema.json",
+    "secure_sum.schema.json",
 }
 ID = r"[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?"
 
@@ -622,11 +627,21 @@ MQTT_ADDRESSES = {
     "fedbus/v1/{model}/events",
     "fedbus/v1/{model}/deadletter",
     "fedbus/v1/{model}/status/{client}",
+    "fedbus/v1/{model}/keys/{role}",
+    "fedbus/v1/{model}/secure/receipts",
+    "fedbus/v1/{model}/secure/manifests",
+    "fedbus/v1/{model}/secure/sums",
 }
-KAFKA_ADDRESSES = {f"fedbus.{{model}}.{k}" for k in ("updates", "models", "events", "deadletter")}
+KAFKA_ADDRESSES = {
+    f"fedbus.{{model}}.{k}"
+    for k in ("updates", "models", "events", "deadletter", "keys", "secure.receipts",
+              "secure.manifests", "secure.sums")
+}  # fmt: skip
 TOPIC_GRAMMAR = re.compile(
-    r"fedbus/v1/\{model\}/(?:updates/\{client\}|model|events|deadletter|status/\{client\})"
-    r"|fedbus\.\{model\}\.(?:updates|models|events|deadletter)"
+    r"fedbus/v1/\{model\}/(?:updates/\{client\}|model|events|deadletter|status/\{client\}"
+    r"|keys/\{role\}|secure/(?:receipts|manifests|sums))"
+    r"|fedbus\.\{model\}\.(?:updates|models|events|deadletter|keys"
+    r"|secure\.(?:receipts|manifests|sums))"
 )
 
 
@@ -736,7 +751,8 @@ def test_asyncapi_operations(asyncapi: dict[str, Any]) -> None:
 
 
 def test_asyncapi_mqtt_bindings(asyncapi: dict[str, Any]) -> None:
-    """QoS 1 everywhere; only the model and device-status channels are retained."""
+    """QoS 1 everywhere; only the model, device-status and aggregator-key channels are
+    retained."""
     retained_channels = set()
     for name, op in asyncapi["operations"].items():
         _, channel = _channel_of(asyncapi, op)
@@ -747,7 +763,11 @@ def test_asyncapi_mqtt_bindings(asyncapi: dict[str, Any]) -> None:
                 retained_channels.add(channel["address"])
         else:
             assert mqtt is None, name
-    assert retained_channels == {"fedbus/v1/{model}/model", "fedbus/v1/{model}/status/{client}"}
+    assert retained_channels == {
+        "fedbus/v1/{model}/model",
+        "fedbus/v1/{model}/status/{client}",
+        "fedbus/v1/{model}/keys/{role}",
+    }
     update_sends = [
         op for op in asyncapi["operations"].values()
         if op["action"] == "send" and op["channel"]["$ref"] == "#/channels/mqttUpdates"

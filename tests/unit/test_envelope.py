@@ -80,7 +80,56 @@ def deadletter(**over: Any) -> env.DeadLetterEnvelope:
     return env.DeadLetterEnvelope(**fields)
 
 
-MAKERS = {"update": update, "model": model, "event": event, "deadletter": deadletter}
+def secure_update(**over: Any) -> env.SecureUpdateEnvelope:
+    fields: dict[str, Any] = dict(
+        model="digits", client="dev-7", update_id="0f3a", base_version=3, num_examples=60,
+        layout=LAYOUT.fingerprint, leader_epoch=1, helper_epoch=7, frac_bits=17, clip_norm=1.0,
+        leader_share=bytes(48 + 4 * 6), helper_share=bytes(80), sent_at=1700000000.5,
+    )  # fmt: skip
+    fields.update(over)
+    return env.SecureUpdateEnvelope(**fields)
+
+
+def secure_key(**over: Any) -> env.SecureKeyEnvelope:
+    fields: dict[str, Any] = dict(
+        model="digits", role="helper", epoch=7, public_key=bytes(range(32)), frac_bits=17,
+        clip_norm=1.0, created_at=1700000000.0, signature=bytes(64),
+    )  # fmt: skip
+    fields.update(over)
+    return env.SecureKeyEnvelope(**fields)
+
+
+def secure_receipt(**over: Any) -> env.SecureReceiptEnvelope:
+    fields: dict[str, Any] = dict(
+        model="digits", entries=[["dev-7", "0f3a", 3, None], ["dev-8", "11", 2, "bad_share"]],
+        signature=bytes(64),
+    )  # fmt: skip
+    fields.update(over)
+    return env.SecureReceiptEnvelope(**fields)
+
+
+def secure_manifest(**over: Any) -> env.SecureManifestEnvelope:
+    fields: dict[str, Any] = dict(
+        model="digits", version=4, entries=[["dev-7", "0f3a", 1024], ["dev-8", "11", 724]],
+        signature=bytes(64),
+    )  # fmt: skip
+    fields.update(over)
+    return env.SecureManifestEnvelope(**fields)
+
+
+def secure_sum(**over: Any) -> env.SecureSumEnvelope:
+    fields: dict[str, Any] = dict(
+        model="digits", version=4, manifest=bytes(32), count=2, payload=bytes(24),
+        signature=bytes(64),
+    )  # fmt: skip
+    fields.update(over)
+    return env.SecureSumEnvelope(**fields)
+
+
+MAKERS = {"update": update, "model": model, "event": event, "deadletter": deadletter,
+          "secure_update": secure_update, "secure_key": secure_key,
+          "secure_receipt": secure_receipt, "secure_manifest": secure_manifest,
+          "secure_sum": secure_sum}  # fmt: skip
 
 
 def as_map(e: env.Envelope) -> dict[str, Any]:
@@ -301,6 +350,14 @@ REQUIRED = {
     "event": ["schema", "type", "model", "event"],
     "deadletter": ["schema", "type", "model", "reason", "detail", "received_at", "source",
                    "original", "original_size"],
+    "secure_update": ["schema", "type", "model", "client", "update_id", "base_version",
+                      "num_examples", "layout", "leader_epoch", "helper_epoch", "frac_bits",
+                      "clip_norm", "leader_share", "helper_share"],
+    "secure_key": ["schema", "type", "model", "role", "epoch", "public_key", "frac_bits",
+                   "clip_norm", "created_at", "sig"],
+    "secure_receipt": ["schema", "type", "model", "entries", "sig"],
+    "secure_manifest": ["schema", "type", "model", "version", "entries", "sig"],
+    "secure_sum": ["schema", "type", "model", "version", "manifest", "count", "payload", "sig"],
 }  # fmt: skip
 
 

@@ -15,10 +15,21 @@ from fedbus.wire import envelope as env
 from fedbus.wire.errors import Reason
 from fedbus.wire.ids import ID_PATTERN
 from fedbus.wire.signing import generate_keypair, sign_update
-from tests.unit.test_envelope import deadletter, event, model, update
+from tests.unit.test_envelope import (
+    deadletter,
+    event,
+    model,
+    secure_key,
+    secure_manifest,
+    secure_receipt,
+    secure_sum,
+    secure_update,
+    update,
+)
 
 SCHEMAS = Path(__file__).resolve().parents[2] / "schemas"
-KINDS = ("update", "model", "event", "deadletter")
+KINDS = ("update", "model", "event", "deadletter", "secure_update", "secure_key",
+         "secure_receipt", "secure_manifest", "secure_sum")  # fmt: skip
 
 
 def schema(kind: str) -> dict[str, Any]:
@@ -62,6 +73,11 @@ def messages(kind: str) -> list[env.Envelope]:
             deadletter(client=None, update_id=None, original=bytes(100_000), detail="x" * 3000),
             *(deadletter(reason=r) for r in Reason),
         ],
+        "secure_update": [secure_update(), sign_update(secure_update(sent_at=None), private)],
+        "secure_key": [secure_key(), sign_update(secure_key(role="leader"), private)],
+        "secure_receipt": [secure_receipt(), secure_receipt(entries=[])],
+        "secure_manifest": [secure_manifest()],
+        "secure_sum": [secure_sum(), secure_sum(count=0, payload=b"")],
     }[kind]
 
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from pydantic import ValidationError
 
 from fedbus.aggregation import Constant, FedAsync, FedBuff, ServerAdam, Threshold
+from fedbus.cli.errors import UserError
 from workers.settings import load
 from workers.strategy import build
 
@@ -66,5 +66,7 @@ def test_every_policy_knob_reaches_the_policy_object() -> None:
     ],
 )
 def test_inconsistent_policies_are_refused_at_start(aggregation: dict, message: str) -> None:
-    with pytest.raises(ValidationError, match=message):
+    with pytest.raises(UserError, match=message) as refused:
         load(None, aggregation=aggregation)
+    assert "\n" not in str(refused.value)  # one line, naming the setting
+    assert "aggregation" in str(refused.value)

@@ -7,16 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from fedbus.wire import envelope as env
-from fedbus.wire.errors import Reason, WireError
-from fedbus.wire.signing import (
-    Verifier,
-    generate_keypair,
+from fedbus.store.keys import (
+    load_private_key,
     load_public_keys,
-    public_key_of,
-    sign_update,
+    write_private_key,
     write_public_key,
 )
+from fedbus.wire import envelope as env
+from fedbus.wire.errors import Reason, WireError
+from fedbus.wire.signing import Verifier, generate_keypair, public_key_of, sign_update
 from tests.unit.test_envelope import update
 
 
@@ -157,3 +156,13 @@ def test_load_public_keys_rejects_bad_files(tmp_path: Path, name: str, content: 
 def test_load_public_keys_missing_dir(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="does not exist"):
         load_public_keys(tmp_path / "nope")
+
+
+def test_private_key_file_is_private_and_never_overwritten(tmp_path: Path) -> None:
+    private, _ = generate_keypair()
+    path = write_private_key(tmp_path / "dev-a.key", private)
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert load_private_key(path) == private
+    with pytest.raises(FileExistsError):
+        write_private_key(path, generate_keypair()[0])
+    assert load_private_key(path) == private

@@ -31,9 +31,23 @@ def test_kafka_topics_are_dot_separated_only() -> None:
         assert "_" not in name and "/" not in name and len(name) <= 249
 
 
+def test_secure_aggregation_topics() -> None:
+    assert topics.mqtt_keys("digits", "helper") == "fedbus/v1/digits/keys/helper"
+    assert topics.mqtt_secure("digits", "manifests") == "fedbus/v1/digits/secure/manifests"
+    assert topics.kafka_secure_topics("digits") == {
+        "keys": "fedbus.digits.keys",
+        "receipts": "fedbus.digits.secure.receipts",
+        "manifests": "fedbus.digits.secure.manifests",
+        "sums": "fedbus.digits.secure.sums",
+    }
+    for bad in (lambda: topics.mqtt_keys("digits", "boss"), lambda: topics.mqtt_secure("d", "x")):
+        with pytest.raises(ValueError):
+            bad()
+
+
 @pytest.mark.parametrize("good", ["a", "0", "dev-1", "a" * 64, "x-y-z", "9lives"])
 def test_valid_ids_pass(good: str) -> None:
-    assert topics.validate_id(good) == good
+    assert topics.validate_id(good, "id") == good
     assert topics.mqtt_update(good, good).endswith(f"/updates/{good}")
 
 
@@ -60,7 +74,7 @@ def test_valid_ids_pass(good: str) -> None:
 )
 def test_invalid_ids_are_refused_everywhere(bad: str) -> None:
     with pytest.raises(ValueError, match="not 1-64 chars"):
-        topics.validate_id(bad)
+        topics.validate_id(bad, "id")
     for build in (topics.mqtt_model, topics.mqtt_updates_filter, topics.kafka_updates):
         with pytest.raises(ValueError):
             build(bad)

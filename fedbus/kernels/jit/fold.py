@@ -36,11 +36,11 @@ def _axpy_int(acc: np.ndarray, q: np.ndarray, f: float) -> None:
 
 @njit(cache=True, nogil=True, fastmath=_REDUCE)
 def _sumsq_int(q: np.ndarray) -> int:
-    s = 0
+    s = np.int64(0)
     for j in range(q.shape[0]):
         x = np.int32(q[j])
         s += x * x
-    return s
+    return int(s)
 
 
 @njit(cache=True, nogil=True)
@@ -163,7 +163,7 @@ def int4_sq_norm(packed: np.ndarray, scales: np.ndarray, block: int, n: int) -> 
     for b in range(scales.shape[0]):
         lo = b * half
         hi = min(lo + half, packed.shape[0])
-        ss = 0
+        ss = np.int64(0)
         for i in range(lo, hi):
             v = np.int32(packed[i])
             a = ((v & 0xF) ^ 8) - 8
@@ -236,7 +236,7 @@ def fold_sparse_int8(
 @njit(cache=True, nogil=True)
 def indices_valid(idx: np.ndarray, n: int) -> bool:
     """Top-k indices must be strictly ascending and below ``n``: unique, so folds are exact."""
-    prev = -1
+    prev = np.int64(-1)
     for i in range(idx.shape[0]):
         v = np.int64(idx[i])
         if v <= prev or v >= n:

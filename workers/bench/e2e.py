@@ -1,6 +1,6 @@
 """End-to-end benchmark: updates per second through one worker beside the raw broker rate.
 
-``run("mqtt" | "kafka")`` starts its own broker (``fedbus.transport.brokers``: Mosquitto or
+``run("mqtt" | "kafka")`` starts its own broker (``fedbus.testing.brokers``: Mosquitto or
 Tansu on a free loopback port) and runs everything else in this one process and one event
 loop, so the worker and its yardstick share the same cores the same way:
 
@@ -70,9 +70,9 @@ from typing import Any
 
 import numpy as np
 
+from fedbus.testing.brokers import MosquittoBroker, TansuBroker
 from fedbus.transport import topics
 from fedbus.transport.base import Transport
-from fedbus.transport.brokers import MosquittoBroker, TansuBroker
 from fedbus.wire import envelope as env
 from fedbus.wire.codecs import CodecSpec, encode
 from fedbus.wire.ids import new_update_id

@@ -1,0 +1,7 @@
+"""``python -m fedbus.cli``: the same as the ``fedbus`` console script."""
+
+import sys
+
+from fedbus.cli import main
+
+sys.exit(main())

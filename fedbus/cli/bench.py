@@ -1,0 +1,109 @@
+"""``fedbus bench``: benchmarks that print ratios against baselines run in the same process.
+
+The library's own benchmarks live here (kernels, convergence); the services add theirs
+(``e2e`` and others) through the plugin seam (:mod:`fedbus.cli.plugins`).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fedbus.cli.errors import UserError
+
+app = typer.Typer(
+    help="Benchmarks that print ratios against baselines run in the same process.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def ints(text: str, option: str) -> list[int]:
+    """A comma-separated list of counts, '1e6' allowed; a mistake names the option."""
+    try:
+        values = [int(float(x)) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(
+            f"{option} takes comma-separated numbers like 1e5,1e6, not {text!r}"
+        ) from None
+    if not values or min(values) < 1:
+        raise UserError(f"{option} needs positive numbers, got {text!r}")
+    return values
+
+
+@app.command("kernels")
+def bench_kernels(
+    json_out: Annotated[bool, typer.Option("--json", help="Print a JSON list of records.")] = False,
+    sizes: Annotated[str, typer.Option(help="Comma-separated parameter counts.")] = "1e5,1e6,1e7",
+    ks: Annotated[str, typer.Option(help="Comma-separated update counts K.")] = "10,100",
+    codecs: Annotated[
+        str, typer.Option(help="Comma-separated codecs.")
+    ] = "int8,int4,fp16,fp32,topk",
+    repeats: Annotated[int, typer.Option(min=5, help="Repeats; medians are reported.")] = 5,
+    compile_times: Annotated[
+        bool, typer.Option(help="Also time Numba compilation and cached loading.")
+    ] = True,
+) -> None:
+    """Fold K encoded updates into one accumulator: fedbus kernels against naive NumPy,
+    Flower's FedAvg aggregate and the machine's memory bandwidth, in one run.
+
+    Example: fedbus bench kernels --sizes 1e6 --ks 100 --codecs int8 --json
+    """
+    try:
+        from fedbus.bench import kernels
+    except ImportError as exc:
+        raise UserError(f"bench kernels needs the bench extra ({exc.name} missing): "
+                        "pip install 'fedbus[bench]'") from None  # fmt: skip
+    records = kernels.run(
+        ints(sizes, "--sizes"),
+        ints(ks, "--ks"),
+        [c for c in codecs.split(",") if c],
+        repeats=repeats,
+        log=log,
+    )
+    timing = kernels.compile_and_load_times() if compile_times else {}
+    if json_out:
+        print(json.dumps(kernels.as_dicts(records), indent=1))
+    else:
+        print(kernels.markdown_table(records))
+    if timing:
+        log(
+            f"numba: compile {timing['compile_s']:.1f} s into an empty cache, "
+            f"load {timing['cached_load_s']:.2f} s from it"
+        )
+
+
+@app.command("convergence")
+def bench_convergence(
+    json_out: Annotated[bool, typer.Option("--json", help="Print a JSON list of records.")] = False,
+    seeds: Annotated[int, typer.Option(min=1, help="Seeds; medians and ranges reported.")] = 5,
+    quick: Annotated[
+        bool, typer.Option(help="Same fleet, short budget and small grid (for CI).")
+    ] = False,
+    plot: Annotated[Path | None, typer.Option(help="Write the PNG plot here.")] = None,
+    workers: Annotated[int, typer.Option(help="Processes (0: up to 2).")] = 0,
+) -> None:
+    """FedBuff, FedAsync and synchronous FedAvg in the fixed standard setting (digits, 300
+    devices, concurrency 100, lognormal speeds, 10% dropouts), each at its best server
+    learning rate; fp32, int8 and top-k + int8.
+
+    Example: fedbus bench convergence --quick --plot convergence.png
+    """
+    from fedbus.bench import convergence
+
+    report = convergence.run(seeds=seeds, quick=quick, log=log, workers=workers)
+    if json_out:
+        print(json.dumps(convergence.to_json(report), indent=1))
+    else:
+        print(convergence.markdown(report))
+    if plot is not None:
+        convergence.plot(report, plot)
+        log(f"plot: {plot}")

@@ -1,0 +1,150 @@
+"""Every mistake a user can make on the command line or in the config: one line on stderr
+naming what to change, exit status 2, no traceback. Each case runs the real command in its own
+process, as a user would."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedbus.testing.brokers import MosquittoBroker
+
+
+def fedbus(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("FEDBUS_")}
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "fedbus.cli", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        cwd=cwd,
+        timeout=timeout,
+    )
+
+
+def plain_lines(stderr: str) -> list[str]:
+    """The lines that are not JSON log records (workers log JSON before they fail)."""
+    out = []
+    for line in stderr.splitlines():
+        try:
+            json.loads(line)
+        except ValueError:
+            out.append(line)
+    return out
+
+
+def assert_one_line(result: subprocess.CompletedProcess[str], *needles: str) -> None:
+    lines = plain_lines(result.stderr)
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (["worker", "--model", "Digits_1"], ["model", "Digits_1"]),
+        (["worker", "--algorithm", "fedsync"], ["--algorithm", "fedsync"]),
+        (["worker", "--transport", "amqp"], ["--transport", "amqp"]),
+        (["worker", "--metrics-port", "99999"], ["--metrics-port", "99999"]),
+        (["worker", "--log-format", "xml"], ["--log-format"]),
+        (["worker", "--config", "no-such-file.toml"], ["--config", "no-such-file.toml"]),
+        (["client", "simulate", "--codec", "int9"], ["--codec", "int9"]),
+        (["client", "simulate", "--dropout", "1.5"], ["--dropout"]),
+        (["bench", "kernels", "--sizes", "lots"], ["--sizes"]),
+        (["keys", "new", "Dev_1"], ["Dev_1"]),
+        (["model", "init", "--npz", "missing.npz"], ["--npz", "missing.npz"]),
+        (["demo", "--codecs", "int9"], ["--codecs", "int9"]),
+        (["no-such-command"], ["no-such-command"]),
+    ],
+)
+def test_flag_mistakes(args: list[str], needles: list[str], tmp_path: Path) -> None:
+    assert_one_line(fedbus(*args, cwd=tmp_path), *needles)
+
+
+@pytest.mark.parametrize(
+    ("toml", "needles"),
+    [
+        ('[aggregation]\nalgoritm = "fedasync"\n', ["aggregation.algoritm", "unknown"]),
+        ("[aggregation]\nbuffer_sise = 50\n", ["aggregation.buffer_sise", "unknown"]),
+        ('[mqtt]\nhostame = "broker"\n', ["mqtt.hostame", "unknown"]),
+        ('modle = "digits"\n', ["modle", "unknown"]),
+        ('[aggregation]\nalgorithm = "fedsync"\n', ["aggregation.algorithm", "fedsync"]),
+        ("[aggregation]\nbuffer_size = 0\n", ["aggregation.buffer_size"]),
+        ("[aggregation\n", ["not valid TOML"]),
+        (
+            '[aggregation]\nalgorithm = "fedasync"\nrobust = "median"\n',
+            ["robust", "fedbuff"],
+        ),
+    ],
+)
+def test_config_file_mistakes(toml: str, needles: list[str], tmp_path: Path) -> None:
+    config = tmp_path / "worker.toml"
+    config.write_text(toml)
+    assert_one_line(fedbus("worker", "--config", str(config), cwd=tmp_path), *needles)
+
+
+@pytest.mark.parametrize(
+    ("env", "needles"),
+    [
+        ({"FEDBUS_LOG_LEVEL": "verbose"}, ["log_level", "verbose"]),
+        ({"FEDBUS_MQTT__PORT": "x"}, ["mqtt.port"]),
+        ({"FEDBUS_AGGREGATION__SERVER_LR": "-1"}, ["aggregation.server_lr"]),
+        ({"FEDBUS_TRANSPORT": "amqp"}, ["transport", "amqp"]),
+    ],
+)
+def test_environment_mistakes(env: dict[str, str], needles: list[str], tmp_path: Path) -> None:
+    assert_one_line(fedbus("worker", env=env, cwd=tmp_path), *needles)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_no_broker_listening(tmp_path: Path) -> None:
+    port = _free_port()
+    result = fedbus(
+        "worker", "--mqtt-port", str(port), env={"FEDBUS_MQTT__CONNECT_TIMEOUT": "1"},
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert_one_line(result, "cannot reach the broker", str(port), "--mqtt-port")
+
+
+def test_busy_metrics_port(tmp_path: Path, mosquitto: MosquittoBroker) -> None:
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        result = fedbus(
+            "worker", "--mqtt-port", str(mosquitto.port), "--metrics-port", str(port),
+            "--model", "busy-port", cwd=tmp_path,
+        )  # fmt: skip
+    assert_one_line(result, "metrics port", str(port), "--metrics-port")
+
+
+def test_version_and_help_examples() -> None:
+    version = fedbus("--version")
+    assert version.returncode == 0 and version.stdout.startswith("fedbus ")
+    for command in (["worker"], ["model", "init"], ["client", "simulate"], ["demo"],
+                    ["keys", "new"], ["bench", "kernels"], ["bench", "e2e"]):  # fmt: skip
+        shown = fedbus(*command, "--help")
+        assert shown.returncode == 0, shown.stderr
+        assert "Example: fedbus " + " ".join(command) in shown.stdout, shown.stdout
+    worker_help = fedbus("worker", "--help").stdout
+    for flag in ("--mqtt-host", "--mqtt-port", "--kafka-bootstrap", "[mqtt|kafka]",
+                 "[fedbuff|fedasync]", "[json|console]"):  # fmt: skip
+        assert flag in worker_help
+    assert "[a-z0-9-]" not in worker_help or "lowercase" in worker_help
