@@ -18,6 +18,7 @@ from typing import Any
 
 import msgpack
 import numpy as np
+import pytest
 import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -34,6 +35,8 @@ LAYOUT = Layout.from_wire([["w", [7, 5], "float32"], ["b", [6], "float16"]])  # 
 N = LAYOUT.n_params
 EXAMPLES = int(os.environ.get("FEDBUS_FUZZ_EXAMPLES", "150"))
 fuzz = settings(max_examples=EXAMPLES, database=None)
+# a long run is long on purpose: the suite's 300 s limit scales with it (about 50 ms an input)
+pytestmark = pytest.mark.timeout(max(300, EXAMPLES // 20))
 
 INGEST = Ingest(MODEL, LAYOUT, max_bytes=1 << 16)
 
