@@ -18,6 +18,13 @@ import structlog
 
 LEVELS = ("debug", "info", "warning", "error")
 
+# JSON carries a traceback as structured data; the console renderer formats the exception
+# itself (and fails on the structured form). Neither shows frame locals: they would hold
+# payload bytes.
+_DICT_TRACEBACKS = structlog.processors.ExceptionRenderer(
+    structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+)
+
 
 class _Stderr:
     """Whatever ``sys.stderr`` is when a line is written, not when logging was configured:
@@ -42,15 +49,18 @@ def configure(fmt: Literal["json", "console"] = "json", level: str = "info") -> 
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer()
         if fmt == "json"
-        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+        else structlog.dev.ConsoleRenderer(
+            colors=sys.stderr.isatty(), exception_formatter=structlog.dev.plain_traceback
+        )
     )
+    tracebacks: list[structlog.typing.Processor] = [_DICT_TRACEBACKS] if fmt == "json" else []
     shared: list[structlog.typing.Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     structlog.configure(
-        processors=[*shared, structlog.processors.dict_tracebacks, renderer],
+        processors=[*shared, *tracebacks, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(number),
         logger_factory=structlog.PrintLoggerFactory(file=_Stderr()),  # type: ignore[arg-type]
         cache_logger_on_first_use=False,
@@ -61,7 +71,7 @@ def configure(fmt: Literal["json", "console"] = "json", level: str = "info") -> 
             foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
             processors=[
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-                structlog.processors.dict_tracebacks,
+                *tracebacks,
                 renderer,
             ],
         )

@@ -240,6 +240,7 @@ async def _async_run(
             "model": model_id,
             "aggregation": settings.aggregation.model_copy(update=agg),
             "worker_id": "demo-worker",
+            "model_publish_interval_s": 0.0,  # the simulated devices see every version
         }
     )
     device_settings = s.model_copy(update={"worker_id": "demo-fleet"})

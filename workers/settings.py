@@ -134,6 +134,11 @@ class WorkerSettings(BaseSettings):
     snapshot_log_bytes: int = Field(256 * 1024 * 1024, ge=1)
     max_message_bytes: int = 64 * 1024 * 1024
     model_codec: str = "fp32"
+    # Every version is committed and announced by its event; its weights are published at
+    # most this often (always the newest committed version, and always after a buffer
+    # drain and on shutdown). 0 publishes every version. The default keeps publication a
+    # small share of a worker's time at 1M parameters on both brokers (README, Delivery).
+    model_publish_interval_s: float = Field(1.0, ge=0)
     require_signatures: bool = False
     public_keys_dir: Path | None = None
     metrics_host: str = "127.0.0.1"

@@ -213,14 +213,17 @@ class FedBuff:
         repeat = update.client_id in self._clients
         if repeat and len(self._deferred) >= self.max_deferred:
             return Outcome(False, Reason.CLIENT_BUSY, staleness=tau)
-        self.seen.add((update.client_id, update.update_id))
+        # The dedup window takes the update only once it is held: an allocation that fails
+        # leaves no trace of it (ingest then refuses it as internal_error).
         if repeat:
             weighted = update.delta.to_dense()
             weighted *= factor
+            self.seen.add((update.client_id, update.update_id))
             self._deferred.append(_Deferred(update.client_id, update.update_id, tau, w, weighted))
             return Outcome(True, staleness=tau, weight=factor, deferred=True)
         before = self.version
         self._fold(update.client_id, w, update.delta, factor)
+        self.seen.add((update.client_id, update.update_id))
         self._flush_while_full()
         new = self.version if self.version != before else None
         return Outcome(True, staleness=tau, weight=factor, new_version=new)
@@ -289,11 +292,11 @@ class FedBuff:
         """
         if self.robust is not None:
             raise ValueError("robust modes keep individual rows: there is no partial sum")
-        self._queue.flush(self._acc)
-        p = PartialBuffer(
-            self._acc.copy(), self._count, self._wsum, frozenset(self._clients), self.version
-        )
+        total = self._acc.copy()
+        self._queue.fold_staged(total)  # a look leaves the staged int8 rows where they are
+        p = PartialBuffer(total, self._count, self._wsum, frozenset(self._clients), self.version)
         if reset:
+            self._queue.flush(self._acc)  # the hand-off: a fixed place in the sequence
             self._acc[:] = 0.0
             self._count, self._wsum = 0, 0.0
             self._clients.clear()
@@ -328,8 +331,9 @@ class FedBuff:
 
     # -- checkpoints ---------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """A detached snapshot of plain types and arrays (see :mod:`.state`)."""
-        self._queue.flush(self._acc)
+        """A detached snapshot of plain types and arrays (see :mod:`.state`). No side
+        effect: staged int8 rows are saved as they are (see :mod:`.foldqueue`), so results
+        never depend on when a snapshot was taken."""
         return snapshot(
             {
                 "algorithm": "fedbuff",
@@ -337,6 +341,7 @@ class FedBuff:
                 "version": self.version,
                 "buffer_size": self.k,
                 "acc": self._acc,
+                "staged": self._queue.state(),
                 "count": self._count,
                 "weight_sum": self._wsum,
                 "clients": sorted(self._clients),
@@ -365,6 +370,7 @@ class FedBuff:
         self._x = array(d["model"])
         self.version = int(d["version"])
         self._acc = array(d["acc"])
+        self._queue.load(d.get("staged"), self._acc.shape[0])  # older states staged nothing
         self._count, self._wsum = int(d["count"]), float(d["weight_sum"])
         self._clients = {str(c) for c in d["clients"]}
         self._rows = [array(r) for r in d["rows"]]

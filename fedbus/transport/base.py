@@ -32,6 +32,8 @@ class Message:
     ``key``, ``partition`` and ``offset`` are Kafka's; they are ``None`` on MQTT, where the
     client id is the last topic level instead. ``token`` is what ``Transport.ack`` needs to
     acknowledge this message; callers pass the message back, never inspect the token.
+    ``principal`` is the sender the broker authenticated, where the transport can tell
+    (ingest refuses an envelope whose client differs from it).
     """
 
     topic: str
@@ -40,6 +42,7 @@ class Message:
     partition: int | None = None
     offset: int | None = None
     token: Any = field(default=None, repr=False, compare=False)
+    principal: str | None = None
 
     def __repr__(self) -> str:
         where = "" if self.offset is None else f", partition={self.partition}, offset={self.offset}"

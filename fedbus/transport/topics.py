@@ -35,6 +35,7 @@ __all__ = [
     "mqtt_worker_status",
     "mqtt_worker_status_filter",
     "parse_update_topic",
+    "split_update_topic",
     "validate_id",
 ]
 
@@ -119,15 +120,22 @@ def parse_update_topic(topic: str) -> tuple[str, str] | None:
     exception: topics arrive from the network. A ``$share/<group>/`` prefix is tolerated
     although brokers deliver the plain topic.
     """
+    levels = split_update_topic(topic)
+    if levels is None or not (is_valid_id(levels[0]) and is_valid_id(levels[1])):
+        return None
+    return levels
+
+
+def split_update_topic(topic: str) -> tuple[str, str] | None:
+    """``(model, client)`` levels of anything shaped like an update topic, *not* checked as
+    ids: a subscription ``.../updates/+`` delivers whatever a publisher put in the last
+    level, and the identity check must refuse a bad one rather than skip it."""
     levels = topic.split("/")
     if len(levels) > 2 and levels[0] == "$share":
         levels = levels[2:]
     if len(levels) != 5 or "/".join(levels[:2]) != MQTT_PREFIX or levels[3] != "updates":
         return None
-    model, client = levels[2], levels[4]
-    if not (is_valid_id(model) and is_valid_id(client)):
-        return None
-    return model, client
+    return levels[2], levels[4]
 
 
 def client_from_update_topic(topic: str) -> str | None:

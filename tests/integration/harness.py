@@ -29,7 +29,8 @@ N = LAYOUT.n_params
 def settings_for(
     transport: str, broker: Any, model: str, state_dir: Path, **aggregation: Any
 ) -> WorkerSettings:
-    """Worker settings pointing at a test broker, with fast acknowledgement."""
+    """Worker settings pointing at a test broker, with fast acknowledgement, publishing
+    every version (tests of coalesced publication set ``model_publish_interval_s``)."""
     overrides: dict[str, Any] = {
         "model": model,
         "transport": transport,
@@ -39,6 +40,7 @@ def settings_for(
         "checkpoint_fsync": False,
         "ack_every": 10,
         "checkpoint_interval_s": 0.2,
+        "model_publish_interval_s": 0.0,
         "aggregation": {"algorithm": "fedasync", "staleness": "constant", **aggregation},
     }
     if transport == "mqtt":
@@ -64,6 +66,7 @@ def env_for(settings: WorkerSettings) -> dict[str, str]:
         FEDBUS_CHECKPOINT_FSYNC="false",
         FEDBUS_ACK_EVERY=str(settings.ack_every),
         FEDBUS_CHECKPOINT_INTERVAL_S=str(settings.checkpoint_interval_s),
+        FEDBUS_MODEL_PUBLISH_INTERVAL_S=str(settings.model_publish_interval_s),
         FEDBUS_MQTT__HOSTNAME=settings.mqtt.hostname,
         FEDBUS_MQTT__PORT=str(settings.mqtt.port),
         FEDBUS_KAFKA__BOOTSTRAP_SERVERS=settings.kafka.bootstrap_servers,

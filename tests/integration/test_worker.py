@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 
 from fedbus.wire import envelope as env
-from fedbus.wire.codecs import CodecSpec, encode
+from fedbus.wire.codecs import CodecSpec
 from tests.integration import harness as h
+from workers.crashpoints import ENV
 from workers.main import make_transport
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
@@ -149,6 +150,8 @@ def _bad_inputs(model: str, client: str) -> dict[str, bytes]:
         "future_version": variant(base_version=10_000, update_id="future-1"),
         "duplicate": good,  # sent twice: the second copy
         "stale": variant(base_version=0, update_id="stale-1"),
+        # sent as another client: MQTT topic level / Kafka record key != envelope client
+        "client_mismatch": variant(update_id="liar-1"),
     }
 
 
@@ -185,12 +188,13 @@ async def test_bad_input_goes_to_dead_letter(
                             model_id, "dev-good", 1 + j, rng.normal(0, 0.01, h.N), seed=j
                         )
                         await dev.publish_update(model_id, "dev-good", ok)
-                await dev.publish_update(model_id, "dev-bad", raw)
+                sender = "dev-liar" if reason == "client_mismatch" else "dev-bad"
+                await dev.publish_update(model_id, sender, raw)
             ok, _ = h.update_bytes(model_id, "dev-good", 7, rng.normal(0, 0.01, h.N))
             await dev.publish_update(model_id, "dev-good", ok)
         records = await reader
-        for _ in range(200):  # the first copy, 9 bad, 6 pushes and the last good one
-            if worker.processed >= 17:
+        for _ in range(200):  # the first copy, 10 bad, 6 pushes and the last good one
+            if worker.processed >= 18:
                 break
             await asyncio.sleep(0.05)
         reasons = sorted(env.decode(r, expect="deadletter").reason for r in records)  # type: ignore[union-attr]
@@ -245,7 +249,6 @@ async def test_model_init_and_fp32_payload_round_trip(
     assert raw is not None
     m = h.model_versions([raw])
     np.testing.assert_allclose(m[0], x0.astype(np.float32))
-    assert encode(np.zeros(3), CodecSpec("fp32"))  # the codec the model channel uses
 
 
 async def test_health_and_metrics_endpoints(mosquitto: Any, tmp_path: Path, model_id: str) -> None:
@@ -283,8 +286,9 @@ async def test_health_and_metrics_endpoints(mosquitto: Any, tmp_path: Path, mode
 async def test_fedbuff_buffer_timeout_applies_a_partial_buffer(
     mosquitto: Any, tmp_path: Path, model_id: str
 ) -> None:
-    """K = 10 but only 3 clients: after ``buffer_timeout_s`` the partial buffer is applied,
-    still divided by K, and published like any other version."""
+    """K = 10: ten clients make version 1; then only 3 clients: after ``buffer_timeout_s``
+    the partial buffer is applied, still divided by K, and published at once although
+    publication is otherwise held back for 30 s (the stream went quiet)."""
     settings = h.settings_for(
         "mqtt",
         mosquitto,
@@ -295,7 +299,7 @@ async def test_fedbuff_buffer_timeout_applies_a_partial_buffer(
         staleness="polynomial",
         server_lr=2.0,
         buffer_timeout_s=0.5,
-    )
+    ).model_copy(update={"model_publish_interval_s": 30.0})
     x0 = np.random.default_rng(0).normal(0, 0.1, h.N)
     await h.init_model(settings, x0)
     async with (
@@ -305,7 +309,7 @@ async def test_fedbuff_buffer_timeout_applies_a_partial_buffer(
         got: list[bytes] = []
         collector = asyncio.create_task(
             h.collect(
-                reader, model_id, channel="model", until=lambda g: _version(g[-1]) >= 1, got=got
+                reader, model_id, channel="model", until=lambda g: _version(g[-1]) >= 2, got=got
             )
         )
         for _ in range(200):  # the retained version 0 arrives once the subscription is live
@@ -315,17 +319,116 @@ async def test_fedbuff_buffer_timeout_applies_a_partial_buffer(
         rng = np.random.default_rng(5)
         deltas = []
         async with make_transport(h.client_settings(settings), role="device") as dev:
-            for c in range(3):
-                raw, d = h.update_bytes(model_id, f"dev-{c}", 0, rng.normal(0, 0.01, h.N), seed=c)
+            for c in range(13):
+                base = 0 if c < 10 else 1
+                raw, d = h.update_bytes(
+                    model_id, f"dev-{c}", base, rng.normal(0, 0.01, h.N), seed=c
+                )
                 deltas.append(d)
                 await dev.publish_update(model_id, f"dev-{c}", raw)
         raws = await collector
-        assert worker.strategy.version == 1 and worker.strategy.pending == 0
+        assert worker.strategy.version == 2 and worker.strategy.pending == 0
     versions = h.model_versions(raws)
-    assert sorted(versions) == [0, 1]
-    s = [(1 + 0) ** -0.5] * 3  # polynomial staleness, every update at tau 0
-    expected = (
-        x0.astype(np.float32).astype(np.float64)
-        + 2.0 * sum(w * d for w, d in zip(s, deltas, strict=True)) / 10
+    assert sorted(versions) == [0, 1, 2]
+    x1 = x0.astype(np.float32).astype(np.float64) + 2.0 * np.sum(deltas[:10], axis=0) / 10
+    np.testing.assert_allclose(versions[1], x1, rtol=1e-5, atol=1e-6)
+    # polynomial staleness, tau 0 for each of the three (based on version 1)
+    np.testing.assert_allclose(
+        versions[2], x1 + 2.0 * np.sum(deltas[10:], axis=0) / 10, rtol=1e-5, atol=1e-6
     )
-    np.testing.assert_allclose(versions[1], expected, rtol=1e-5, atol=1e-6)
+
+
+async def test_publication_coalesced_every_version_announced(
+    transport_name: str, broker: Any, tmp_path: Path, model_id: str
+) -> None:
+    """FedAsync makes a version per update; with a 30 s publication interval only the first
+    new version is published while the stream runs, every version still gets its event
+    after its commit, and shutdown publishes the newest version."""
+    settings = h.settings_for(
+        transport_name, broker, model_id, tmp_path, algorithm="fedasync", alpha=0.5
+    ).model_copy(update={"model_publish_interval_s": 30.0})
+    x0 = np.random.default_rng(0).normal(0, 0.1, h.N)
+    await h.init_model(settings, x0)
+    n = 30
+    subscribed = asyncio.Event()
+    announced = asyncio.create_task(
+        h.read_channel(
+            settings,
+            "events",
+            until=lambda g: sum(b"model.published" in e for e in g) >= n,
+            subscribed=subscribed,
+        )
+    )
+    await asyncio.wait_for(subscribed.wait(), 30)
+    async with h.running_worker(settings) as worker:
+        deltas = await _run_fleet(settings, n, lambda i: i)  # each on the newest version
+        events = [json.loads(e) for e in await announced]
+        assert worker.total_folded == n
+        assert worker.published_version == 1  # the rest waits for the interval
+        async with make_transport(h.client_settings(settings), role="reader") as reader:
+            held = await reader.latest_model(model_id, timeout=10)
+        assert held is not None and list(h.model_versions([held])) == [1]
+    published = [e["data"]["version"] for e in events if e["type"].endswith("published.v1")]
+    assert published == list(range(1, n + 1))
+    async with make_transport(h.client_settings(settings), role="reader") as reader:
+        last = await reader.latest_model(model_id, timeout=10)
+    assert last is not None
+    m = h.model_versions([last])
+    assert list(m) == [n]  # published on shutdown
+    expected = x0.astype(np.float32).astype(np.float64) + 0.5 * np.sum(deltas, axis=0)
+    np.testing.assert_allclose(m[n], expected, rtol=1e-5, atol=1e-6)
+
+
+async def test_internal_error_is_dead_lettered_acknowledged_and_survived(
+    transport_name: str,
+    broker: Any,
+    tmp_path: Path,
+    model_id: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The policy step raises on the second update (the ``policy`` fault point stands for a
+    bug): it is dead-lettered as ``internal_error``, the worker folds the third, and after a
+    restart the refused message is not delivered again (it was acknowledged)."""
+    settings = h.settings_for(transport_name, broker, model_id, tmp_path, alpha=0.5)
+    await h.init_model(settings, np.zeros(h.N))
+    monkeypatch.setenv(ENV, "policy:2")
+    rng = np.random.default_rng(2)
+    sent = [h.update_bytes(model_id, f"dev-{i}", i if i < 2 else 1, rng.normal(0, 0.01, h.N))
+            for i in range(3)]  # fmt: skip
+    subscribed = asyncio.Event()
+    dead = asyncio.create_task(
+        h.read_channel(settings, "deadletter", until=lambda g: len(g) >= 1, subscribed=subscribed)
+    )
+    await asyncio.wait_for(subscribed.wait(), 30)
+    async with h.running_worker(settings) as worker:
+        async with make_transport(h.client_settings(settings), role="device") as dev:
+            for i, (raw, _) in enumerate(sent):
+                await dev.publish_update(model_id, f"dev-{i}", raw)
+        records = await dead
+        async with asyncio.timeout(30):
+            while worker.processed < 3 or worker.published_version < 2:
+                await asyncio.sleep(0.05)
+        assert worker.total_folded == 2 and worker.health.live
+        rejected = {
+            s.labels["reason"]: s.value
+            for metric in worker.metrics.registry.collect()
+            if metric.name == "fedbus_updates_rejected"
+            for s in metric.samples
+            if s.name.endswith("_total")
+        }
+        assert rejected == {"internal_error": 1.0}
+    letter = env.decode(records[0], expect="deadletter")
+    assert isinstance(letter, env.DeadLetterEnvelope)
+    assert letter.reason == "internal_error" and letter.client == "dev-1"
+    assert letter.original == sent[1][0]
+    monkeypatch.delenv(ENV)
+    async with h.running_worker(settings) as worker:
+        raw, d = h.update_bytes(model_id, "dev-3", 2, rng.normal(0, 0.01, h.N))
+        async with make_transport(h.client_settings(settings), role="device") as dev:
+            await dev.publish_update(model_id, "dev-3", raw)
+        async with asyncio.timeout(30):
+            while worker.strategy.version < 3:
+                await asyncio.sleep(0.05)
+        assert worker.processed == 1  # the new update only: nothing was redelivered
+    expected = 0.5 * (sent[0][1] + sent[2][1] + d)
+    np.testing.assert_allclose(worker.strategy.model, expected, rtol=1e-9, atol=1e-12)

@@ -24,6 +24,7 @@ from fedbus.aggregation import (
     merge,
 )
 from fedbus.store.checkpoint import dumps, loads
+from fedbus.wire.codecs import CodecSpec, decode, encode
 from fedbus.wire.errors import Reason
 
 _ids = itertools.count()
@@ -296,6 +297,82 @@ def test_state_round_trip_continues_bitwise(make: Any) -> None:
         assert resumed.state_dict()["dedup"] == straight.state_dict()["dedup"]
     redelivered = Update(f"c{clients[0]}", "u0", 0, 1, DenseDelta(us[0]))
     assert resumed.submit(redelivered).reason == Reason.DUPLICATE
+
+
+def _int8_updates(count: int, n: int = 3000) -> list[Update]:
+    """int8 deltas, which FedBuff stages in batches of eight before folding them."""
+    rng = np.random.default_rng(12)
+    spec = CodecSpec("int8")
+    return [
+        Update(f"c{i % 11}", f"u{i}", 0, 1, decode(encode(rng.normal(0, 1, n), spec, rng), spec, n))
+        for i in range(count)
+    ]
+
+
+def test_batched_int8_folds_equal_dense_folds() -> None:
+    """Staged int8 rows folded in batches give the model that folding each decoded update
+    densely gives (to float rounding)."""
+    rng = np.random.default_rng(5)
+    spec = CodecSpec("int8")
+    n = 3000
+    fused = FedBuff(np.zeros(n), buffer_size=20, staleness=Polynomial(0.5), clip_norm=3.0)
+    dense = FedBuff(np.zeros(n), buffer_size=20, staleness=Polynomial(0.5), clip_norm=3.0)
+    for i in range(20):
+        d = decode(encode(rng.standard_normal(n) * 0.1, spec, rng), spec, n)
+        fused.submit(Update(f"c{i}", f"u{i}", 0, 1, d))
+        dense.submit(Update(f"c{i}", f"u{i}", 0, 1, DenseDelta(d.to_dense())))
+    assert fused.version == dense.version == 1
+    np.testing.assert_allclose(fused.model, dense.model, rtol=0, atol=1e-7)
+
+
+def test_state_dict_has_no_side_effect_on_int8_batches() -> None:
+    """Looking at the state after every update (a snapshot at any moment) leaves every bit
+    of the result as it was: staged int8 rows are saved, not folded early."""
+    updates = _int8_updates(37)
+    plain, watched = (FedBuff(np.zeros(3000), buffer_size=10) for _ in range(2))
+    staged_seen = 0
+    for u in updates:
+        plain.submit(u)
+        watched.submit(u)
+        staged_seen += watched.state_dict()["staged"] is not None
+        watched.partial()  # a reducer's look at its buffer leaves it as it was, too
+    assert staged_seen > 20  # most looks fell mid-batch
+    np.testing.assert_array_equal(watched.model, plain.model)
+    a, b = watched.state_dict(), plain.state_dict()
+    np.testing.assert_array_equal(a["acc"], b["acc"])
+    np.testing.assert_array_equal(a["staged"]["codes"], b["staged"]["codes"])
+
+
+@pytest.mark.parametrize("cut", [3, 8, 13, 21])
+def test_checkpoint_mid_batch_resumes_bitwise(cut: int) -> None:
+    """Stop with int8 rows staged (or none, at 8), restore through a checkpoint file,
+    continue: bitwise the run that never stopped."""
+    updates = _int8_updates(37)
+    straight = FedBuff(np.zeros(3000), buffer_size=10)
+    for u in updates:
+        straight.submit(u)
+    first = FedBuff(np.zeros(3000), buffer_size=10)
+    for u in updates[:cut]:
+        first.submit(u)
+    state = first.state_dict()
+    assert (state["staged"] is None) == (cut % 10 % 8 == 0)
+    resumed = FedBuff(np.zeros(3000), buffer_size=10)
+    resumed.load_state_dict(loads(dumps(state)))
+    for u in updates[cut:]:
+        resumed.submit(u)
+    np.testing.assert_array_equal(resumed.model, straight.model)
+    np.testing.assert_array_equal(resumed.state_dict()["acc"], straight.state_dict()["acc"])
+
+
+def test_staged_rows_that_do_not_fit_are_refused() -> None:
+    fb = FedBuff(np.zeros(3000), buffer_size=10)
+    for u in _int8_updates(3):
+        fb.submit(u)
+    state = fb.state_dict()
+    with pytest.raises(ValueError, match="staged"):
+        FedBuff(np.zeros(2999), buffer_size=10).load_state_dict(
+            {**state, "model": np.zeros(2999), "acc": np.zeros(2999)}
+        )
 
 
 def test_state_dict_is_a_detached_snapshot() -> None:

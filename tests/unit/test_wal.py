@@ -3,6 +3,8 @@ segment rotation."""
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
@@ -111,3 +113,50 @@ def test_refuses_to_append_after_a_damaged_start(tmp_path: Path) -> None:
     log.path(7).write_bytes(wal.MAGIC[:3])
     with pytest.raises(OSError, match="damaged"):
         _commit(log, 7, 1, 0)
+
+
+class _CountingLog(wal.WriteAheadLog):
+    syncs = 0
+
+    def append(self, seq: int, chunks: Iterable[bytes | memoryview]) -> None:
+        self.syncs += 1
+        super().append(seq, chunks)
+
+
+def _records(tag: int) -> wal.Chunks:
+    return [
+        *wal.message_record("t", bytes([tag]) * 20, None, 0, tag),
+        *wal.commit_record({"tag": tag}),
+    ]
+
+
+def test_commits_queued_together_share_one_sync_and_keep_their_order(tmp_path: Path) -> None:
+    log = _CountingLog(tmp_path, fsync=True)
+    writer = wal.LogWriter(log)
+    hold = threading.Event()
+    writer.call(hold.wait)  # the thread is busy while five commits queue up
+    futures = [writer.commit(1, _records(tag)) for tag in range(5)]
+    writer.write(1, wal.message_record("t", b"tail", None, 0, 99))  # streamed, not committed
+    later = writer.call(lambda: "after")
+    assert not any(f.done() for f in futures)
+    hold.set()
+    assert [f.result(timeout=10) for f in futures] == [None] * 5
+    assert later.result(timeout=10) == "after"
+    writer.commit(1, _records(5)).result(timeout=10)
+    writer.close()
+    assert log.syncs == 2  # one for the five queued together, one for the last
+    found = log.read(1)
+    assert [book["tag"] for _, book in found.batches] == [0, 1, 2, 3, 4, 5]
+    assert [r.payload for r in found.batches[5][0]] == [b"tail", bytes([5]) * 20]
+
+
+def test_a_failed_write_fails_every_later_commit(tmp_path: Path) -> None:
+    log = wal.WriteAheadLog(tmp_path, fsync=False)
+    log.path(3).write_bytes(wal.MAGIC[:3])  # a damaged segment start: appending raises
+    writer = wal.LogWriter(log)
+    first = writer.commit(3, _records(0))
+    with pytest.raises(OSError, match="damaged"):
+        first.result(timeout=10)
+    with pytest.raises(OSError, match="damaged"):
+        writer.commit(4, _records(1)).result(timeout=10)
+    writer.close()

@@ -17,10 +17,12 @@ loop, so the worker and its yardstick share the same cores the same way:
   models published fp32; each commit appends the accepted updates to the write-ahead log, a
   full snapshot every ``SNAPSHOT_INTERVAL_S`` (30 s, the default), so a timed window of a
   few seconds rarely holds one: at 1M parameters a snapshot is a 16 MB file) consuming
-  the same number of messages. Rate = updates from the first publish until its
-  ``processed`` counter reaches them *and* the version holding the last of them is published
-  (the worker writes, acknowledges and publishes in the background of its loop, so
-  "handled" alone would stop the clock one commit early).
+  the same number of messages, publishing model weights at most every
+  ``model_publish_interval_s`` (0, the default here: every version). Rate = updates from
+  the first publish until its ``processed`` counter reaches them *and* the version holding
+  the last of them is published (with an interval: committed, since its publication may
+  wait for the interval) (the worker writes, acknowledges and publishes in the background
+  of its loop, so "handled" alone would stop the clock one commit early).
 
 Each case starts on a fresh model id (fresh topics, session and group) and first pushes K
 warm-up messages through, so connection set-up, Kafka group joins and Numba compilation
@@ -37,8 +39,9 @@ defers one) at half the rate the worker just reached. The i-th update published 
 i-th folded (one publisher connection, one MQTT subscription or one Kafka partition, and
 at half load nothing overtakes), and FedBuff's version v holds the folds
 ``(total(v-1), total(v)]``. The "version published" moment is when the worker's
-``io.fedbus.model.published.v1`` CloudEvent, which it sends right after the broker
-acknowledged the model message, reaches a subscriber on the events channel. Following the
+``io.fedbus.model.published.v1`` CloudEvent, which it sends once the commit holding the
+version is durable (beside the acknowledgements, before the weights), reaches a subscriber
+on the events channel. Following the
 model channel instead would mean receiving a 4 MB fp32 model (1M parameters) every 10
 updates in the measuring process, a receive cost that would slow the very worker being
 measured. Per-update latency = that moment minus the moment the update's publish began;
@@ -224,6 +227,7 @@ class _Env:
     broker: MosquittoBroker | TansuBroker
     workdir: Path
     log: Log
+    model_publish_interval_s: float = 0.0
 
     def settings(self, model: str, worker_id: str = "worker-0") -> Any:
         from workers.settings import load
@@ -238,6 +242,7 @@ class _Env:
             "metrics_port": 0,
             "ack_every": ACK_EVERY,
             "model_codec": MODEL_CODEC,
+            "model_publish_interval_s": self.model_publish_interval_s,
             "aggregation": {
                 "algorithm": "fedbuff",
                 "buffer_size": BUFFER_SIZE,
@@ -506,11 +511,16 @@ async def _worker_case(
                         task.result()
                         raise RuntimeError("worker stopped before it was ready")
 
+                    def done_version() -> int:
+                        if where.model_publish_interval_s == 0:
+                            return worker.published_version
+                        return worker.committed_version
+
                     def handled(n: int) -> Callable[[], bool]:
                         # n is a multiple of K from distinct clients: n // K versions, and
                         # the run ends when the last one is published (its updates acked)
                         return lambda: (
-                            (worker.processed >= n and worker.published_version >= n // BUFFER_SIZE)
+                            (worker.processed >= n and done_version() >= n // BUFFER_SIZE)
                             or task.done()
                         )
 
@@ -587,6 +597,7 @@ async def _run(
     latency_updates: int,
     window: int,
     log: Log,
+    model_publish_interval_s: float,
 ) -> list[dict[str, Any]]:
     workdir = Path(tempfile.mkdtemp(prefix="fedbus-bench-e2e-"))
     broker: MosquittoBroker | TansuBroker = (
@@ -595,7 +606,7 @@ async def _run(
     records: list[dict[str, Any]] = []
     try:
         broker.start()
-        where = _Env(transport, broker, workdir, log)
+        where = _Env(transport, broker, workdir, log, model_publish_interval_s)
         seeds = itertools.count(1)
         for n in sizes:
             if updates_per_run is None:
@@ -649,6 +660,7 @@ async def _run(
                     "checkpoint_fsync": False,
                     "snapshot_interval_s": SNAPSHOT_INTERVAL_S,
                     "publish_window": window,
+                    "model_publish_interval_s": model_publish_interval_s,
                     "latency_samples": len(latencies),
                     "latency_pace_per_s": statistics.median(paces),
                 }
@@ -668,6 +680,7 @@ def run(
     latency_updates: int = 100,
     window: int = 10,
     log: Log = _quiet,
+    model_publish_interval_s: float = 0.0,
 ) -> list[dict[str, Any]]:
     """Run the benchmark on its own broker; one record per parameter count.
 
@@ -682,7 +695,16 @@ def run(
         raise ValueError("repeats must be at least 1")
     _configure_logging()
     return asyncio.run(
-        _run(transport, sizes, repeats, updates_per_run, latency_updates, window, log)
+        _run(
+            transport,
+            sizes,
+            repeats,
+            updates_per_run,
+            latency_updates,
+            window,
+            log,
+            model_publish_interval_s,
+        )
     )
 
 

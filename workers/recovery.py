@@ -1,0 +1,108 @@
+"""Recovery: where a worker's state comes from at start-up.
+
+From its own checkpoint directory when there is one: the newest snapshot, then the committed
+write-ahead log after it, replayed through the same path the live worker took (ingest ->
+``strategy.submit``; ``drain``), without dead letters, events or acknowledgements, ending
+with the last commit record's bookkeeping. The state is then bitwise the one the crashed
+worker had at its last commit: everything the policy does depends only on the sequence it is
+fed (FedBuff's staged int8 folds included: a snapshot carries them rather than folding
+them). A torn log tail (kill -9 mid-append) fails its CRC and is dropped with the rest of its
+commit, whose messages were never acknowledged.
+
+Without a checkpoint, from the model published on the model channel (``fedbus model init``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from fedbus.ingest import Ingest, Refusal, Source, TransportName, judge
+from fedbus.store import wal
+from fedbus.store.checkpoint import CheckpointError, CheckpointStore
+from fedbus.transport.base import Transport
+from fedbus.wire import envelope as env
+from fedbus.wire.codecs import CodecSpec, decode_dense
+from fedbus.wire.layout import Layout
+from workers.book import Book
+from workers.settings import WorkerSettings
+from workers.strategy import Strategy, build
+
+
+@dataclass
+class Restored:
+    strategy: Strategy
+    layout: Layout
+    book: Book
+    segment: int  # the newest log segment seen: new commits go after it
+    replayed: int = 0  # log records replayed
+
+
+def from_checkpoint(
+    settings: WorkerSettings, store: CheckpointStore, log_: wal.WriteAheadLog, log: Any
+) -> Restored | None:
+    """The newest snapshot plus the committed log after it, or None without a snapshot.
+    Blocking: run it on a thread, before anything is consumed."""
+    state = store.load_latest()
+    if state is None:
+        return None
+    layout = Layout.from_wire(state["layout"])
+    strategy = build(settings.aggregation, np.zeros(layout.n_params), 0)
+    strategy.load_state_dict(state["strategy"])
+    book = Book.from_state(state)
+    segments = log_.segments()
+    # Checkpoints from before the log name no segment: none of them is theirs.
+    first = int(state.get("wal", segments[-1] + 1 if segments else 0))
+    ingest = Ingest(settings.model, layout, max_bytes=settings.max_message_bytes)
+    restored = Restored(strategy, layout, book, max([first, *segments]))
+    for seg in (s for s in segments if s >= first):
+        found = log_.read(seg)
+        if found.torn:
+            log.warning(
+                "dropped an uncommitted log tail",
+                segment=seg,
+                bytes=found.size - found.committed_end,
+            )
+        for records, commit in found.batches:
+            for record in records:
+                _replay(record, ingest, strategy, settings.transport)
+                restored.replayed += 1
+            restored.book = Book.from_state(commit)
+    return restored
+
+
+def _replay(
+    record: wal.Record, ingest: Ingest, strategy: Strategy, transport: TransportName
+) -> None:
+    if record.kind == wal.DRAIN:
+        if not strategy.drain():
+            raise CheckpointError("log replay diverged: a logged drain found no buffer")
+        return
+    topic, key, _partition, _offset = record.meta
+    verdict = judge(ingest, strategy, record.payload, Source(transport, topic, key), verify=False)
+    if isinstance(verdict, Refusal):
+        raise CheckpointError(
+            f"log replay diverged: a message on {topic!r} was refused ({verdict.reason}: "
+            f"{verdict.detail[:200]})"
+        )
+
+
+async def from_published_model(
+    settings: WorkerSettings, transport: Transport, stop: asyncio.Event, log: Any
+) -> Restored:
+    """Version and weights of the model on the model channel; waits for one until ``stop``."""
+    while not stop.is_set():
+        raw = await transport.latest_model(settings.model, timeout=2.0)
+        if raw is not None:
+            model = env.decode(raw, expect="model")
+            assert isinstance(model, env.ModelEnvelope)
+            layout = Layout.from_wire(model.layout)
+            weights = decode_dense(model.payload, CodecSpec.from_wire(model.codec), layout.n_params)
+            strategy = build(settings.aggregation, weights, model.version)
+            log.info("initialised from published model", version=model.version)
+            return Restored(strategy, layout, Book(published_version=model.version), 0)
+        log.info("waiting for a model; run `fedbus model init`")
+    raise asyncio.CancelledError
