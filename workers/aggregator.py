@@ -44,7 +44,7 @@ from workers import events, recovery
 from workers.book import Book, Tally
 from workers.committer import Committer
 from workers.crashpoints import CrashPoints
-from workers.observability import HealthServer, Metrics
+from workers.observability import HealthServer, Metrics, ProgressLog
 from workers.publication import ModelPublisher, Weights
 from workers.settings import WorkerSettings
 from workers.strategy import Strategy
@@ -358,8 +358,14 @@ class AggregatorWorker:
             self.health.ready = False
             await self._shutdown()
             await self.health.stop()
+            c = self.committer
+            snapshot = c.last_snapshot_path if c is not None else None
             self.log.info(
-                "stopped", version=self._announced, total_updates_folded=self.total_folded
+                "stopped",
+                version=self._announced,
+                published_version=self.publisher.confirmed if self.publisher else None,
+                total_updates_folded=self.total_folded,
+                checkpoint=str(snapshot) if snapshot is not None else None,
             )
 
     async def _shutdown(self) -> None:
@@ -391,6 +397,7 @@ class AggregatorWorker:
         pump_task = asyncio.create_task(pump())
         stop_task = asyncio.create_task(stop.wait())
         interval = self.settings.checkpoint_interval_s
+        summary = ProgressLog(self.log, self.settings.log_summary_interval_s)
         try:
             while not stop.is_set():
                 try:
@@ -431,6 +438,13 @@ class AggregatorWorker:
                 if self._drain_wait() == 0.0:
                     await self._drain()
                 now = time.monotonic()
+                summary.maybe(
+                    now,
+                    processed=self.processed,
+                    folded=self.book.total_folded,
+                    version=self.strategy.version,
+                    published=publisher.confirmed,
+                )
                 if (committer.pending and now - committer.last_commit >= interval) or (
                     publisher.due_in(self.strategy.version, now) == 0.0
                 ):

@@ -43,6 +43,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from fedbus.store import wal
@@ -111,6 +112,7 @@ class Committer:
         self._log_bytes = 0  # handed to the writer for the current segment
         self._writer: wal.LogWriter | None = None
         self._snapshot_task: asyncio.Task[None] | None = None  # at most one in flight
+        self.last_snapshot_path: Path | None = None  # the newest snapshot written
         self._outbox: asyncio.Queue[_Commit] = asyncio.Queue()
         self._in_flight = 0
         self._room = asyncio.Event()
@@ -326,7 +328,7 @@ class Committer:
 
     def _save_snapshot(self, state: dict[str, Any], version: int) -> None:
         """On a thread: write the snapshot, then drop the segments it covers."""
-        self.store.save(state, version)
+        self.last_snapshot_path = self.store.save(state, version)
         if self._writer is None:
             self.wal.remove_before(state["wal"])
         else:  # the writer owns the log: deletion waits its turn behind earlier writes

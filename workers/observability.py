@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Iterable
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -139,3 +140,35 @@ class _QuietHandler(WSGIRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         return None
+
+
+class ProgressLog:
+    """One INFO line every ``interval`` seconds with what happened since the last one.
+
+    A busy worker makes hundreds of versions a minute; one line each (now at DEBUG) would
+    bury everything else in its log, while a periodic summary keeps a quiet log readable and
+    still shows a stalled worker (zero messages since the last line)."""
+
+    def __init__(self, log: Any, interval: float) -> None:
+        self.log, self.interval = log, interval
+        self._at = time.monotonic()
+        self._seen = (0, 0, -1)
+
+    def maybe(
+        self, now: float, *, processed: int, folded: int, version: int, published: int
+    ) -> None:
+        if self.interval <= 0 or now - self._at < self.interval:
+            return
+        p0, f0, v0 = self._seen
+        elapsed = now - self._at
+        self.log.info(
+            "progress",
+            version=version,
+            published_version=published,
+            versions=version - v0 if v0 >= 0 else None,
+            messages=processed - p0,
+            folded=folded - f0,
+            messages_per_s=round((processed - p0) / elapsed, 1),
+            seconds=round(elapsed, 1),
+        )
+        self._at, self._seen = now, (processed, folded, version)

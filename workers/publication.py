@@ -158,7 +158,7 @@ class ModelPublisher:
         await self.transport.publish_model(self.model, payload, w.version)
         self.confirmed = max(self.confirmed, w.version)
         self.handed = max(self.handed, w.version)
-        self.log.info("published", version=w.version, total_updates_folded=w.updates_folded)
+        self.log.debug("published", version=w.version, total_updates_folded=w.updates_folded)
         self.on_published(w.version)
 
     def message(self, w: Weights) -> bytes:

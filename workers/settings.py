@@ -145,6 +145,8 @@ class WorkerSettings(BaseSettings):
     metrics_port: int = Field(9464, ge=0, le=65535)  # 0 disables the HTTP endpoints
     log_format: Literal["json", "console"] = "json"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # One INFO "progress" line this often (per-version lines are DEBUG); 0 turns it off.
+    log_summary_interval_s: float = Field(60.0, ge=0)
 
     @field_validator("log_level", "log_format", "transport", mode="before")
     @classmethod

@@ -26,7 +26,6 @@ import math
 import os
 import re
 import struct
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,8 @@ from typing import Any
 
 import msgpack
 import numpy as np
+
+from fedbus.store.files import atomic_write
 
 _ARRAY_EXT = 42  # format 1: dtype, shape and the bytes inline
 _REF_EXT = 43  # format 2: dtype, shape, offset and length in the data section
@@ -237,27 +238,7 @@ class CheckpointStore:
         """Write atomically; returns the new file. Older ones beyond ``keep`` are removed."""
         self._seq += 1
         target = self.directory / f"ckpt-{version:012d}-{self._seq:08d}.msgpack"
-        chunks = _encode(state)
-        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-", suffix=".msgpack")
-        try:
-            with os.fdopen(fd, "wb", buffering=0) as f:
-                for chunk in chunks:  # arrays go from their own memory to the file
-                    view = memoryview(chunk)
-                    while view:
-                        view = view[f.write(view) :]
-                if self.fsync:
-                    f.flush()
-                    os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        if self.fsync:
-            dfd = os.open(self.directory, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+        atomic_write(target, _encode(state), fsync=self.fsync)
         for old in self.list()[: -self.keep]:
             old.path.unlink(missing_ok=True)
         return target

@@ -34,6 +34,8 @@ from typing import Any, BinaryIO
 
 import msgpack
 
+from fedbus.store.files import fsync_dir
+
 MAGIC = b"FBWAL01\n"
 _HEAD = struct.Struct("<IIB")  # body length, crc32(length, kind, body), kind
 _MSG_HEAD = struct.Struct("<I")  # length of the message's msgpack metadata
@@ -184,7 +186,7 @@ class WriteAheadLog:
                 if self.fsync:  # the new name must survive a crash too
                     f.flush()
                     os.fsync(f.fileno())
-                    _fsync_dir(self.directory)
+                    fsync_dir(self.directory)
             elif f.tell() < len(MAGIC):
                 f.close()
                 raise OSError(f"refusing to append to the damaged log segment {path}")
@@ -218,14 +220,6 @@ class WriteAheadLog:
 
 
 _datasync = getattr(os, "fdatasync", os.fsync)  # macOS has no fdatasync
-
-
-def _fsync_dir(directory: Path) -> None:
-    dfd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 class LogWriter:

@@ -65,7 +65,12 @@ async def test_logs_are_json_lines_across_a_broker_restart(
     settings = settings.model_copy(update={"metrics_port": free_port()})
     await h.init_model(settings, np.zeros(h.N))
     log = tmp_path / "worker.log"
-    proc = await h.start_worker_process(settings, log)
+    proc = await h.start_worker_process(settings, log, {"FEDBUS_LOG_SUMMARY_INTERVAL_S": "0.5"})
+    async with h.make_transport(h.client_settings(settings), role="device") as dev:
+        for i in range(12):  # a version per update (FedAsync): each one a DEBUG line only
+            raw, _ = h.update_bytes(settings.model, f"dev-{i}", 0, np.full(h.N, 0.01), seed=i)
+            await dev.publish_update(settings.model, f"dev-{i}", raw)
+    await asyncio.sleep(1.5)
     broker.kill()
     await asyncio.sleep(1.0)  # the worker notices and retries: its reconnect lines are logged
     broker.start()
@@ -81,3 +86,8 @@ async def test_logs_are_json_lines_across_a_broker_restart(
     assert any("connection lost" in e or "failed" in e for e in events), events
     assert events[-1] == "stopped"
     assert all({"event", "level", "timestamp"} <= r.keys() for r in records)
+    assert "published" not in events  # per-version lines are DEBUG
+    progress = [r for r in records if r["event"] == "progress"]
+    assert progress and sum(r["folded"] for r in progress) == 12
+    stopped = records[-1]
+    assert stopped["version"] == 12 and stopped["checkpoint"].endswith(".msgpack")
