@@ -133,7 +133,8 @@ class BrokerServer:
         return decode_dense(payload, self.codec, self.layout.n_params), len(payload)
 
     def model(self) -> np.ndarray:
-        return self._weights
+        weights: np.ndarray = self._weights
+        return weights
 
     def submit(self, client: int, base_version: int, delta: np.ndarray, num_examples: int) -> bool:
         payload = self.payloads.pop(client)

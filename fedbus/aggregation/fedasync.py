@@ -100,7 +100,7 @@ class FedAsync:
         return False
 
     def state_dict(self) -> dict[str, Any]:
-        return snapshot(
+        state: dict[str, Any] = snapshot(
             {
                 "algorithm": "fedasync",
                 "model": self._x,
@@ -109,6 +109,7 @@ class FedAsync:
                 "ring": [[v, x] for v, x in self.ring.items()],
             }
         )
+        return state
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
         expect(d, "fedasync")

@@ -334,7 +334,7 @@ class FedBuff:
         """A detached snapshot of plain types and arrays (see :mod:`.state`). No side
         effect: staged int8 rows are saved as they are (see :mod:`.foldqueue`), so results
         never depend on when a snapshot was taken."""
-        return snapshot(
+        state: dict[str, Any] = snapshot(
             {
                 "algorithm": "fedbuff",
                 "model": self._x,
@@ -361,6 +361,7 @@ class FedBuff:
                 "rng": self.rng.bit_generator.state,
             }
         )
+        return state
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
         expect(d, "fedbuff")

@@ -14,6 +14,7 @@ kernels allocate nothing). The roofline array is 128 MB, far larger than the cac
 
 from __future__ import annotations
 
+import functools
 import gc
 import itertools
 import statistics
@@ -103,8 +104,8 @@ class _Case:
         self.dense = np.stack([d.to_dense().astype(np.float32) for d in self.deltas])
         if codec == "int8":
             nb = self.deltas[0].scales.shape[0]  # type: ignore[union-attr]
-            self.q = np.stack([d.codes for d in self.deltas])  # type: ignore[union-attr]
-            self.scales = np.stack([d.scales for d in self.deltas])  # type: ignore[union-attr]
+            self.q = np.stack([getattr(d, "codes") for d in self.deltas])  # noqa: B009
+            self.scales = np.stack([getattr(d, "scales") for d in self.deltas])  # noqa: B009
             assert self.scales.shape == (k, nb)
         self.examples = [int(100 + 9 * i) for i in range(k)]
 
@@ -179,20 +180,20 @@ def run(
             for codec in codecs:
                 log(f"{codec} N={n:,} K={k}")
                 case = _Case(codec, n, k, rng)
-                contenders: list[tuple[str, int, Callable[[], object]]] = [
+                contenders: list[tuple[str, int, Callable[[], np.ndarray]]] = [
                     ("stream", 1, case.stream)
                 ]
                 if codec == "int8":
                     contenders += [
-                        ("batch", 1, lambda c=case: c.batch(False)),
-                        ("batch", 2, lambda c=case: c.batch(True)),
+                        ("batch", 1, functools.partial(case.batch, False)),
+                        ("batch", 2, functools.partial(case.batch, True)),
                     ]
                 # correctness guard: every contender agrees with naive NumPy
                 ref = case.numpy()
                 for _, _, fn in contenders:
                     got = fn()
                     tol = 1e-5 * float(np.abs(ref).max() + 1e-30)
-                    np.testing.assert_allclose(got, ref, rtol=0, atol=tol)  # type: ignore[arg-type]
+                    np.testing.assert_allclose(got, ref, rtol=0, atol=tol)
                 roof: list[float] = []
                 t_numpy: list[float] = []
                 t_flower: list[float] = []
@@ -201,12 +202,14 @@ def run(
                     roof.append(copy_bandwidth())
                     t_numpy.append(_timed(case.numpy))
                     if aggregate is not None:
-                        t_flower.append(_timed(lambda c=case: c.flower(aggregate)))
+                        t_flower.append(_timed(functools.partial(case.flower, aggregate)))
                     for path, threads, fn in contenders:
                         t_ours[(path, threads)].append(_timed(fn))
                 roof_gbps = statistics.median(roof)
                 numpy_peak = _peak(case.numpy)
-                flower_peak = _peak(lambda c=case: c.flower(aggregate)) if aggregate else None
+                flower_peak = (
+                    _peak(functools.partial(case.flower, aggregate)) if aggregate else None
+                )
                 for path, threads, fn in contenders:
                     ts = t_ours[(path, threads)]
                     med = statistics.median(ts)

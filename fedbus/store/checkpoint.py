@@ -113,7 +113,7 @@ def _encode(state: Mapping[str, Any]) -> list[bytes | memoryview]:
         gap = start + offset - pos
         if gap:
             chunks.append(b"\0" * gap)
-        view = memoryview(arr.reshape(-1)).cast("B")
+        view = memoryview(arr.reshape(-1)).cast("B")  # type: ignore[arg-type]
         chunks.append(view)
         pos = start + offset + arr.nbytes
     return chunks
@@ -195,7 +195,8 @@ def loads(raw: bytes) -> dict[str, Any]:
         raise CheckpointError(f"unreadable checkpoint: {exc}") from exc
     if not isinstance(out, dict):
         raise CheckpointError("checkpoint is not a map")
-    return _decode_big(out)
+    state: dict[str, Any] = _decode_big(out)
+    return state
 
 
 @dataclass(frozen=True)

@@ -180,17 +180,17 @@ class WriteAheadLog:
         if self._seq != seq:
             self.close()
             path = self.path(seq)
-            f = path.open("ab")
-            if f.tell() == 0:
-                f.write(MAGIC)
+            segment = path.open("ab")
+            if segment.tell() == 0:
+                segment.write(MAGIC)
                 if self.fsync:  # the new name must survive a crash too
-                    f.flush()
-                    os.fsync(f.fileno())
+                    segment.flush()
+                    os.fsync(segment.fileno())
                     fsync_dir(self.directory)
-            elif f.tell() < len(MAGIC):
-                f.close()
+            elif segment.tell() < len(MAGIC):
+                segment.close()
                 raise OSError(f"refusing to append to the damaged log segment {path}")
-            self._file, self._seq = f, seq
+            self._file, self._seq = segment, seq
         f = self._file
         assert f is not None
         for chunk in chunks:

@@ -83,7 +83,7 @@ class KafkaConfig:
     fetch_max_wait_ms: int = 10
 
 
-class _SeekOnAssign(ConsumerRebalanceListener):
+class _SeekOnAssign(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka is untyped
     """Applies checkpointed offsets when the group hands us the partition, which is the
     only moment a seek sticks: before assignment there is nothing to seek."""
 

@@ -44,6 +44,7 @@ import aiomqtt
 from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
 from fedbus.transport import topics
 from fedbus.transport.base import Message, Transport, TransportError
@@ -169,7 +170,7 @@ class MqttTransport(Transport):
                 retain=True,
             )
         if c.is_v5:
-            properties = Properties(PacketTypes.CONNECT)
+            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             properties.SessionExpiryInterval = c.session_expiry_interval if persistent else 0
             kwargs["clean_start"] = clean
         else:
@@ -242,7 +243,7 @@ class MqttTransport(Transport):
     async def _subscribe(self, client: aiomqtt.Client, topic: str, qos: int) -> None:
         granted = await client.subscribe(topic, qos=qos, timeout=self.config.timeout)
         for code in granted:
-            if int(getattr(code, "value", code)) >= 0x80:
+            if (code.value if isinstance(code, ReasonCode) else code) >= 0x80:
                 raise TransportError(f"subscription to {topic!r} refused: {code}")
 
     async def _with_backoff(
@@ -424,7 +425,7 @@ class MqttTransport(Transport):
     async def publish_model(self, model: str, payload: bytes, version: int) -> None:
         properties = None
         if self.config.is_v5:
-            properties = Properties(PacketTypes.PUBLISH)
+            properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
             properties.UserProperty = (VERSION_PROPERTY, str(version))
         await self._publish(topics.mqtt_model(model), payload, retain=True, properties=properties)
 
@@ -451,7 +452,7 @@ class MqttTransport(Transport):
                 async with asyncio.timeout(settle):
                     async for m in client.messages:
                         try:
-                            record = json.loads(bytes(m.payload))  # type: ignore[arg-type]
+                            record = json.loads(bytes(m.payload))
                         except (ValueError, TypeError):
                             continue
                         if (
@@ -494,7 +495,7 @@ class MqttTransport(Transport):
                 async with asyncio.timeout(timeout):
                     async for m in client.messages:
                         if m.payload:  # an empty retained payload is a deletion
-                            return bytes(m.payload)  # type: ignore[arg-type]
+                            return bytes(m.payload)
             except TimeoutError:
                 return None
         return None
@@ -505,7 +506,7 @@ class MqttTransport(Transport):
                 async with self._reader(topics.mqtt_model(model)) as client:
                     async for m in client.messages:
                         if m.payload:
-                            yield bytes(m.payload)  # type: ignore[arg-type]
+                            yield bytes(m.payload)
             except aiomqtt.MqttError as exc:
                 if self._closing:
                     return

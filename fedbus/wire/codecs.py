@@ -122,9 +122,9 @@ class CodecSpec:
             raise WireError(Reason.UNKNOWN_CODEC, f"ill-typed codec map {dict(d)!r}")
         return cls(name, block, rounding, float(fraction), values, zstd)  # type: ignore[arg-type]
 
-    def to_wire(self) -> dict[str, str | int | float | bool]:
+    def to_wire(self) -> dict[str, str | int | float | bool | None]:
         """The envelope's codec map: only the keys this codec uses."""
-        out: dict[str, str | int | float | bool] = {"name": self.name}
+        out: dict[str, str | int | float | bool | None] = {"name": self.name}
         if self.name in ("int8", "int4"):
             out.update(block=self.block, rounding=self.rounding)
         elif self.name == "topk":
@@ -279,7 +279,9 @@ def encode(delta: np.ndarray, spec: CodecSpec, rng: np.random.Generator | None =
     return raw
 
 
-def _quantise(v: np.ndarray, spec: CodecSpec, q_max: int, rng: np.random.Generator | None):  # type: ignore[no-untyped-def]
+def _quantise(
+    v: np.ndarray, spec: CodecSpec, q_max: int, rng: np.random.Generator | None
+) -> tuple[np.ndarray, np.ndarray]:
     stochastic = spec.rounding == "stochastic"
     return blockwise.quantize_blockwise(
         v, spec.block, q_max, stochastic, _seed(rng) if stochastic else 0
@@ -309,7 +311,7 @@ def _encode_raw(v: np.ndarray, spec: CodecSpec, rng: np.random.Generator | None)
     else:
         index = idx.tobytes()
     head = np.array([k], dtype="<u4").tobytes() + index
-    vals = v[idx]
+    vals: np.ndarray = v[idx]
     if spec.values == "fp16":
         return head + vals.astype("<f2").tobytes()
     q, s = _quantise(vals, spec, blockwise.INT8_Q, rng)
@@ -345,7 +347,7 @@ def _unzstd(payload: bytes, bound: int) -> bytes:
     decompressor = z.ZstdDecompressor(max_window_size=_window_limit(bound))
     with decompressor.stream_reader(io.BytesIO(payload)) as reader:
         try:
-            out = reader.read(bound + 1)
+            out: bytes = reader.read(bound + 1)
         except z.ZstdError as exc:
             # "Frame requires too much memory": a window past the limit, i.e. a bomb's header
             reason = Reason.DECOMPRESSION_BOMB if "memory" in str(exc) else Reason.MALFORMED

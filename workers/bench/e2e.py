@@ -442,7 +442,7 @@ async def _follow_events(where: _Env, model: str, commits: _Commits, ready: asyn
             await client.subscribe(topics.mqtt_events(model), qos=1)
             ready.set()
             async for message in client.messages:
-                commits.add(bytes(message.payload))  # type: ignore[arg-type]
+                commits.add(bytes(message.payload))
         return
     from aiokafka import AIOKafkaConsumer
 
