@@ -17,8 +17,9 @@ to start one from Python.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from fedbus._lazy import lazy_names
 
 __version__ = "0.1.0"
 
@@ -115,14 +116,4 @@ if TYPE_CHECKING:
     from fedbus.wire.signing import generate_keypair
 
 
-def __getattr__(name: str) -> Any:
-    module = _NAMES.get(name)
-    if module is None:
-        raise AttributeError(f"module 'fedbus' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_names(__name__, _NAMES, __all__, globals())

@@ -10,22 +10,23 @@ policy (nor, through them, Numba's kernels).
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from fedbus._lazy import lazy_names
 
 _NAMES = {
-    "clip": "clipping", "clip_factor": "clipping",
-    "Delta": "delta", "DenseDelta": "delta",
-    "Accountant": "dp", "DPConfig": "dp", "epsilon": "dp",
-    "FedAsync": "fedasync",
-    "FedBuff": "fedbuff", "PartialBuffer": "fedbuff", "example_weight": "fedbuff",
-    "merge": "fedbuff",
-    "ServerAdam": "optimizers", "ServerOptimizer": "optimizers", "ServerSGD": "optimizers",
-    "optimizer_from_state": "optimizers",
-    "robust_mean": "robust",
-    "Constant": "staleness", "FLSimNormalised": "staleness", "Hinge": "staleness",
-    "Polynomial": "staleness", "Staleness": "staleness", "Threshold": "staleness",
-    "DedupWindow": "update", "Outcome": "update", "Update": "update",
+    "clip": ".clipping", "clip_factor": ".clipping",
+    "Delta": ".delta", "DenseDelta": ".delta",
+    "Accountant": ".dp", "DPConfig": ".dp", "epsilon": ".dp",
+    "FedAsync": ".fedasync",
+    "FedBuff": ".fedbuff", "PartialBuffer": ".fedbuff", "example_weight": ".fedbuff",
+    "merge": ".fedbuff",
+    "ServerAdam": ".optimizers", "ServerOptimizer": ".optimizers", "ServerSGD": ".optimizers",
+    "optimizer_from_state": ".optimizers",
+    "robust_mean": ".robust",
+    "Constant": ".staleness", "FLSimNormalised": ".staleness", "Hinge": ".staleness",
+    "Polynomial": ".staleness", "Staleness": ".staleness", "Threshold": ".staleness",
+    "DedupWindow": ".update", "Outcome": ".update", "Update": ".update",
 }  # fmt: skip
 
 __all__ = [
@@ -59,14 +60,4 @@ if TYPE_CHECKING:
     from fedbus.aggregation.update import DedupWindow, Outcome, Update
 
 
-def __getattr__(name: str) -> Any:
-    module = _NAMES.get(name)
-    if module is None:
-        raise AttributeError(f"module 'fedbus.aggregation' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"fedbus.aggregation.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_names(__name__, _NAMES, __all__, globals())
