@@ -61,6 +61,7 @@ def worker(
 ) -> None:
     """Run an aggregator worker until SIGTERM or SIGINT, then checkpoint and exit 0.
 
+    \b
     Example: fedbus worker --transport mqtt --mqtt-host broker --model digits --algorithm fedbuff
     """
     from workers.main import run_worker
@@ -101,6 +102,7 @@ def model_init(
 ) -> None:
     """Publish version 0 of a model (retained on MQTT, compacted on Kafka) with its layout.
 
+    \b
     Example: fedbus model init --transport mqtt --model digits --example softmax
     """
     from workers.main import publish_initial_model
@@ -169,6 +171,7 @@ def client_simulate(
     through the real device SDK against a running broker and worker; print the global model's
     accuracy as versions come back.
 
+    \b
     Example: fedbus client simulate --transport mqtt --model digits --devices 300 --duration 60
     """
     import asyncio
@@ -263,6 +266,7 @@ def demo(
     show live progress, then a summary table and a plot of accuracy against simulated time and
     against bytes uploaded, for FedBuff, FedAsync and synchronous FedAvg.
 
+    \b
     Example: fedbus demo --duration 60 --codecs int8
     """
     from workers.demo_cli import run
@@ -296,6 +300,7 @@ def bench_e2e(
     """Updates per second through one worker beside a bare subscriber on the same client
     library and broker (started here on a free loopback port), plus commit latency.
 
+    \b
     Example: fedbus bench e2e --transport kafka --sizes 1e5 --repeats 3
     """
     from workers.bench import e2e

@@ -55,6 +55,7 @@ def bench_kernels(
     """Fold K encoded updates into one accumulator: fedbus kernels against naive NumPy,
     Flower's FedAvg aggregate and the machine's memory bandwidth, in one run.
 
+    \b
     Example: fedbus bench kernels --sizes 1e6 --ks 100 --codecs int8 --json
     """
     try:
@@ -95,6 +96,7 @@ def bench_convergence(
     devices, concurrency 100, lognormal speeds, 10% dropouts), each at its best server
     learning rate; fp32, int8 and top-k + int8.
 
+    \b
     Example: fedbus bench convergence --quick --plot convergence.png
     """
     from fedbus.bench import convergence

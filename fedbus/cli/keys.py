@@ -52,6 +52,7 @@ def new(
     """Create a key pair: <client>.key stays on the device (mode 0600), <client>.pub goes to
     the operator.
 
+    \b
     Example: fedbus keys new dev-0042 --out /var/lib/fedbus
     """
     from fedbus.store.keys import PRIVATE_KEY_SUFFIX, write_private_key, write_public_key
@@ -76,6 +77,7 @@ def register(
 ) -> None:
     """Trust a device: copy its public key into the worker's key directory.
 
+    \b
     Example: fedbus keys register dev-0042.pub --keys-dir /etc/fedbus/keys
     """
     from fedbus.store.keys import PUBLIC_KEY_SUFFIX, parse_key_file, write_public_key
@@ -99,6 +101,7 @@ def revoke(
 ) -> None:
     """Stop trusting a device: remove its public key (workers re-read the directory).
 
+    \b
     Example: fedbus keys revoke dev-0042 --keys-dir /etc/fedbus/keys
     """
     from fedbus.store.keys import PUBLIC_KEY_SUFFIX
@@ -114,6 +117,7 @@ def revoke(
 def list_keys(keys_dir: KeysDirOpt) -> None:
     """The registered devices, one per line.
 
+    \b
     Example: fedbus keys list --keys-dir /etc/fedbus/keys
     """
     from fedbus.store.keys import load_public_keys
