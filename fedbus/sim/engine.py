@@ -44,7 +44,10 @@ class AsyncServer(Protocol):
     its parameters in place and to return its own storage.
     """
 
-    version: int
+    @property
+    def version(self) -> int:
+        """The current global model version."""
+        ...
 
     def model(self) -> np.ndarray:
         """The current global parameters (flat float64)."""

@@ -58,7 +58,9 @@ class FlatModel:
         return total / max(1, len(y)), g
 
     def predict(self, params: np.ndarray, x: np.ndarray) -> np.ndarray:
-        return np.argmax(self.logits(self._check(params), np.asarray(x, dtype=np.float64)), axis=1)
+        return np.asarray(
+            np.argmax(self.logits(self._check(params), np.asarray(x, dtype=np.float64)), axis=1)
+        )
 
     def accuracy(self, params: np.ndarray, x: np.ndarray, y: np.ndarray) -> float:
         return float(np.mean(self.predict(params, x) == np.asarray(y)))
@@ -158,7 +160,7 @@ class SoftmaxRegression(FlatModel):
 
     def logits(self, params: np.ndarray, x: np.ndarray) -> np.ndarray:
         nw = self._nw
-        return x @ params[:nw].reshape(self.n_features, self.n_classes) + params[nw:]
+        return np.asarray(x @ params[:nw].reshape(self.n_features, self.n_classes) + params[nw:])
 
     def _loss_grad_into(self, w: np.ndarray, x: np.ndarray, y: np.ndarray, g: np.ndarray) -> float:
         nw, f, c = self._nw, self.n_features, self.n_classes
@@ -215,7 +217,7 @@ class MLP(FlatModel):
         a = x @ w1
         a += b1
         np.maximum(a, 0.0, out=a)
-        return a @ w2 + b2
+        return np.asarray(a @ w2 + b2)
 
     def _loss_grad_into(self, w: np.ndarray, x: np.ndarray, y: np.ndarray, g: np.ndarray) -> float:
         w1, b1, w2, b2 = self._views(w)

@@ -60,8 +60,8 @@ class FleetTiming:
         devices = np.asarray(devices, dtype=np.int64)
         compute = self.slowness[devices] * rng.lognormal(0.0, self.job_sigma, devices.size)
         if self.net_delay_mean > 0.0:
-            return compute + rng.exponential(self.net_delay_mean, devices.size)
-        return compute
+            compute = compute + rng.exponential(self.net_delay_mean, devices.size)
+        return np.asarray(compute, dtype=np.float64)
 
     def drops(self, rng: np.random.Generator) -> bool:
         """Whether a job vanishes: it occupies its device for its duration, then no upload."""
