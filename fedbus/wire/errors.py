@@ -32,7 +32,7 @@ class Reason(StrEnum):
     STALE = "stale"  # staleness beyond the configured maximum
     TOO_OLD_FOR_RING = "too_old_for_ring"  # paper-direction FedAsync lacks that base model
     BAD_TYPE = "bad_type"  # message type not expected on this channel
-    CLIENT_MISMATCH = "client_mismatch"  # envelope client differs from the topic's client level
+    CLIENT_MISMATCH = "client_mismatch"  # envelope client != the sender the transport names
     CLIENT_BUSY = "client_busy"  # FedBuff: client already in the buffer and the deferral queue full
     INTERNAL_ERROR = "internal_error"  # checking or folding it raised: a fedbus bug, logged in full
     # Secure aggregation (fedbus.secure):
