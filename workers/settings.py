@@ -100,6 +100,9 @@ class AggregationSettings(_Section):
     # FedBuff: a buffer non-empty for this long without reaching K is applied as it is
     # (still divided by K), so a fleet with fewer than K active clients still makes progress.
     buffer_timeout_s: float | None = Field(None, gt=0)
+    # (client, update id) pairs remembered to tell redeliveries apart; replays older than
+    # this are still refused by the device's seq (signed updates).
+    dedup_window: int = Field(100_000, ge=1)
 
     @model_validator(mode="after")
     def _consistent(self) -> AggregationSettings:

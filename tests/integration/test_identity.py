@@ -35,7 +35,7 @@ def broker(transport_name: str, request: pytest.FixtureRequest) -> Any:
 
 
 def _signed(model: str, client: str, key: bytes, base: int, seed: int) -> bytes:
-    raw, _ = h.update_bytes(model, client, base, np.full(h.N, 0.01), seed=seed)
+    raw, _ = h.update_bytes(model, client, base, np.full(h.N, 0.01), seed=seed, seq=1 + seed)
     return env.encode(sign_update(env.decode_update(raw), key))
 
 
@@ -97,3 +97,47 @@ async def test_invalid_sender_is_refused_not_skipped(
     assert [d.reason for d in letters] == ["invalid_id"] * len(BAD_SENDERS)  # type: ignore[union-attr]
     assert worker.total_folded == 1
     assert worker.processed == len(BAD_SENDERS) + 1
+
+
+async def test_replay_after_the_dedup_window_is_refused(
+    transport_name: str, broker: Any, tmp_path: Path, model_id: str
+) -> None:
+    """A dedup window of 2: three signed updates from dev-1 push the first id out of it;
+    the very same bytes of the first sent again are dead-lettered as ``replayed`` (its seq
+    is not above dev-1's highest), while a repeat of the newest is acknowledged quietly."""
+    private, public = generate_keypair()
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    write_public_key(keys, "dev-1", public)
+    settings = h.settings_for(transport_name, broker, model_id, tmp_path / "state")
+    settings = settings.model_copy(update={"require_signatures": True, "public_keys_dir": keys})
+    settings.aggregation.dedup_window = 2
+    await h.init_model(settings, np.zeros(h.N))
+
+    def signed(i: int) -> bytes:
+        raw, _ = h.update_bytes(model_id, "dev-1", i, np.full(h.N, 0.01), seed=i, seq=100 + i)
+        return env.encode(sign_update(env.decode_update(raw), private))
+
+    sent = [signed(i) for i in range(3)]
+    async with h.running_worker(settings) as worker:
+        subscribed = asyncio.Event()
+        reader = asyncio.create_task(
+            h.read_channel(
+                settings, "deadletter", until=lambda g: len(g) >= 1, subscribed=subscribed
+            )
+        )
+        await asyncio.wait_for(subscribed.wait(), 30)
+        async with make_transport(h.client_settings(settings), role="device") as dev:
+            for raw in [*sent, sent[2], sent[0]]:
+                await dev.publish_update(model_id, "dev-1", raw)
+        records = await reader
+        for _ in range(200):
+            if worker.processed >= 5:
+                break
+            await asyncio.sleep(0.05)
+        assert worker.metrics.redelivered.labels(model_id)._value.get() == 1.0
+    letters = [env.decode(r, expect="deadletter") for r in records]
+    assert [(d.reason, d.update_id) for d in letters] == [  # type: ignore[union-attr]
+        ("replayed", env.decode_update(sent[0]).update_id)
+    ]
+    assert worker.total_folded == 3 and worker.processed == 5
