@@ -70,6 +70,8 @@ TOML_KEYS: dict[str, set[str] | None] = {
     "metrics_host": None,
     "metrics_port": None,
     "log_format": None,
+    "require_signatures": None,
+    "public_keys_dir": None,
     "mqtt": {"hostname", "port", "username", "identifier", "shared_group"},
     "kafka": {"bootstrap_servers", "security_protocol", "group_id", "update_partitions"},
     "aggregation": {
