@@ -14,7 +14,9 @@ import asyncio
 import contextlib
 import os
 import shutil
+import ssl
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -204,3 +206,37 @@ async def test_device_with_the_worker_client_id_does_not_take_its_session(
         await reader.subscribe("fedbus/v1/digits/model", qos=1)
         models = await _drain(reader, 2)
     assert [env.decode(p, expect="model").version for _, p in models] == [1]  # type: ignore[union-attr]
+
+
+async def test_tls_listener_with_the_development_ca(
+    mosquitto_factory: Any, tmp_path: Path, model_id: str
+) -> None:
+    """``fedbus keys ca`` output on a Mosquitto TLS listener: the worker's transport, given
+    ca.crt as mqtt.tls_ca_certs, publishes and reads a model; a client that does not trust
+    the development CA is refused at the handshake."""
+    certs = tmp_path / "certs"
+    result = subprocess.run(
+        [sys.executable, "-m", "fedbus.cli", "keys", "ca", "--out", str(certs),
+         "--host", "localhost", "--host", "127.0.0.1"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    tls_port = free_port()
+    plain = mosquitto_factory(
+        extra_config=[
+            f"listener {tls_port} 127.0.0.1",
+            f"certfile {certs / 'server.crt'}",
+            f"keyfile {certs / 'server.key'}",
+        ]
+    )
+    settings = h.settings_for("mqtt", plain, model_id, tmp_path / "state")
+    mqtt = {"port": tls_port, "tls_ca_certs": str(certs / "ca.crt")}
+    settings = settings.model_copy(update={"mqtt": settings.mqtt.model_copy(update=mqtt)})
+    v0 = model_message(model_id, 0, h.LAYOUT, np.ones(h.N), "fp32")
+    async with make_transport(h.client_settings(settings), role="init") as t:
+        await t.publish_model(model_id, v0, 0)
+        assert await t.latest_model(model_id, timeout=5) == v0
+    with pytest.raises(aiomqtt.MqttError):
+        untrusting = ssl.create_default_context()  # the system's CAs only
+        async with aiomqtt.Client("127.0.0.1", tls_port, tls_context=untrusting, timeout=5):
+            pass
