@@ -29,8 +29,9 @@ from pydantic import SecretStr
 from fedbus.testing.brokers import MosquittoBroker, free_port
 from fedbus.transport.mqtt import MqttConfig, MqttTransport
 from fedbus.wire import envelope as env
+from fedbus.wire.model_message import encode_model_message
 from tests.integration import harness as h
-from workers.main import make_transport, model_message
+from workers.main import make_transport
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -183,7 +184,7 @@ async def test_device_with_the_worker_client_id_does_not_take_its_session(
     }
     settings = settings.model_copy(update={"mqtt": settings.mqtt.model_copy(update=mqtt)})
     async with make_transport(h.client_settings(settings), role="init") as t:
-        v0 = model_message("digits", 0, h.LAYOUT, np.zeros(h.N), "fp32")
+        v0 = encode_model_message("digits", 0, h.LAYOUT, np.zeros(h.N), "fp32")
         await t.publish_model("digits", v0, 0)
     async with h.running_worker(settings) as worker:
         assert isinstance(worker.transport, MqttTransport)
@@ -232,7 +233,7 @@ async def test_tls_listener_with_the_development_ca(
     settings = h.settings_for("mqtt", plain, model_id, tmp_path / "state")
     mqtt = {"port": tls_port, "tls_ca_certs": str(certs / "ca.crt")}
     settings = settings.model_copy(update={"mqtt": settings.mqtt.model_copy(update=mqtt)})
-    v0 = model_message(model_id, 0, h.LAYOUT, np.ones(h.N), "fp32")
+    v0 = encode_model_message(model_id, 0, h.LAYOUT, np.ones(h.N), "fp32")
     async with make_transport(h.client_settings(settings), role="init") as t:
         await t.publish_model(model_id, v0, 0)
         assert await t.latest_model(model_id, timeout=5) == v0
