@@ -846,3 +846,43 @@ def test_no_machine_paths() -> None:
     for path in files:
         text = path.read_text(encoding="utf-8")
         assert not re.search(r"(?:/home/|/Users/|/work/)", text), path
+
+
+def test_kafka_authenticates_and_authorizes(services: dict[str, Any]) -> None:
+    """Every Kafka listener wants SASL, nothing is allowed without an ACL, the workers log in
+    as a user the broker knows, and devices may only write updates and read models."""
+    env = _env(services["kafka"])
+    protocols = dict(p.split(":") for p in env["KAFKA_LISTENER_SECURITY_PROTOCOL_MAP"].split(","))
+    assert set(protocols.values()) <= {"SASL_PLAINTEXT", "SASL_SSL"}
+    names = {u.split("://")[0] for u in env["KAFKA_LISTENERS"].split(",")}
+    assert names == set(protocols)
+    assert env["KAFKA_ALLOW_EVERYONE_IF_NO_ACL_FOUND"] == "false"
+    assert env["KAFKA_AUTHORIZER_CLASS_NAME"].endswith("StandardAuthorizer")
+    users = {}
+    for name in names:
+        jaas = env[f"KAFKA_LISTENER_NAME_{name}_PLAIN_SASL_JAAS_CONFIG"]
+        users[name] = set(re.findall(r"user_([a-z0-9-]+)=", jaas))
+    assert all(u == users["INTERNAL"] for u in users.values())
+    for name in ("worker-kafka", "model-init-kafka"):
+        worker = _env(services[name])
+        assert worker["FEDBUS_KAFKA__SECURITY_PROTOCOL"] == protocols["INTERNAL"]
+        assert worker["FEDBUS_KAFKA__SASL_PLAIN_USERNAME"] in users["INTERNAL"]
+    grants = [
+        shlex.split(line)[1:]
+        for line in _script(services["topics-init"]).splitlines()
+        if line.startswith("acl ")
+    ]
+    ops: set[tuple[str, str]] = set()  # (topic, operation) granted to devices
+    for g in grants:
+        flags = list(zip(g[::2], g[1::2], strict=False))
+        if ("--allow-principal", "User:fedbus-device") not in flags:
+            continue
+        topic = dict(flags)["--topic"]
+        ops |= {(topic, value) for flag, value in flags if flag == "--operation"}
+    m = DEMO_MODEL
+    assert ops == {
+        (f"fedbus.{m}.updates", "Write"),
+        (f"fedbus.{m}.updates", "Describe"),
+        (f"fedbus.{m}.models", "Read"),
+        (f"fedbus.{m}.models", "Describe"),
+    }
