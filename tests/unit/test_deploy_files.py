@@ -33,6 +33,7 @@ COUNTERS = {
     "fedbus_updates_received_total": {"model", "transport"},
     "fedbus_updates_accepted_total": {"model"},
     "fedbus_updates_rejected_total": {"model", "reason"},
+    "fedbus_updates_redelivered_total": {"model"},
     "fedbus_update_bytes_received_total": {"model"},
     "fedbus_models_published_total": {"model"},
 }
