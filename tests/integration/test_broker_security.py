@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import ssl
@@ -241,3 +242,40 @@ async def test_tls_listener_with_the_development_ca(
         untrusting = ssl.create_default_context()  # the system's CAs only
         async with aiomqtt.Client("127.0.0.1", tls_port, tls_context=untrusting, timeout=5):
             pass
+
+
+async def test_device_sdk_keeps_one_connection_on_the_device_listener(
+    broker: ShippedMosquitto,
+) -> None:
+    """With ``single_connection`` the device reads the model over its own session: three
+    rounds of read, train, publish without a takeover (no reconnect, and its Last Will never
+    announces it offline while it runs)."""
+    from fedbus.client.device import Device
+    from fedbus.transport.topics import mqtt_status
+
+    model = "digits"
+    v0 = encode_model_message(model, 0, h.LAYOUT, np.zeros(h.N), "fp32")
+    async with _client(broker.services_port, "fedbus-worker") as watcher:
+        await watcher.publish(f"fedbus/v1/{model}/model", v0, qos=1, retain=True)
+        await watcher.subscribe(f"fedbus/v1/{model}/updates/+", qos=1)
+        await watcher.subscribe(f"fedbus/v1/{model}/status/+", qos=1)
+        config = MqttConfig(
+            port=broker.port,
+            username="dev-1",
+            password=PASSWORDS["dev-1"],
+            identifier="dev-1",
+            status_topic=mqtt_status(model, "dev-1"),
+            single_connection=True,
+        )
+        async with MqttTransport(config) as t:
+            device = Device(t, model, "dev-1")
+
+            def train(w: dict[str, np.ndarray], v: int) -> tuple[dict, int, None]:
+                return {k: x + 0.01 for k, x in w.items()}, 5, None
+
+            assert await asyncio.wait_for(device.run(train, rounds=3), 60) == 3
+            assert t.reconnects == 0
+            seen = await _drain(watcher, 1.5)
+    updates = [p for topic, p in seen if "/updates/" in topic]
+    statuses = [json.loads(p)["status"] for topic, p in seen if "/status/" in topic]
+    assert len(updates) == 3 and statuses == ["online"]
