@@ -216,6 +216,7 @@ class AggregatorWorker:
             await self._refuse(msg, verdict)
         else:
             self.committer.log_message(msg)
+            self.committer.log_noise_keys(self._noise_keys())
             outcome = verdict.outcome
             self._m_accepted.inc()
             if outcome.staleness is not None:
@@ -329,9 +330,14 @@ class AggregatorWorker:
         if not self.strategy.drain():
             return
         self.committer.log_drain()
+        self.committer.log_noise_keys(self._noise_keys())
         self.log.info("buffer timeout: partial buffer applied", updates=pending)
         self._versions_made()
         await self._commit(publish=True)
+
+    def _noise_keys(self) -> list[bytes]:
+        take = getattr(self.strategy, "take_noise_keys", None)  # FedBuff with DP only
+        return take() if take is not None else []
 
     def _durable(self, version: int) -> None:
         self.committed_version = version

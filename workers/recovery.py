@@ -6,8 +6,10 @@ write-ahead log after it, replayed through the same path the live worker took (i
 with the last commit record's bookkeeping. The state is then bitwise the one the crashed
 worker had at its last commit: everything the policy does depends only on the sequence it is
 fed (FedBuff's staged int8 folds included: a snapshot carries them rather than folding
-them). A torn log tail (kill -9 mid-append) fails its CRC and is dropped with the rest of its
-commit, whose messages were never acknowledged.
+them), and the DP noise of a replayed flush is the one it had (the log holds each flush's
+noise key, see :mod:`fedbus.aggregation.dp`; no snapshot holds one). A torn log tail
+(kill -9 mid-append) fails its CRC and is dropped with the rest of its commit, whose
+messages were never acknowledged.
 
 Without a checkpoint, from the model published on the model channel (``fedbus model init``).
 """
@@ -66,11 +68,24 @@ def from_checkpoint(
                 segment=seg,
                 bytes=found.size - found.committed_end,
             )
+        batches = found.batches
+        keys = [r.payload for records, _ in batches for r in records if r.kind == wal.NOISE_KEY]
+        if keys:  # flushes happen in the same order on replay: they take the keys in turn
+            replay_keys = getattr(strategy, "replay_noise_keys", None)
+            if replay_keys is None:
+                raise CheckpointError("the log holds DP noise keys but the policy adds no noise")
+            replay_keys(keys)
         for records, commit in found.batches:
             for record in records:
-                _replay(record, ingest, strategy, settings.transport)
-                restored.replayed += 1
+                if record.kind != wal.NOISE_KEY:
+                    _replay(record, ingest, strategy, settings.transport)
+                    restored.replayed += 1
             restored.book = Book.from_state(commit)
+        if getattr(strategy, "noise_keys_unused", 0):
+            raise CheckpointError("log replay diverged: DP noise keys left over")
+    strategy_keys = getattr(strategy, "take_noise_keys", None)
+    if strategy_keys is not None:
+        strategy_keys()  # replayed flushes' keys are in the log already
     return restored
 
 

@@ -96,7 +96,10 @@ class AggregationSettings(_Section):
     trim_beta: float = Field(0.2, ge=0, lt=0.5)
     # Central DP (FedBuff): Gaussian noise z * clip_norm / K per flush; needs clip_norm
     dp_noise_multiplier: float | None = Field(None, gt=0)
-    seed: int = 0
+    # INSECURE, simulations and benchmarks only: derives the DP noise from this public seed,
+    # so anyone who knows it can remove the noise. Unset (the default), every flush's noise
+    # comes from a fresh key from the operating system's CSPRNG that is never checkpointed.
+    dp_insecure_seed: int | None = None
     # FedBuff: a buffer non-empty for this long without reaching K is applied as it is
     # (still divided by K), so a fleet with fewer than K active clients still makes progress.
     buffer_timeout_s: float | None = Field(None, gt=0)

@@ -54,7 +54,9 @@ def build(cfg: AggregationSettings, initial: np.ndarray, version: int) -> Strate
     else:
         dp = (
             DPConfig(
-                noise_multiplier=cfg.dp_noise_multiplier, clip_norm=cfg.clip_norm, seed=cfg.seed
+                noise_multiplier=cfg.dp_noise_multiplier,
+                clip_norm=cfg.clip_norm,
+                insecure_seed=cfg.dp_insecure_seed,
             )
             if cfg.dp_noise_multiplier is not None and cfg.clip_norm is not None
             else None  # the settings refuse a noise multiplier without clip_norm

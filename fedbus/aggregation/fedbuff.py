@@ -31,6 +31,7 @@ FedBuff scales out by splitting the stream, and a committer applies the merged b
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -175,7 +176,10 @@ class FedBuff:
         self.robust, self.trim_beta, self.dp = robust, trim_beta, dp
         self.version = version
         self.seen = DedupWindow(dedup_window)
-        self.rng = np.random.default_rng(dp.seed if dp else 0)
+        # Noise keys (see fedbus.aggregation.dp): those drawn since the worker last took them
+        # for its log, and those the log handed back for replay. Never in the state.
+        self._noise_drawn: list[bytes] = []
+        self._noise_replay: deque[bytes] = deque()
         self._acc = np.zeros_like(self._x)
         self._queue = FoldQueue()
         self._count = 0
@@ -275,13 +279,39 @@ class FedBuff:
         else:
             ubar = self._acc / (self._wsum if self._wsum > 0 else 1.0)
         if self.dp is not None:
-            ubar += self.rng.normal(0.0, self.dp.noise_std(self.k), ubar.shape)
+            key = self._noise_key()
+            ubar += self.dp.noise_std(self.k) * dpmod.gaussian(key, ubar.shape[0])
         self.optimizer.step(self._x, ubar)
         self.version += 1
         self._acc[:] = 0.0
         self._count, self._wsum = 0, 0.0
         self._clients.clear()
         self._rows = []
+
+    def _noise_key(self) -> bytes:
+        assert self.dp is not None
+        if self._noise_replay:
+            key = self._noise_replay.popleft()
+        else:
+            key = dpmod.noise_key(self.dp, self.version + 1)
+        self._noise_drawn.append(key)
+        return key
+
+    def take_noise_keys(self) -> list[bytes]:
+        """The DP noise keys of the flushes since the last call, oldest first: the worker
+        writes them to its log right after the message (or drain) that caused them."""
+        keys, self._noise_drawn = self._noise_drawn, []
+        return keys
+
+    def replay_noise_keys(self, keys: list[bytes]) -> None:
+        """Keys read back from the log: the next flushes use them, in order, instead of
+        fresh ones, so that log replay rebuilds the noised models bit for bit."""
+        self._noise_replay.extend(keys)
+
+    @property
+    def noise_keys_unused(self) -> int:
+        """Replay keys not consumed yet (recovery checks this is 0 at the end)."""
+        return len(self._noise_replay)
 
     # -- scale-out -----------------------------------------------------------------------
     def partial(self, *, reset: bool = False) -> PartialBuffer:
@@ -358,7 +388,6 @@ class FedBuff:
                 ],
                 "dedup": self.seen.state(),
                 "optimizer": self.optimizer.state_dict(),
-                "rng": self.rng.bit_generator.state,
             }
         )
         return state
@@ -387,4 +416,4 @@ class FedBuff:
         ]
         self.seen.load(d["dedup"])
         self.optimizer = optimizer_from_state(d["optimizer"])
-        self.rng.bit_generator.state = d["rng"]
+        # Older states carried an "rng" (a seeded NumPy generator): ignored, never restored.

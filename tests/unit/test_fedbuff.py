@@ -259,7 +259,7 @@ def _plain(obj: Any) -> bool:
     "make",
     [
         lambda: FedBuff(np.zeros(30), buffer_size=4, server_optimizer=ServerAdam(lr=0.1),
-                        dp=DPConfig(0.5, 1.0, seed=9)),
+                        dp=DPConfig(0.5, 1.0, insecure_seed=9)),
         lambda: FedBuff(np.zeros(30), buffer_size=3, server_optimizer=ServerSGD(0.8, 0.9),
                         normalisation="weight_sum", example_weighting="sqrt", avg_num_examples=4),
         lambda: FedBuff(np.zeros(30), buffer_size=5, robust="trimmed_mean", clip_norm=2.0),
