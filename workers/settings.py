@@ -80,6 +80,10 @@ class AggregationSettings(_Section):
     # FedBuff: updates held for the next buffer when their client is already in this one;
     # None = buffer_size. Past it a repeat client is refused with reason client_busy.
     max_deferred: int | None = Field(None, ge=0)
+    # ... of them at most this many from one client (one device cannot fill the queue) ...
+    max_deferred_per_client: int | None = Field(2, ge=0)
+    # ... and at most this many bytes held in all (deferred updates stay encoded).
+    max_deferred_bytes: int | None = Field(256 * 1024 * 1024, ge=0)
     staleness: Literal["constant", "polynomial", "hinge", "threshold"] = "polynomial"
     staleness_a: float = 0.5  # polynomial exponent, or hinge slope
     staleness_b: float = 4.0  # hinge knee, or threshold cutoff
@@ -100,6 +104,9 @@ class AggregationSettings(_Section):
     # so anyone who knows it can remove the noise. Unset (the default), every flush's noise
     # comes from a fresh key from the operating system's CSPRNG that is never checkpointed.
     dp_insecure_seed: int | None = None
+    dp_delta: float = Field(1e-5, gt=0, lt=1)  # every reported epsilon is at this delta
+    # Epsilon after which the model makes no further version (README, Privacy); needs DP.
+    privacy_budget: float | None = Field(None, gt=0)
     # FedBuff: a buffer non-empty for this long without reaching K is applied as it is
     # (still divided by K), so a fleet with fewer than K active clients still makes progress.
     buffer_timeout_s: float | None = Field(None, gt=0)
@@ -108,6 +115,8 @@ class AggregationSettings(_Section):
     def _consistent(self) -> AggregationSettings:
         if self.dp_noise_multiplier is not None and self.clip_norm is None:
             raise ValueError("dp_noise_multiplier needs clip_norm (the sensitivity bound)")
+        if self.privacy_budget is not None and self.dp_noise_multiplier is None:
+            raise ValueError("privacy_budget needs central DP (dp_noise_multiplier)")
         if self.algorithm == "fedasync" and (self.robust or self.dp_noise_multiplier):
             raise ValueError("robust aggregation and DP need a buffer: use algorithm fedbuff")
         return self

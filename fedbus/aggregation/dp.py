@@ -53,10 +53,19 @@ class DPConfig:
     noise_multiplier: float
     clip_norm: float
     insecure_seed: int | None = None
+    delta: float = 1e-5  # the delta every epsilon is reported at
+    # Epsilon after which no further version is made (None: no budget); see ``max_steps``.
+    budget: float | None = None
 
     def __post_init__(self) -> None:
         if not (self.noise_multiplier >= 0 and math.isfinite(self.noise_multiplier)):
             raise ValueError("DP needs a finite noise_multiplier >= 0")
+        if not 0.0 < self.delta < 1.0:
+            raise ValueError("DP needs 0 < delta < 1")
+        if self.budget is not None and not (self.budget > 0 and math.isfinite(self.budget)):
+            raise ValueError("a privacy budget is a positive finite epsilon")
+        if self.budget is not None and self.noise_multiplier == 0:
+            raise ValueError("a privacy budget needs noise_multiplier > 0 (z = 0 spends it all)")
         if self.clip_norm is None or not (self.clip_norm > 0 and math.isfinite(self.clip_norm)):
             raise ValueError("DP needs a positive finite clip_norm: it is the sensitivity")
 
@@ -159,6 +168,29 @@ class Accountant:
         accountant = dp_accounting.rdp.RdpAccountant()
         accountant.compose(dp_accounting.SelfComposedDpEvent(event, steps))
         return float(accountant.get_epsilon(delta))
+
+
+ACCOUNTANT = "rdp"  # the name events report: dp-accounting's RDP accountant, q = 1
+
+
+def max_steps(config: DPConfig, limit: int = 1 << 40) -> int | None:
+    """The most noised flushes whose epsilon (at ``config.delta``) stays within the budget;
+    None without a budget. A client may take part in every flush, so this caps versions."""
+    if config.budget is None:
+        return None
+    acc = Accountant(config.noise_multiplier)
+    if acc.epsilon(1, config.delta) > config.budget:
+        return 0
+    lo, hi = 1, 2
+    while hi < limit and acc.epsilon(hi, config.delta) <= config.budget:
+        lo, hi = hi, 2 * hi
+    while hi - lo > 1:  # epsilon grows with steps: lo fits, hi does not
+        mid = (lo + hi) // 2
+        if acc.epsilon(mid, config.delta) <= config.budget:
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 def epsilon(noise_multiplier: float, steps: int, delta: float, sampling_rate: float = 1.0) -> float:
