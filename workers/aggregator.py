@@ -261,6 +261,7 @@ class AggregatorWorker:
             original=msg.payload,
             client=r.client,
             update_id=r.update_id,
+            max_original=None if self.settings.deadletter_keep_payload else 0,
         )
         await self.transport.publish_deadletter(self.model, env.encode(record))
         event = events.update_rejected(
