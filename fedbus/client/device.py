@@ -9,6 +9,8 @@ Raspberry-Pi-class device. The user supplies one callback::
 and the device turns ``new - start`` into an update: clipped, error-feedback compressed,
 signed when a key is configured, spooled to disk, then published QoS 1 with retries and
 exponential backoff. An update survives a broker outage and a device restart in the spool.
+One larger than the broker takes (:class:`~fedbus.transport.base.MessageTooLarge`, known
+before sending on MQTT 5) is never retried: ``submit`` raises it, and the spool drops it.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import numpy as np
 from fedbus import log as fedlog
 from fedbus.client.spool import Spool
 from fedbus.client.updates import GlobalModel, UpdateEncoder, read_model
-from fedbus.transport.base import Transport
+from fedbus.transport.base import MessageTooLarge, Transport
 from fedbus.transport.retry import backoff
 from fedbus.wire import envelope as env
 from fedbus.wire.codecs import CodecSpec
@@ -117,7 +119,8 @@ class Device:
             initial=self.retry_initial,
             maximum=self.retry_max,
             attempts=attempts,
-            retry_if=lambda exc: isinstance(exc, Exception),
+            # a message the broker will never take is not retried: it would loop forever
+            retry_if=_retryable,
             on_retry=note,
         ):
             with retry:
@@ -132,6 +135,10 @@ class Device:
         for path, raw in self.spool.pending():
             try:
                 await self._send_with_retry(raw, attempts=attempts)
+            except MessageTooLarge as exc:  # can never be sent: drop it, keep the rest moving
+                self.log.error("update dropped from the spool", error=str(exc)[:300])
+                self.spool.done(path)
+                continue
             except Exception:
                 return n
             self.spool.done(path)
@@ -153,6 +160,10 @@ class Device:
             await self.submit(gm, new, n, metrics)
             done += 1
         return done
+
+
+def _retryable(exc: BaseException) -> bool:
+    return isinstance(exc, Exception) and not isinstance(exc, MessageTooLarge)
 
 
 def spool_path(root: str | os.PathLike[str], model: str, client: str) -> Path:
