@@ -17,6 +17,8 @@ Without a checkpoint, from the model published on the model channel (``fedbus mo
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,9 +28,9 @@ from fedbus.ingest import Ingest, Refusal, Source, TransportName, judge
 from fedbus.store import wal
 from fedbus.store.checkpoint import CheckpointError, CheckpointStore
 from fedbus.transport.base import Transport
-from fedbus.wire import envelope as env
-from fedbus.wire.codecs import CodecSpec, decode_dense
+from fedbus.wire.errors import WireError
 from fedbus.wire.layout import Layout
+from fedbus.wire.model_message import decode_model_message
 from workers.book import Book
 from workers.settings import WorkerSettings
 from workers.strategy import Strategy, build
@@ -108,16 +110,39 @@ def _replay(
 async def from_published_model(
     settings: WorkerSettings, transport: Transport, stop: asyncio.Event, log: Any
 ) -> Restored:
-    """Version and weights of the model on the model channel; waits for one until ``stop``."""
+    """Version and weights of the model on the model channel; waits for one until ``stop``.
+
+    A message there that is not a valid model (junk bytes, an unknown codec, a layout whose
+    size is over ``max_message_bytes``: anyone allowed to publish there can put one) is not
+    a reason to exit, which a supervisor would turn into a restart loop: the worker says why
+    once per distinct message and keeps waiting for a valid one."""
+    refused: bytes | None = None
     while not stop.is_set():
         raw = await transport.latest_model(settings.model, timeout=2.0)
-        if raw is not None:
-            model = env.decode(raw, expect="model")
-            assert isinstance(model, env.ModelEnvelope)
-            layout = Layout.from_wire(model.layout)
-            weights = decode_dense(model.payload, CodecSpec.from_wire(model.codec), layout.n_params)
-            strategy = build(settings.aggregation, weights, model.version)
-            log.info("initialised from published model", version=model.version)
-            return Restored(strategy, layout, Book(published_version=model.version), 0)
-        log.info("waiting for a model; run `fedbus model init`")
+        if raw is None:
+            log.info("waiting for a model; run `fedbus model init`")
+            continue
+        try:
+            model, layout, weights = decode_model_message(raw, max_bytes=settings.max_message_bytes)
+        except Exception as exc:  # WireError, or anything else the bytes provoke
+            digest = hashlib.sha256(raw).digest()
+            if digest != refused:
+                refused = digest
+                reason = exc.reason.value if isinstance(exc, WireError) else "internal_error"
+                log.warning(
+                    "the model channel holds no valid model; waiting for one",
+                    reason=reason,
+                    detail=str(exc)[:300],
+                    bytes=len(raw),
+                    sha256=digest.hex(),
+                )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), MODEL_RETRY_S)
+            continue
+        strategy = build(settings.aggregation, weights, model.version)
+        log.info("initialised from published model", version=model.version)
+        return Restored(strategy, layout, Book(published_version=model.version), 0)
     raise asyncio.CancelledError
+
+
+MODEL_RETRY_S = 1.0  # how often a worker looks again at a model channel holding junk

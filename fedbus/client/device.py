@@ -29,6 +29,7 @@ from fedbus.transport.base import MessageTooLarge, Transport
 from fedbus.transport.retry import backoff
 from fedbus.wire import envelope as env
 from fedbus.wire.codecs import CodecSpec
+from fedbus.wire.errors import WireError
 
 TrainFn = Callable[
     [dict[str, np.ndarray], int], tuple[Mapping[str, np.ndarray], int, Mapping[str, float] | None]
@@ -81,8 +82,16 @@ class Device:
         return self._encoder
 
     async def fetch_model(self, timeout: float = 10.0) -> GlobalModel | None:
+        """The latest model, or None when there is none or it is not a valid model message
+        (whoever published it, the device trains on nothing it cannot check)."""
         raw = await self.transport.latest_model(self.model, timeout=timeout)
-        return read_model(raw) if raw is not None else None
+        if raw is None:
+            return None
+        try:
+            return read_model(raw)
+        except WireError as exc:
+            self.log.warning("model message refused", reason=exc.reason.value, detail=exc.detail)
+            return None
 
     async def submit(
         self,
