@@ -228,7 +228,7 @@ class KafkaTransport(Transport):
                     raise TransportError(f"cannot create topic {name}: error {code} {message}")
             self._ensured.add(model)
 
-    async def peers(self, model: str) -> list[str]:
+    async def peers(self, model: str, settle: float = 0.5) -> list[str]:
         """Members of the model's consumer group that another worker id started.
 
         Member ids begin with the client id, ``<worker id>-<role>-<instance>``. A member
@@ -255,7 +255,9 @@ class KafkaTransport(Transport):
         return sorted(parts)
 
     # -- updates --------------------------------------------------------------------------
-    async def subscribe_updates(self, model: str) -> None:
+    async def subscribe_updates(self, model: str, partitions: Sequence[int] | None = None) -> None:
+        if partitions is not None:
+            raise TransportError("Kafka assigns update partitions through the consumer group")
         topic = topics.kafka_updates(model)
         if self._consumer is not None:
             if topic == self._updates_topic:

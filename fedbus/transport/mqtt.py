@@ -83,8 +83,12 @@ class MqttConfig:
     tls_context: ssl.SSLContext | None = None
     tls_insecure: bool | None = None
     transport: Literal["tcp", "websockets", "unix"] = "tcp"
-    # "$share/<group>/..." for FedBuff reducers; None for a plain subscription (FedAsync).
+    # "$share/<group>/..." (loses queued updates on a Mosquitto restart: prefer partitions);
+    # None for a plain subscription.
     shared_group: str | None = None
+    # Devices publish to fedbus/v1/<model>/updates/<crc32(client) mod P>/<client> when > 0,
+    # so reducers own partitions through plain persistent subscriptions (no $share).
+    update_partitions: int = 0
     # Per operation (connect, subscribe, one publish): a 10 MB publish must fit.
     timeout: float = 30.0
     connect_timeout: float = 10.0
@@ -364,17 +368,31 @@ class MqttTransport(Transport):
             await _force_close(client, graceful=True)
 
     # -- updates --------------------------------------------------------------------------
-    async def subscribe_updates(self, model: str) -> None:
+    async def subscribe_updates(self, model: str, partitions: Sequence[int] | None = None) -> None:
+        """Every update of ``model`` or, for a reducer, those of ``partitions`` only. With
+        ``update_partitions`` set, a whole-model subscription covers both topic shapes."""
+        if partitions is not None:
+            for p in partitions:
+                await self.subscribe(topics.mqtt_partition_filter(model, p))
+            return
         if self.config.shared_group:
-            topic = topics.mqtt_shared_updates(model, self.config.shared_group)
-        else:
-            topic = topics.mqtt_updates_filter(model)
-        self._subscriptions[topic] = 1  # renewed on every reconnect
+            await self.subscribe(topics.mqtt_shared_updates(model, self.config.shared_group))
+            return
+        await self.subscribe(topics.mqtt_updates_filter(model))
+        if self.config.update_partitions > 0:
+            await self.subscribe(topics.mqtt_partition_filter(model, None))
+
+    async def subscribe(self, topic: str, qos: int = 1) -> None:
+        """A subscription on the persistent session: QoS 1 is acknowledged through
+        :meth:`ack` like updates (a committer's partials); QoS 0 is outside Mosquitto's
+        in-flight limit, so it still arrives while that many updates wait for their
+        acknowledgement (a reducer's watermarks)."""
+        self._subscriptions[topic] = qos  # renewed on every reconnect
         attempts = 3
         for attempt in range(attempts):
             client, generation = await self._ready()
             try:
-                await self._subscribe(client, topic, 1)
+                await self._subscribe(client, topic, qos)
                 return
             except aiomqtt.MqttError as exc:
                 if attempt == attempts - 1:
@@ -484,9 +502,13 @@ class MqttTransport(Transport):
         await self._publish(topics.mqtt_deadletter(model), payload)
 
     async def publish_update(self, model: str, client: str, payload: bytes) -> None:
-        # Never retained: updates are read through $share, where a retained message would be
-        # handed to every reducer and folded twice.
-        await self._publish(topics.mqtt_update(model, client), payload)
+        # Never retained: a retained update would be handed to every new subscriber.
+        topic = topics.mqtt_update(model, client, self.config.update_partitions)
+        await self._publish(topic, payload)
+
+    async def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+        """QoS 1 on the persistent connection (partials, watermarks)."""
+        await self._publish(topic, payload, retain=retain)
 
     async def peers(self, model: str, settle: float = 0.5) -> list[str]:
         """Other live worker processes on ``model``: their retained presence records under
