@@ -29,6 +29,7 @@ import numpy as np
 
 from fedbus.cli.errors import UserError
 from fedbus.client.updates import UpdateEncoder, read_model
+from fedbus.downlink import model_message
 from fedbus.sim.data import FleetData, digits_fleet
 from fedbus.sim.engine import SimResult, run_async, run_sync_fedavg
 from fedbus.sim.models import SoftmaxRegression
@@ -38,7 +39,7 @@ from fedbus.transport.base import Transport
 from fedbus.wire import envelope as env
 from fedbus.wire.codecs import CodecSpec, ErrorFeedback, decode_dense
 from fedbus.wire.layout import Layout
-from workers.main import make_transport, model_message
+from workers.main import make_transport
 from workers.settings import WorkerSettings, load
 
 CODECS = {"fp32": "fp32", "int8": "int8", "topk+int8": "topk:fraction=0.05"}

@@ -7,7 +7,6 @@ import errno
 import os
 import signal
 import socket
-import time
 import uuid
 from pathlib import Path
 
@@ -15,11 +14,10 @@ import numpy as np
 
 from fedbus import log as fedlog
 from fedbus.cli.errors import UserError
+from fedbus.downlink import model_message
 from fedbus.store.lock import DirectoryLock, LockHeld
 from fedbus.transport import topics
 from fedbus.transport.base import Transport, TransportError
-from fedbus.wire import envelope as env
-from fedbus.wire.codecs import CodecSpec, encode
 from fedbus.wire.layout import Layout
 from workers.settings import WorkerSettings
 
@@ -171,22 +169,6 @@ def initial_weights(example: str, npz: Path | None, seed: int) -> tuple[Layout, 
 
     model = example_model(example)
     return model.wire_layout(), model.init_params(seed)
-
-
-def model_message(
-    model: str, version: int, layout: Layout, weights: np.ndarray, codec: str
-) -> bytes:
-    spec = CodecSpec.parse(codec)
-    return env.encode(
-        env.ModelEnvelope(
-            model=model,
-            version=version,
-            layout=layout.to_wire(),
-            codec=spec.to_wire(),
-            payload=encode(weights.astype(np.float32), spec),
-            created_at=time.time(),
-        )
-    )
 
 
 def publish_initial_model(

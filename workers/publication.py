@@ -19,6 +19,12 @@ Two facts make a published model safe to show:
 
 A restart publishes the newest committed version when the last commit record does not
 show its publication confirmed; model messages are idempotent by version.
+
+What goes on the wire is :class:`fedbus.downlink.DownlinkEncoder`'s business: a full model
+in ``model_codec``, or (with ``model_diff_codec``) a compressed difference against the
+reconstruction devices hold, with a keyframe every ``model_keyframe_every`` publications
+and always first after a start. Keyframes are retained (MQTT) or compacted (Kafka) on the
+model channel; differences go to the diffs channel.
 """
 
 from __future__ import annotations
@@ -26,17 +32,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from fedbus.downlink import DownlinkEncoder
 from fedbus.transport.base import Transport
-from fedbus.wire import envelope as env
-from fedbus.wire.codecs import CodecSpec, encode
-from fedbus.wire.layout import Layout
 from workers.crashpoints import CrashPoints
 
 MAX_BACKLOG = 4  # interval 0 only: versions waiting for publication before the loop waits
@@ -56,8 +59,7 @@ class ModelPublisher:
         self,
         transport: Transport,
         model: str,
-        layout: Layout,
-        codec: CodecSpec,
+        downlink: DownlinkEncoder,
         interval_s: float,
         *,
         confirmed: int,
@@ -65,7 +67,8 @@ class ModelPublisher:
         log: Any,
         on_published: Callable[[int], None],
     ) -> None:
-        self.transport, self.model, self.layout, self.codec = transport, model, layout, codec
+        self.transport, self.model, self.downlink = transport, model, downlink
+        self.bytes_published = 0  # model channel bytes (full models, keyframes, differences)
         self.interval = interval_s
         self.confirmed = confirmed  # newest version the broker acknowledged
         self.handed = confirmed  # newest version whose weights the loop took for publication
@@ -154,22 +157,13 @@ class ModelPublisher:
         whose publication is not the window the ``publish-pending`` point names."""
         if crash_point:
             self.crash.hit("publish-pending", version=w.version, confirmed=self.confirmed)
-        payload = await asyncio.to_thread(self.message, w)
-        await self.transport.publish_model(self.model, payload, w.version)
+        out = await asyncio.to_thread(self.downlink.next, w.version, w.weights, w.updates_folded)
+        if out.kind == "diff":
+            await self.transport.publish_model_diff(self.model, out.raw, w.version)
+        else:
+            await self.transport.publish_model(self.model, out.raw, w.version)
+        self.bytes_published += len(out.raw)
         self.confirmed = max(self.confirmed, w.version)
         self.handed = max(self.handed, w.version)
         self.log.debug("published", version=w.version, total_updates_folded=w.updates_folded)
         self.on_published(w.version)
-
-    def message(self, w: Weights) -> bytes:
-        return env.encode(
-            env.ModelEnvelope(
-                model=self.model,
-                version=w.version,
-                layout=self.layout.to_wire(),
-                codec={**self.codec.to_wire()},
-                payload=encode(w.weights, self.codec),
-                created_at=time.time(),
-                updates_folded=w.updates_folded,
-            )
-        )

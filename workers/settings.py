@@ -133,7 +133,13 @@ class WorkerSettings(BaseSettings):
     snapshot_interval_s: float = Field(30.0, gt=0)
     snapshot_log_bytes: int = Field(256 * 1024 * 1024, ge=1)
     max_message_bytes: int = 64 * 1024 * 1024
+    # The downlink (README, Model downlink): full models and keyframes in ``model_codec``
+    # (fp32, fp16, int8); with ``model_diff_codec`` set (int8, int4, topk:fraction=..., fp16)
+    # the publications between keyframes are compressed differences, and a keyframe goes out
+    # every ``model_keyframe_every`` publications.
     model_codec: str = "fp32"
+    model_diff_codec: str = ""
+    model_keyframe_every: int = Field(10, ge=1)
     # Every version is committed and announced by its event; its weights are published at
     # most this often (always the newest committed version, and always after a buffer
     # drain and on shutdown). 0 publishes every version. The default keeps publication a
@@ -152,6 +158,29 @@ class WorkerSettings(BaseSettings):
     @classmethod
     def _lower(cls, value: Any) -> Any:
         return value.lower() if isinstance(value, str) else value
+
+    @field_validator("model_codec")
+    @classmethod
+    def _model_codec(cls, value: str) -> str:
+        from fedbus.downlink import model_codec
+
+        try:
+            model_codec(value)
+        except (WireError, ValueError) as exc:
+            raise ValueError(getattr(exc, "detail", str(exc))) from exc
+        return value
+
+    @field_validator("model_diff_codec")
+    @classmethod
+    def _diff_codec(cls, value: str) -> str:
+        from fedbus.downlink import diff_codec
+
+        if value:
+            try:
+                diff_codec(value)
+            except (WireError, ValueError) as exc:
+                raise ValueError(getattr(exc, "detail", str(exc))) from exc
+        return value
 
     @field_validator("model", "worker_id")
     @classmethod

@@ -9,6 +9,12 @@ Raspberry-Pi-class device. The user supplies one callback::
 and the device turns ``new - start`` into an update: clipped, error-feedback compressed,
 signed when a key is configured, spooled to disk, then published QoS 1 with retries and
 exponential backoff. An update survives a broker outage and a device restart in the spool.
+
+The model: by default a device fetches the latest one when it starts a job (one reused
+broker connection, one message a job). With ``follow=True`` it instead keeps one
+subscription to the model channel and its compressed differences (``fedbus.downlink``), so
+a job starts from the newest version it reconstructed without a download; a device that
+fell behind takes the keyframe.
 """
 
 from __future__ import annotations
@@ -23,10 +29,12 @@ import numpy as np
 from fedbus import log as fedlog
 from fedbus.client.spool import Spool
 from fedbus.client.updates import GlobalModel, UpdateEncoder, read_model
+from fedbus.downlink import Reconstruction
 from fedbus.transport.base import Transport
 from fedbus.transport.retry import backoff
 from fedbus.wire import envelope as env
 from fedbus.wire.codecs import CodecSpec
+from fedbus.wire.errors import WireError
 
 TrainFn = Callable[
     [dict[str, np.ndarray], int], tuple[Mapping[str, np.ndarray], int, Mapping[str, float] | None]
@@ -50,6 +58,7 @@ class Device:
         retry_initial: float = 0.5,
         retry_max: float = 30.0,
         seed: int | None = None,
+        follow: bool = False,
     ) -> None:
         self.transport = transport
         self.model = model
@@ -61,6 +70,8 @@ class Device:
         self.retry_initial, self.retry_max = retry_initial, retry_max
         self.seed = seed
         self._encoder: UpdateEncoder | None = None
+        self.reconstruction = Reconstruction(model) if follow else None
+        self._following: asyncio.Task[None] | None = None
         self.sent = 0
         self.log = fedlog.get("fedbus.device").bind(model=model, client=client)
 
@@ -79,8 +90,39 @@ class Device:
         return self._encoder
 
     async def fetch_model(self, timeout: float = 10.0) -> GlobalModel | None:
+        """The model to start a job from: the followed reconstruction when it is current,
+        else the latest keyframe (``None`` if none within ``timeout``)."""
+        rec = self.reconstruction
+        if rec is not None:
+            self._follow()
+            if rec.weights is not None and rec.layout is not None and not rec.behind:
+                return GlobalModel(self.model, rec.version, rec.layout, rec.weights.copy())
         raw = await self.transport.latest_model(self.model, timeout=timeout)
-        return read_model(raw) if raw is not None else None
+        if raw is None:
+            return None
+        gm = read_model(raw)
+        if rec is not None and gm.version > rec.version:
+            rec.offer(raw)  # a keyframe: the differences after it apply again
+        return gm
+
+    def _follow(self) -> None:
+        if self._following is None or self._following.done():
+            self._following = asyncio.create_task(self._follow_loop())
+
+    async def _follow_loop(self) -> None:
+        assert self.reconstruction is not None
+        async for raw in self.transport.follow_models(self.model, diffs=True):
+            try:
+                self.reconstruction.offer(raw)
+            except WireError as exc:  # a message this device cannot use: say so, keep going
+                self.log.warning("model message refused", reason=exc.reason.value, error=str(exc))
+
+    async def close(self) -> None:
+        """Stop following the model channel (the transport stays the caller's)."""
+        if self._following is not None:
+            self._following.cancel()
+            await asyncio.gather(self._following, return_exceptions=True)
+            self._following = None
 
     async def submit(
         self,

@@ -116,6 +116,10 @@ class Transport(abc.ABC):
         """Latest global model: retained (MQTT) or keyed by model on a compacted topic."""
 
     @abc.abstractmethod
+    async def publish_model_diff(self, model: str, payload: bytes, version: int) -> None:
+        """A compressed difference between published models: never retained or compacted."""
+
+    @abc.abstractmethod
     async def publish_event(self, model: str, payload: bytes) -> None:
         """Analytics event (CloudEvents JSON bytes)."""
 
@@ -133,5 +137,6 @@ class Transport(abc.ABC):
         """The latest published model, or ``None`` if there is none within ``timeout``."""
 
     @abc.abstractmethod
-    def follow_models(self, model: str) -> AsyncIterator[bytes]:
-        """The latest model (if any), then every new one as it is published."""
+    def follow_models(self, model: str, *, diffs: bool = False) -> AsyncIterator[bytes]:
+        """The latest model (if any), then every new one as it is published; with ``diffs``
+        the differences between them too (a device decodes both: ``fedbus.downlink``)."""

@@ -18,6 +18,7 @@ __all__ = [
     "kafka_deadletter",
     "kafka_events",
     "kafka_keys",
+    "kafka_model_diffs",
     "kafka_models",
     "kafka_secure",
     "kafka_secure_topics",
@@ -27,6 +28,7 @@ __all__ = [
     "mqtt_events",
     "mqtt_keys",
     "mqtt_model",
+    "mqtt_model_diffs",
     "mqtt_secure",
     "mqtt_shared_updates",
     "mqtt_status",
@@ -69,6 +71,12 @@ def mqtt_shared_updates(model: str, group: str) -> str:
 
 def mqtt_model(model: str) -> str:
     return f"{MQTT_PREFIX}/{validate_id(model, 'model')}/model"
+
+
+def mqtt_model_diffs(model: str) -> str:
+    """Compressed differences between published models; never retained (the keyframes on
+    :func:`mqtt_model` are)."""
+    return f"{MQTT_PREFIX}/{validate_id(model, 'model')}/diffs"
 
 
 def mqtt_events(model: str) -> str:
@@ -157,6 +165,12 @@ def kafka_models(model: str) -> str:
     return f"{KAFKA_PREFIX}.{validate_id(model, 'model')}.models"
 
 
+def kafka_model_diffs(model: str) -> str:
+    """Differences between published models: a plain (deleting) topic, keyframes live on
+    the compacted :func:`kafka_models`."""
+    return f"{KAFKA_PREFIX}.{validate_id(model, 'model')}.diffs"
+
+
 def kafka_events(model: str) -> str:
     return f"{KAFKA_PREFIX}.{validate_id(model, 'model')}.events"
 
@@ -184,6 +198,7 @@ def kafka_topics(model: str) -> dict[str, str]:
     return {
         "updates": kafka_updates(model),
         "models": kafka_models(model),
+        "diffs": kafka_model_diffs(model),
         "events": kafka_events(model),
         "deadletter": kafka_deadletter(model),
     }

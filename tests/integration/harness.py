@@ -14,12 +14,13 @@ from typing import Any
 import numpy as np
 
 from fedbus.client.updates import read_model
+from fedbus.downlink import model_message
 from fedbus.transport.base import Transport
 from fedbus.wire import envelope as env
 from fedbus.wire.codecs import CodecSpec, decode_dense, encode
 from fedbus.wire.ids import new_update_id
 from fedbus.wire.layout import Layout
-from workers.main import make_transport, model_message
+from workers.main import make_transport
 from workers.settings import WorkerSettings, load
 
 LAYOUT = Layout.from_wire([["w", [40, 10], "float32"], ["b", [10], "float32"]])

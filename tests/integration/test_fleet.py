@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 
 from fedbus.cli import main
+from fedbus.downlink import model_message
 from fedbus.sim.data import digits_fleet
 from fedbus.sim.fleet import FleetConfig, LayoutMismatchError, run_fleet
 from fedbus.sim.models import SoftmaxRegression
 from fedbus.sim.timing import FleetTiming
 from tests.integration import harness as h
-from workers.main import make_transport, model_message
+from workers.main import make_transport
 from workers.settings import WorkerSettings
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]

@@ -70,3 +70,27 @@ def test_inconsistent_policies_are_refused_at_start(aggregation: dict, message: 
         load(None, aggregation=aggregation)
     assert "\n" not in str(refused.value)  # one line, naming the setting
     assert "aggregation" in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"model_codec": "topk:fraction=0.1"}, "model_codec: model codec must be one of fp32"),
+        ({"model_codec": "bf16"}, "model_codec: unknown codec 'bf16'"),
+        ({"model_diff_codec": "fp32"}, "model_diff_codec: model difference codec must be"),
+        ({"model_keyframe_every": 0}, "model_keyframe_every"),
+    ],
+)
+def test_downlink_settings_are_checked(overrides: dict, message: str) -> None:
+    with pytest.raises(UserError, match=message) as refused:
+        load(None, **overrides)
+    assert "\n" not in str(refused.value)
+
+
+def test_downlink_settings_accept_the_documented_codecs() -> None:
+    s = load(None, model_codec="int8", model_diff_codec="topk:fraction=0.05")
+    assert (s.model_codec, s.model_diff_codec, s.model_keyframe_every) == (
+        "int8",
+        "topk:fraction=0.05",
+        10,
+    )

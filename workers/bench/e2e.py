@@ -484,8 +484,9 @@ async def _worker_case(
     seed: int,
 ) -> _WorkerResult:
     """Updates per second through an ``AggregatorWorker``, then paced commit latencies."""
+    from fedbus.downlink import model_message
     from workers.aggregator import AggregatorWorker
-    from workers.main import make_transport, model_message
+    from workers.main import make_transport
 
     model = f"bench-w-{uuid.uuid4().hex[:10]}"
     settings = where.settings(model)
