@@ -13,11 +13,14 @@ reconstruction ``R`` every following device holds and sends ``Q(w - R)``, never
 ``Q(w_v - w_{v-1})``: what quantisation dropped is in the next difference, so the error of
 ``R`` stays one quantisation step of one difference and never accumulates.
 
-A keyframe is a full model in the model codec, and ``R`` restarts from what it decodes to;
-the differences after it apply on top of it (video codecs work the same way). A device that
-missed a difference waits for the next keyframe, or takes the retained one: an older version
-it can still train from. Both ends decode the same bytes with the same code (and the
-differences round to nearest), so a device following the chain holds ``R`` bit for bit.
+Two channels. The model channel (retained on MQTT, compacted on Kafka) always carries the
+newest full model, for devices that fetch one when they start a job. The diffs channel,
+which following devices subscribe to, carries every ``keyframe_every``-th full model as a
+keyframe (``R`` restarts from what it decodes to) and a difference for each publication in
+between (video codecs work the same way). A device that missed a difference trains from the
+latest full model meanwhile and rejoins the stream at the next keyframe. Both ends decode
+the same bytes with the same code (differences round to nearest), so a device following the
+stream holds ``R`` bit for bit.
 """
 
 from __future__ import annotations
@@ -81,26 +84,37 @@ def model_message(
     updates_folded: int = 0,
 ) -> bytes:
     """One full model message (the initial model, the plain downlink)."""
-    return DownlinkEncoder(model, layout, codec).keyframe(version, weights, updates_folded).raw
+    return DownlinkEncoder(model, layout, codec).next(version, weights, updates_folded).model
 
 
 @dataclass(frozen=True)
 class Outgoing:
-    """One message for the model channel: a full model (keyframe) or a difference."""
+    """What one publication puts on the broker.
 
-    kind: str  # "model" | "diff"
+    ``model`` always goes to the model channel (retained on MQTT, compacted on Kafka): the
+    newest full model, for devices that fetch when they start a job. ``stream`` (only with
+    differences on) goes to the diffs channel that following devices subscribe to: a
+    keyframe (the same bytes as ``model``) or a difference.
+    """
+
     version: int
-    raw: bytes
+    model: bytes
+    stream: bytes | None = None
+
+    @property
+    def keyframe(self) -> bool:
+        return self.stream is not None and self.stream is self.model
 
 
 class DownlinkEncoder:
     """The server's side: what to publish for each published version.
 
     ``diff`` ``None`` is the plain downlink: every publication is a full model in ``codec``.
-    Otherwise the first publication (after every start) and every ``keyframe_every``-th is
-    a keyframe, the others are differences against the reconstruction this object tracks.
-    Its state is not checkpointed: a restarted worker starts with a keyframe, and a
-    difference names its keyframe's version, so a device never applies one across chains.
+    Otherwise the first publication (after every start) and every ``keyframe_every``-th
+    also sends its full model on the diffs channel as a keyframe, and the others a
+    difference against the reconstruction this object tracks. Its state is not
+    checkpointed: a restarted worker starts with a keyframe, and a difference names its
+    keyframe's version, so a device never applies one across chains.
     """
 
     def __init__(
@@ -123,34 +137,8 @@ class DownlinkEncoder:
         self._since_keyframe = 0
 
     def next(self, version: int, weights: np.ndarray, updates_folded: int = 0) -> Outgoing:
-        if (
-            self.diff is None
-            or self.held is None
-            or self._since_keyframe + 1 >= self.keyframe_every
-        ):
-            return self.keyframe(version, weights, updates_folded)
-        payload = encode(np.asarray(weights, dtype=np.float64) - self.held, self.diff)
-        raw = env.encode(
-            env.ModelDiffEnvelope(
-                model=self.model,
-                version=version,
-                base_version=self.held_version,
-                keyframe_version=self.keyframe_version,
-                fingerprint=self.layout.fingerprint,
-                codec=self.diff.to_wire(),
-                payload=payload,
-                created_at=time.time(),
-            )
-        )
-        self.held = apply_diff(self.held, payload, self.diff)
-        self.held_version = version
-        self._since_keyframe += 1
-        return Outgoing("diff", version, raw)
-
-    def keyframe(self, version: int, weights: np.ndarray, updates_folded: int = 0) -> Outgoing:
-        """A full model of ``version``; the tracked reconstruction restarts from it."""
         payload = encode(np.asarray(weights, dtype=np.float32), self.codec)
-        raw = env.encode(
+        full = env.encode(
             env.ModelEnvelope(
                 model=self.model,
                 version=version,
@@ -161,11 +149,30 @@ class DownlinkEncoder:
                 updates_folded=updates_folded,
             )
         )
-        if self.diff is not None:  # the plain downlink tracks nothing
+        if self.diff is None:
+            return Outgoing(version, full)
+        if self.held is None or self._since_keyframe + 1 >= self.keyframe_every:
             self.held = decode_dense(payload, self.codec, self.layout.n_params)
             self.held_version = self.keyframe_version = version
             self._since_keyframe = 0
-        return Outgoing("model", version, raw)
+            return Outgoing(version, full, full)
+        residual = encode(np.asarray(weights, dtype=np.float64) - self.held, self.diff)
+        diff = env.encode(
+            env.ModelDiffEnvelope(
+                model=self.model,
+                version=version,
+                base_version=self.held_version,
+                keyframe_version=self.keyframe_version,
+                fingerprint=self.layout.fingerprint,
+                codec=self.diff.to_wire(),
+                payload=residual,
+                created_at=time.time(),
+            )
+        )
+        self.held = apply_diff(self.held, residual, self.diff)
+        self.held_version = version
+        self._since_keyframe += 1
+        return Outgoing(version, full, diff)
 
 
 class Reconstruction:

@@ -20,11 +20,10 @@ Two facts make a published model safe to show:
 A restart publishes the newest committed version when the last commit record does not
 show its publication confirmed; model messages are idempotent by version.
 
-What goes on the wire is :class:`fedbus.downlink.DownlinkEncoder`'s business: a full model
-in ``model_codec``, or (with ``model_diff_codec``) a compressed difference against the
-reconstruction devices hold, with a keyframe every ``model_keyframe_every`` publications
-and always first after a start. Keyframes are retained (MQTT) or compacted (Kafka) on the
-model channel; differences go to the diffs channel.
+What goes on the wire is :class:`fedbus.downlink.DownlinkEncoder`'s business: the full
+model in ``model_codec`` on the model channel (retained on MQTT, compacted on Kafka), and
+with ``model_diff_codec`` also the diffs channel's keyframe or compressed difference
+against the reconstruction following devices hold.
 """
 
 from __future__ import annotations
@@ -158,11 +157,11 @@ class ModelPublisher:
         if crash_point:
             self.crash.hit("publish-pending", version=w.version, confirmed=self.confirmed)
         out = await asyncio.to_thread(self.downlink.next, w.version, w.weights, w.updates_folded)
-        if out.kind == "diff":
-            await self.transport.publish_model_diff(self.model, out.raw, w.version)
-        else:
-            await self.transport.publish_model(self.model, out.raw, w.version)
-        self.bytes_published += len(out.raw)
+        await self.transport.publish_model(self.model, out.model, w.version)
+        self.bytes_published += len(out.model)
+        if out.stream is not None:
+            await self.transport.publish_model_diff(self.model, out.stream, w.version)
+            self.bytes_published += len(out.stream)
         self.confirmed = max(self.confirmed, w.version)
         self.handed = max(self.handed, w.version)
         self.log.debug("published", version=w.version, total_updates_folded=w.updates_folded)

@@ -11,10 +11,10 @@ signed when a key is configured, spooled to disk, then published QoS 1 with retr
 exponential backoff. An update survives a broker outage and a device restart in the spool.
 
 The model: by default a device fetches the latest one when it starts a job (one reused
-broker connection, one message a job). With ``follow=True`` it instead keeps one
-subscription to the model channel and its compressed differences (``fedbus.downlink``), so
-a job starts from the newest version it reconstructed without a download; a device that
-fell behind takes the keyframe.
+broker connection, one full model a job). With ``follow=True`` it also subscribes to the
+diffs channel (``fedbus.downlink``: keyframes and compressed differences), so a job starts
+from the newest version it reconstructed without a download; until its first keyframe, or
+after it missed a difference, it fetches the latest full model as before.
 """
 
 from __future__ import annotations
@@ -91,19 +91,14 @@ class Device:
 
     async def fetch_model(self, timeout: float = 10.0) -> GlobalModel | None:
         """The model to start a job from: the followed reconstruction when it is current,
-        else the latest keyframe (``None`` if none within ``timeout``)."""
+        else the latest full model (``None`` if none within ``timeout``)."""
         rec = self.reconstruction
         if rec is not None:
             self._follow()
             if rec.weights is not None and rec.layout is not None and not rec.behind:
                 return GlobalModel(self.model, rec.version, rec.layout, rec.weights.copy())
         raw = await self.transport.latest_model(self.model, timeout=timeout)
-        if raw is None:
-            return None
-        gm = read_model(raw)
-        if rec is not None and gm.version > rec.version:
-            rec.offer(raw)  # a keyframe: the differences after it apply again
-        return gm
+        return read_model(raw) if raw is not None else None
 
     def _follow(self) -> None:
         if self._following is None or self._following.done():
@@ -111,7 +106,7 @@ class Device:
 
     async def _follow_loop(self) -> None:
         assert self.reconstruction is not None
-        async for raw in self.transport.follow_models(self.model, diffs=True):
+        async for raw in self.transport.follow_model_diffs(self.model):
             try:
                 self.reconstruction.offer(raw)
             except WireError as exc:  # a message this device cannot use: say so, keep going

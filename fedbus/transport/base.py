@@ -117,7 +117,8 @@ class Transport(abc.ABC):
 
     @abc.abstractmethod
     async def publish_model_diff(self, model: str, payload: bytes, version: int) -> None:
-        """A compressed difference between published models: never retained or compacted."""
+        """A keyframe or a compressed difference on the diffs channel: never retained or
+        compacted (the model channel holds the latest full model)."""
 
     @abc.abstractmethod
     async def publish_event(self, model: str, payload: bytes) -> None:
@@ -137,6 +138,10 @@ class Transport(abc.ABC):
         """The latest published model, or ``None`` if there is none within ``timeout``."""
 
     @abc.abstractmethod
-    def follow_models(self, model: str, *, diffs: bool = False) -> AsyncIterator[bytes]:
-        """The latest model (if any), then every new one as it is published; with ``diffs``
-        the differences between them too (a device decodes both: ``fedbus.downlink``)."""
+    def follow_models(self, model: str) -> AsyncIterator[bytes]:
+        """The latest model (if any), then every new one as it is published."""
+
+    @abc.abstractmethod
+    def follow_model_diffs(self, model: str) -> AsyncIterator[bytes]:
+        """The diffs channel from now on: keyframes and the differences between them
+        (``fedbus.downlink.Reconstruction`` reads both)."""

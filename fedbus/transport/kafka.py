@@ -24,7 +24,6 @@ active consumer per model).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import ssl
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -466,35 +465,35 @@ class KafkaTransport(Transport):
                     await fetcher.stop()
                 raise
 
-    async def follow_models(self, model: str, *, diffs: bool = False) -> AsyncIterator[bytes]:
+    async def follow_models(self, model: str) -> AsyncIterator[bytes]:
         await self.ensure_topics(model)
         topic, key = topics.kafka_models(model), model.encode()
         consumer = self._reader()
         await consumer.start()
         try:
             tps = [TopicPartition(topic, p) for p in await self._partitions(topic)]
-            extra: list[TopicPartition] = []
-            if diffs:
-                diff_topic = topics.kafka_model_diffs(model)
-                extra = [TopicPartition(diff_topic, p) for p in await self._partitions(diff_topic)]
-            consumer.assign(tps + extra)
+            consumer.assign(tps)
             begin = await consumer.beginning_offsets(tps)
-            end = await consumer.end_offsets(tps + extra)
-            since: int | None = None
+            end = await consumer.end_offsets(tps)
             for tp in tps:
                 found = await self._last_for_key(consumer, tp, key, begin[tp], end[tp])
                 consumer.seek(tp, found.offset if found is not None else end[tp])
-                if found is not None:
-                    since = found.timestamp if since is None else min(since, found.timestamp)
-            # The differences published since the latest keyframe, so a device catches up
-            # to the newest version (earlier ones are of no use; a device ignores them).
-            starts = {tp: end[tp] for tp in extra}
-            if extra and since is not None:
-                with contextlib.suppress(KafkaError):
-                    at = await consumer.offsets_for_times({tp: since for tp in extra})
-                    starts.update({tp: o.offset for tp, o in at.items() if o is not None})
-            for tp, offset in starts.items():
-                consumer.seek(tp, offset)
+            async for record in consumer:
+                if record.key == key and record.value:
+                    yield record.value
+        finally:
+            await consumer.stop()
+
+    async def follow_model_diffs(self, model: str) -> AsyncIterator[bytes]:
+        await self.ensure_topics(model)
+        topic, key = topics.kafka_model_diffs(model), model.encode()
+        consumer = self._reader()
+        await consumer.start()
+        try:
+            tps = [TopicPartition(topic, p) for p in await self._partitions(topic)]
+            consumer.assign(tps)
+            for tp, offset in (await consumer.end_offsets(tps)).items():
+                consumer.seek(tp, offset)  # from now on: no scan of what came before
             async for record in consumer:
                 if record.key == key and record.value:
                     yield record.value

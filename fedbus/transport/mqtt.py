@@ -477,12 +477,11 @@ class MqttTransport(Transport):
 
     # -- models ---------------------------------------------------------------------------
     @contextlib.asynccontextmanager
-    async def _reader(self, *topic_list: str) -> AsyncIterator[aiomqtt.Client]:
-        """A clean, non-persistent connection subscribed to the topics (auto-ack)."""
+    async def _reader(self, topic: str) -> AsyncIterator[aiomqtt.Client]:
+        """A clean, non-persistent connection subscribed to ``topic`` (auto-ack)."""
         client = await self._clean_client("m")
         try:
-            for topic in topic_list:
-                await self._subscribe(client, topic, 1)
+            await self._subscribe(client, topic, 1)
             yield client
         finally:
             await _force_close(client, graceful=True)
@@ -542,13 +541,18 @@ class MqttTransport(Transport):
                 await _force_close(client)
         raise aiomqtt.MqttError("model reader closed")
 
-    async def follow_models(self, model: str, *, diffs: bool = False) -> AsyncIterator[bytes]:
-        wanted = [topics.mqtt_model(model)]
-        if diffs:
-            wanted.append(topics.mqtt_model_diffs(model))
+    async def follow_models(self, model: str) -> AsyncIterator[bytes]:
+        async for raw in self._follow(topics.mqtt_model(model)):
+            yield raw
+
+    async def follow_model_diffs(self, model: str) -> AsyncIterator[bytes]:
+        async for raw in self._follow(topics.mqtt_model_diffs(model)):
+            yield raw
+
+    async def _follow(self, topic: str) -> AsyncIterator[bytes]:
         while not self._closing:
             try:
-                async with self._reader(*wanted) as client:
+                async with self._reader(topic) as client:
                     async for m in client.messages:
                         if m.payload:
                             yield bytes(m.payload)

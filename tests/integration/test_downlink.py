@@ -2,9 +2,10 @@
 differences, devices following them over their own connections.
 
 A device that follows every difference must end with exactly the reconstruction the
-worker tracks (bit for bit), and that reconstruction must be within one int8 step of the
-float64 reference model; a device that missed differences (lost on purpose, or joined
-late) must recover at a keyframe and end with the same weights.
+worker tracks (bit for bit), and that reconstruction must be close to the float64
+reference model; a device that missed differences (lost on purpose, or joined late) must
+recover at a keyframe and end with the same weights. The model channel keeps the newest
+full model for devices that fetch one per job.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ async def test_followers_hold_the_tracked_reconstruction(
     seen: list[str] = []
 
     async def follow(t: Any) -> None:
-        async for raw in t.follow_models(model_id, diffs=True):
+        async for raw in t.follow_model_diffs(model_id):
             m = env.decode(raw)
             seen.append(m.type)
             full.offer(raw)
@@ -74,19 +75,19 @@ async def test_followers_hold_the_tracked_reconstruction(
         make_transport(h.client_settings(settings), role="late") as lt,
     ):
         follower = asyncio.create_task(follow(ft))
-        await _wait(lambda: full.version == 0)
+        await asyncio.sleep(0.5)  # subscribed before the first publication
         rng = np.random.default_rng(1)
         async with make_transport(h.client_settings(settings), role="device") as dev:
             for i in range(UPDATES):
+                if i == 6:  # a device that joins late, while differences are flowing
+                    late = Device(lt, model_id, "late-0", follow=True)
+                    first = await late.fetch_model()  # the newest full model meanwhile
+                    assert first is not None and first.version == 6
                 raw, d = h.update_bytes(
                     model_id, f"dev-{i % 5}", i, rng.normal(0, 0.01, h.N), seed=i
                 )
                 await dev.publish_update(model_id, f"dev-{i % 5}", raw)
                 x_ref = x_ref + 0.5 * d  # FedAsync, delta direction, constant staleness
-                if i == 6:  # a device that joins late, while differences are flowing
-                    late = Device(lt, model_id, "late-0", follow=True)
-                    first = await late.fetch_model()
-                    assert first is not None and first.version >= 1
                 # wait for each version: the next update names it as its base
                 await _wait(lambda i=i: worker.publisher.confirmed == i + 1)
         await _wait(lambda: full.version == UPDATES and lossy.version == UPDATES)
@@ -95,6 +96,8 @@ async def test_followers_hold_the_tracked_reconstruction(
         )
         held = worker.publisher.downlink.held
         assert worker.publisher.downlink.held_version == UPDATES
+        fetched = await late.fetch_model()  # following now: no download
+        latest = h.model_versions([await lt.latest_model(model_id, timeout=10) or b""])
         follower.cancel()
         await late.close()
         with contextlib.suppress(asyncio.CancelledError):
@@ -110,15 +113,7 @@ async def test_followers_hold_the_tracked_reconstruction(
     # lost the difference to 6: behind at 7 and 8, back at keyframe 9
     np.testing.assert_array_equal(lossy.weights, held)
     assert lossy.skipped == 2 and lossy.applied == UPDATES - 4 - 3
-    gm = await _fetch_followed(late)
-    assert gm.version == UPDATES
-    np.testing.assert_array_equal(gm.weights, held)
-
-
-async def _fetch_followed(device: Device) -> Any:
-    rec = device.reconstruction
-    assert rec is not None and rec.layout is not None and rec.weights is not None
-    assert not rec.behind
-    from fedbus.client.updates import GlobalModel
-
-    return GlobalModel(device.model, rec.version, rec.layout, rec.weights)
+    assert fetched is not None and fetched.version == UPDATES
+    np.testing.assert_array_equal(fetched.weights, held)
+    # the model channel: the newest full model, fp32 of the reference
+    np.testing.assert_allclose(latest[UPDATES], x_ref, rtol=0, atol=1e-6)

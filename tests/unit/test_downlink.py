@@ -38,12 +38,12 @@ def test_full_model_codecs_decode_within_bounds(codec: str, bound: float) -> Non
     w = trajectory(0)[0]
     enc = DownlinkEncoder("m", LAYOUT, codec)
     out = enc.next(0, w)
-    assert out.kind == "model"
-    gm = read_model(out.raw)
+    assert out.stream is None  # the plain downlink: one full model
+    gm = read_model(out.model)
     assert gm.weights.shape == (N,)
     assert np.max(np.abs(gm.weights - w)) <= bound
     # the device trains from what it decoded: that is exactly the payload decoded again
-    m = env.decode(out.raw, expect="model")
+    m = env.decode(out.model, expect="model")
     assert isinstance(m, env.ModelEnvelope)
     np.testing.assert_array_equal(
         gm.weights, decode_dense(m.payload, CodecSpec.from_wire(m.codec), N)
@@ -53,7 +53,7 @@ def test_full_model_codecs_decode_within_bounds(codec: str, bound: float) -> Non
 def test_model_message_bytes_per_parameter() -> None:
     w = trajectory(0)[0]
     sizes = {
-        c: len(DownlinkEncoder("m", LAYOUT, c).next(0, w).raw) for c in ("fp32", "fp16", "int8")
+        c: len(DownlinkEncoder("m", LAYOUT, c).next(0, w).model) for c in ("fp32", "fp16", "int8")
     }
     assert 4 * N < sizes["fp32"] < 4 * N + 600
     assert 2 * N < sizes["fp16"] < 2 * N + 600
@@ -63,8 +63,8 @@ def test_model_message_bytes_per_parameter() -> None:
 def test_int8_model_is_reproducible() -> None:
     """Rounding to nearest: a version published twice (after a crash) has the same bytes."""
     w = trajectory(0)[0]
-    a = env.decode(DownlinkEncoder("m", LAYOUT, "int8").next(3, w).raw)
-    b = env.decode(DownlinkEncoder("m", LAYOUT, "int8").next(3, w).raw)
+    a = env.decode(DownlinkEncoder("m", LAYOUT, "int8").next(3, w).model)
+    b = env.decode(DownlinkEncoder("m", LAYOUT, "int8").next(3, w).model)
     assert isinstance(a, env.ModelEnvelope) and isinstance(b, env.ModelEnvelope)
     assert a.payload == b.payload and a.codec["rounding"] == "nearest"
 
@@ -80,7 +80,7 @@ def test_codec_choice_is_checked() -> None:
 
 def test_unknown_codec_is_refused_by_the_device() -> None:
     w = trajectory(0)[0]
-    m = msgpack.unpackb(DownlinkEncoder("m", LAYOUT, "fp32").next(0, w).raw)
+    m = msgpack.unpackb(DownlinkEncoder("m", LAYOUT, "fp32").next(0, w).model)
     m["codec"] = {"name": "bf16"}
     raw = msgpack.packb(m)
     with pytest.raises(WireError, match="cannot read") as info:
@@ -95,7 +95,7 @@ def test_unknown_codec_is_refused_by_the_device() -> None:
 
 def test_size_is_checked_before_allocation() -> None:
     """A header claiming a billion parameters with a small payload is refused by length."""
-    m = msgpack.unpackb(DownlinkEncoder("m", LAYOUT, "int8").next(0, trajectory(0)[0]).raw)
+    m = msgpack.unpackb(DownlinkEncoder("m", LAYOUT, "int8").next(0, trajectory(0)[0]).model)
     m["layout"] = [["w", [1_000_000_000], "float32"]]
     m["fingerprint"] = Layout.from_wire(m["layout"]).fingerprint
     with pytest.raises(WireError) as info:
@@ -112,14 +112,18 @@ def test_follower_holds_exactly_the_tracked_reconstruction(diff: str) -> None:
     kinds = []
     for v, w in enumerate(ws):
         out = enc.next(v, w)
-        kinds.append(out.kind)
-        m = env.decode(out.raw)
+        assert out.stream is not None
+        kinds.append("model" if out.keyframe else "diff")
+        # the model channel always has the newest full model, within fp32 rounding
+        full = read_model(out.model)
+        assert full.version == v and np.max(np.abs(full.weights - w)) < 1e-6
+        m = env.decode(out.stream)
         if isinstance(m, env.ModelEnvelope):
             expected = decode_dense(m.payload, CodecSpec.from_wire(m.codec), N)
         else:
             assert isinstance(m, env.ModelDiffEnvelope) and expected is not None
             expected = expected + decode_dense(m.payload, CodecSpec.from_wire(m.codec), N)
-        assert dev.offer(out.raw)
+        assert dev.offer(out.stream)
         assert dev.version == v
         np.testing.assert_array_equal(dev.weights, expected)
         np.testing.assert_array_equal(enc.held, expected)
@@ -157,11 +161,12 @@ def test_device_that_missed_a_difference_recovers_at_the_keyframe() -> None:
     for v, out in enumerate(outs):
         if v == 2:
             continue  # lost
-        changed = dev.offer(out.raw)
+        assert out.stream is not None
+        changed = dev.offer(out.stream)
         if 3 <= v < 5:
             assert not changed and dev.behind and dev.version == 1
         if v == 5:
-            assert out.kind == "model" and changed and not dev.behind
+            assert out.keyframe and changed and not dev.behind
     assert dev.version == 14 and dev.skipped == 2
     np.testing.assert_array_equal(dev.weights, enc.held)
 
@@ -174,8 +179,11 @@ def test_a_difference_never_applies_across_chains() -> None:
     outs = [old.next(v, w) for v, w in enumerate(ws[:3])]
     new = DownlinkEncoder("m", LAYOUT, "int8", "int8", keyframe_every=100)
     dev = Reconstruction("m")
-    assert dev.offer(new.next(1, ws[1]).raw)  # keyframe of version 1, new chain
-    assert not dev.offer(outs[2].raw)  # old chain: base 1, keyframe 0
+    first = new.next(1, ws[1])
+    assert first.keyframe and first.stream is not None
+    assert dev.offer(first.stream)  # keyframe of version 1, new chain
+    assert outs[2].stream is not None
+    assert not dev.offer(outs[2].stream)  # old chain: base 1, keyframe 0
     assert dev.behind
 
 
@@ -183,7 +191,9 @@ def test_diff_envelope_is_strict() -> None:
     ws = trajectory(1)
     enc = DownlinkEncoder("m", LAYOUT, "fp32", "int8")
     enc.next(0, ws[0])
-    m = msgpack.unpackb(enc.next(1, ws[1]).raw)
+    stream = enc.next(1, ws[1]).stream
+    assert stream is not None
+    m = msgpack.unpackb(stream)
     assert m["type"] == "model_diff"
     for key, value, reason in [
         ("base_version", 1, Reason.MALFORMED),
@@ -197,7 +207,7 @@ def test_diff_envelope_is_strict() -> None:
     short = dict(m, payload=m["payload"][:-1])
     with pytest.raises(WireError) as info:
         dev = Reconstruction("m")
-        dev.offer(enc.keyframe(0, ws[0]).raw)
+        dev.offer(DownlinkEncoder("m", LAYOUT, "fp32").next(0, ws[0]).model)
         dev.offer(msgpack.packb(dict(short, keyframe_version=0, base_version=0)))
     assert info.value.reason is Reason.PAYLOAD_LENGTH
 
@@ -209,8 +219,9 @@ def test_a_difference_ahead_of_its_keyframe_waits_for_it() -> None:
     enc = DownlinkEncoder("m", LAYOUT, "fp32", "int8", keyframe_every=100)
     outs = [enc.next(v, w) for v, w in enumerate(ws)]
     dev = Reconstruction("m")
-    assert not dev.offer(outs[1].raw) and not dev.offer(outs[2].raw)
-    assert dev.offer(outs[0].raw)
+    streams = [o.stream for o in outs]
+    assert not dev.offer(streams[1]) and not dev.offer(streams[2])  # type: ignore[arg-type]
+    assert dev.offer(streams[0])  # type: ignore[arg-type]
     assert dev.version == 2 and not dev.behind
-    assert dev.offer(outs[3].raw) and dev.offer(outs[4].raw)
+    assert dev.offer(streams[3]) and dev.offer(streams[4])  # type: ignore[arg-type]
     np.testing.assert_array_equal(dev.weights, enc.held)
