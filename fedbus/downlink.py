@@ -34,6 +34,7 @@ from fedbus.wire import envelope as env
 from fedbus.wire.codecs import CodecSpec, decode_dense, encode
 from fedbus.wire.errors import Reason, WireError
 from fedbus.wire.layout import Layout
+from fedbus.wire.model_message import encode_model_message
 
 MODEL_CODECS = ("fp32", "fp16", "int8")
 """Codecs of a full model on the model channel."""
@@ -72,19 +73,6 @@ def apply_diff(held: np.ndarray, payload: bytes, spec: CodecSpec) -> np.ndarray:
     """The next reconstruction: the one arithmetic both the server and devices run."""
     out: np.ndarray = held + decode_dense(payload, spec, held.shape[0])
     return out
-
-
-def model_message(
-    model: str,
-    version: int,
-    layout: Layout,
-    weights: np.ndarray,
-    codec: CodecSpec | str,
-    *,
-    updates_folded: int = 0,
-) -> bytes:
-    """One full model message (the initial model, the plain downlink)."""
-    return DownlinkEncoder(model, layout, codec).next(version, weights, updates_folded).model
 
 
 @dataclass(frozen=True)
@@ -137,22 +125,15 @@ class DownlinkEncoder:
         self._since_keyframe = 0
 
     def next(self, version: int, weights: np.ndarray, updates_folded: int = 0) -> Outgoing:
-        payload = encode(np.asarray(weights, dtype=np.float32), self.codec)
-        full = env.encode(
-            env.ModelEnvelope(
-                model=self.model,
-                version=version,
-                layout=self.layout.to_wire(),
-                codec=self.codec.to_wire(),
-                payload=payload,
-                created_at=time.time(),
-                updates_folded=updates_folded,
-            )
+        full = encode_model_message(
+            self.model, version, self.layout, weights, self.codec, updates_folded=updates_folded
         )
         if self.diff is None:
             return Outgoing(version, full)
         if self.held is None or self._since_keyframe + 1 >= self.keyframe_every:
-            self.held = decode_dense(payload, self.codec, self.layout.n_params)
+            keyframe = env.decode(full, expect="model")
+            assert isinstance(keyframe, env.ModelEnvelope)
+            self.held = decode_dense(keyframe.payload, self.codec, self.layout.n_params)
             self.held_version = self.keyframe_version = version
             self._since_keyframe = 0
             return Outgoing(version, full, full)

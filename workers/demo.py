@@ -29,7 +29,6 @@ import numpy as np
 
 from fedbus.cli.errors import UserError
 from fedbus.client.updates import UpdateEncoder, read_model
-from fedbus.downlink import model_message
 from fedbus.sim.data import FleetData, digits_fleet
 from fedbus.sim.engine import SimResult, run_async, run_sync_fedavg
 from fedbus.sim.models import SoftmaxRegression
@@ -39,6 +38,7 @@ from fedbus.transport.base import Transport
 from fedbus.wire import envelope as env
 from fedbus.wire.codecs import CodecSpec, ErrorFeedback, decode_dense
 from fedbus.wire.layout import Layout
+from fedbus.wire.model_message import encode_model_message
 from workers.main import make_transport
 from workers.settings import WorkerSettings, load
 
@@ -251,7 +251,7 @@ async def _async_run(
         make_transport(device_settings, role="fleet") as device,
         make_transport(s) as wt,
     ):
-        await init.publish_model(model_id, model_message(model_id, 0, layout, x0, "fp32"), 0)
+        await init.publish_model(model_id, encode_model_message(model_id, 0, layout, x0, "fp32"), 0)
         worker = AggregatorWorker(s, wt)
         stop = asyncio.Event()
         task = asyncio.create_task(worker.run(stop))
@@ -384,7 +384,7 @@ async def run_demo(
             if kind == "mqtt":
                 overrides["mqtt"] = {"port": broker.port}
             else:
-                overrides["kafka"] = {"bootstrap_servers": broker.bootstrap_servers}
+                overrides["kafka"] = broker.kafka_settings()
             settings = load(None, **overrides)
             for algorithm in cfg.algorithms:
                 for codec in cfg.codecs:
