@@ -303,7 +303,7 @@ def bench_e2e(
     model_codec: Annotated[str, typer.Option(help="Full-model codec: fp32, fp16, int8.")] = "fp32",
     model_diff_codec: Annotated[
         str, typer.Option(help="Difference codec (int8, int4, topk:fraction=F); empty: none.")
-    ] = "",
+    ] = "int8",
 ) -> None:
     """Updates per second through one worker beside a bare subscriber on the same client
     library and broker (started here on a free loopback port), plus commit latency and the

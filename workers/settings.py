@@ -135,12 +135,13 @@ class WorkerSettings(BaseSettings):
     snapshot_interval_s: float = Field(30.0, gt=0)
     snapshot_log_bytes: int = Field(256 * 1024 * 1024, ge=1)
     max_message_bytes: int = 64 * 1024 * 1024
-    # The downlink (README, Model downlink): full models and keyframes in ``model_codec``
-    # (fp32, fp16, int8); with ``model_diff_codec`` set (int8, int4, topk:fraction=..., fp16)
-    # the publications between keyframes are compressed differences, and a keyframe goes out
-    # every ``model_keyframe_every`` publications.
+    # The downlink (README, Model downlink): the model channel carries the newest full model
+    # in ``model_codec`` (fp32, fp16, int8); with ``model_diff_codec`` (int8, int4,
+    # topk:fraction=..., fp16; "" turns it off) the diffs channel that following devices
+    # read carries a keyframe every ``model_keyframe_every`` publications and compressed
+    # differences between them.
     model_codec: str = "fp32"
-    model_diff_codec: str = ""
+    model_diff_codec: str = "int8"
     model_keyframe_every: int = Field(10, ge=1)
     # Every version is committed and announced by its event; its weights are published at
     # most this often (always the newest committed version, and always after a buffer

@@ -88,6 +88,7 @@ def test_downlink_settings_are_checked(overrides: dict, message: str) -> None:
 
 
 def test_downlink_settings_accept_the_documented_codecs() -> None:
+    assert load(None).model_diff_codec == "int8"  # following devices get int8 differences
     s = load(None, model_codec="int8", model_diff_codec="topk:fraction=0.05")
     assert (s.model_codec, s.model_diff_codec, s.model_keyframe_every) == (
         "int8",

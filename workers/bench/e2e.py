@@ -229,7 +229,7 @@ class _Env:
     log: Log
     model_publish_interval_s: float = 0.0
     model_codec: str = "fp32"
-    model_diff_codec: str = ""
+    model_diff_codec: str = "int8"
 
     def settings(self, model: str, worker_id: str = "worker-0") -> Any:
         from workers.settings import load
@@ -700,7 +700,7 @@ def run(
     log: Log = _quiet,
     model_publish_interval_s: float | Sequence[float] = (0.0, 1.0),
     model_codec: str = MODEL_CODEC,
-    model_diff_codec: str = "",
+    model_diff_codec: str = "int8",
 ) -> list[dict[str, Any]]:
     """Run the benchmark on its own broker; one record per parameter count.
 
