@@ -26,6 +26,10 @@ INSTANCE = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 share a worker id (a copied config) are still told apart."""
 
 
+# Fixed header, topic (at most 64 KiB) and properties of a PUBLISH around its payload.
+MQTT_HEADER_ROOM = 70_000
+
+
 def make_transport(settings: WorkerSettings, *, role: str = "worker") -> Transport:
     """The transport named in the settings, configured with the client library's own names."""
     if settings.transport == "kafka":
@@ -92,6 +96,9 @@ def make_transport(settings: WorkerSettings, *, role: str = "worker") -> Transpo
             shared_group=shared,
             tls_params=tls,
             tls_insecure=m.tls_insecure or None,
+            # The broker sends us nothing larger than an update (or model) we would accept:
+            # an oversized packet is never read into memory only to be refused.
+            maximum_packet_size=settings.max_message_bytes + MQTT_HEADER_ROOM,
         )
     )
 

@@ -82,6 +82,10 @@ class AggregationSettings(_Section):
     # FedBuff: updates held for the next buffer when their client is already in this one;
     # None = buffer_size. Past it a repeat client is refused with reason client_busy.
     max_deferred: int | None = Field(None, ge=0)
+    # ... of them at most this many from one client (one device cannot fill the queue) ...
+    max_deferred_per_client: int | None = Field(2, ge=0)
+    # ... and at most this many bytes held in all (deferred updates stay encoded).
+    max_deferred_bytes: int | None = Field(256 * 1024 * 1024, ge=0)
     staleness: Literal["constant", "polynomial", "hinge", "threshold"] = "polynomial"
     staleness_a: float = 0.5  # polynomial exponent, or hinge slope
     staleness_b: float = 4.0  # hinge knee, or threshold cutoff
@@ -98,7 +102,13 @@ class AggregationSettings(_Section):
     trim_beta: float = Field(0.2, ge=0, lt=0.5)
     # Central DP (FedBuff): Gaussian noise z * clip_norm / K per flush; needs clip_norm
     dp_noise_multiplier: float | None = Field(None, gt=0)
-    seed: int = 0
+    # INSECURE, simulations and benchmarks only: derives the DP noise from this public seed,
+    # so anyone who knows it can remove the noise. Unset (the default), every flush's noise
+    # comes from a fresh key from the operating system's CSPRNG that is never checkpointed.
+    dp_insecure_seed: int | None = None
+    dp_delta: float = Field(1e-5, gt=0, lt=1)  # every reported epsilon is at this delta
+    # Epsilon after which the model makes no further version (README, Privacy); needs DP.
+    privacy_budget: float | None = Field(None, gt=0)
     # FedBuff: a buffer non-empty for this long without reaching K is applied as it is
     # (still divided by K), so a fleet with fewer than K active clients still makes progress.
     buffer_timeout_s: float | None = Field(None, gt=0)
@@ -110,6 +120,8 @@ class AggregationSettings(_Section):
     def _consistent(self) -> AggregationSettings:
         if self.dp_noise_multiplier is not None and self.clip_norm is None:
             raise ValueError("dp_noise_multiplier needs clip_norm (the sensitivity bound)")
+        if self.privacy_budget is not None and self.dp_noise_multiplier is None:
+            raise ValueError("privacy_budget needs central DP (dp_noise_multiplier)")
         if self.algorithm == "fedasync" and (self.robust or self.dp_noise_multiplier):
             raise ValueError("robust aggregation and DP need a buffer: use algorithm fedbuff")
         return self
@@ -138,6 +150,9 @@ class WorkerSettings(BaseSettings):
     snapshot_interval_s: float = Field(30.0, gt=0)
     snapshot_log_bytes: int = Field(256 * 1024 * 1024, ge=1)
     max_message_bytes: int = 64 * 1024 * 1024
+    # Dead-letter records carry the reason, metadata and the message's SHA-256; with this
+    # on they also carry its first 64 KiB (data minimisation: off unless debugging needs it).
+    deadletter_keep_payload: bool = False
     model_codec: str = "fp32"
     # Every version is committed and announced by its event; its weights are published at
     # most this often (always the newest committed version, and always after a buffer

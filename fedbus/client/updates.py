@@ -15,9 +15,10 @@ import numpy as np
 
 from fedbus.aggregation.clipping import clip
 from fedbus.wire import envelope as env
-from fedbus.wire.codecs import CodecSpec, ErrorFeedback, decode_dense, encode
+from fedbus.wire.codecs import CodecSpec, ErrorFeedback, encode
 from fedbus.wire.ids import new_update_id, validate_id
 from fedbus.wire.layout import Layout
+from fedbus.wire.model_message import decode_model_message
 from fedbus.wire.signing import sign_update
 
 
@@ -35,11 +36,10 @@ class GlobalModel:
 
 
 def read_model(raw: bytes, max_bytes: int = env.DEFAULT_MAX_BYTES) -> GlobalModel:
-    """Decode a model message (retained MQTT message or compacted Kafka record)."""
-    m = env.decode(raw, max_bytes=max_bytes, expect="model")
-    assert isinstance(m, env.ModelEnvelope)
-    layout = m.tensor_layout()
-    weights = decode_dense(m.payload, CodecSpec.from_wire(m.codec), layout.n_params)
+    """Decode a model message (retained MQTT message or compacted Kafka record). Sizes in
+    its header are checked against ``max_bytes`` before anything is allocated
+    (:func:`~fedbus.wire.model_message.decode_model_message`); raises ``WireError``."""
+    m, layout, weights = decode_model_message(raw, max_bytes=max_bytes)
     return GlobalModel(m.model, m.version, layout, weights)
 
 

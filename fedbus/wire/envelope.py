@@ -388,11 +388,14 @@ class DeadLetterEnvelope(_Envelope):
 
     ``original`` is truncated to ``max_original`` bytes (default 64 KiB; ``original_size``
     keeps the real length) so a flood of oversized garbage cannot fill the dead-letter
-    topic. ``client`` and ``update_id`` come from untrusted input: if they are not valid ids
-    they become ``None`` rather than an error, because what the sender got wrong must never
-    keep the record from being written; ``source`` (the topic) still says where the message
-    came from. ``reason`` is any ``[a-z][a-z0-9_]*`` code so older readers accept codes added
-    later to
+    topic. ``original_sha256`` is the SHA-256 of the whole message, so a record identifies
+    what was refused (and matches a copy the device or broker kept) without holding it: the
+    worker keeps no payload at all unless told to (``deadletter_keep_payload``; an update
+    is personal data however malformed it is). ``client`` and ``update_id`` come from
+    untrusted input: if they are not valid ids they become ``None`` rather than an error,
+    because what the sender got wrong must never keep the record from being written;
+    ``source`` (the topic) still says where the message came from. ``reason`` is any
+    ``[a-z][a-z0-9_]*`` code so older readers accept codes added later to
     :class:`~fedbus.wire.errors.Reason`.
     """
 
@@ -409,6 +412,7 @@ class DeadLetterEnvelope(_Envelope):
     original_size: int | None = None
     client: str | None = None
     update_id: str | None = None
+    original_sha256: bytes | None = None
     max_original: InitVar[int | None] = None
 
     def __post_init__(self, max_original: int | None) -> None:
@@ -421,12 +425,16 @@ class DeadLetterEnvelope(_Envelope):
         self._set("received_at", _float("received_at", self.received_at))
         _str("source", self.source)
         original = _bytes("original", self.original)
-        if self.original_size is None:  # a fresh record: measure, then truncate
+        if self.original_size is None:  # a fresh record: measure and hash, then truncate
             self._set("original_size", len(original))
+            self._set("original_sha256", hashlib.sha256(original).digest())
             if max_original is None:
                 max_original = MAX_ORIGINAL_BYTES
-        elif _int("original_size", self.original_size) < len(original):
-            raise WireError(Reason.WRONG_TYPE, "original_size is smaller than original")
+        else:
+            if _int("original_size", self.original_size) < len(original):
+                raise WireError(Reason.WRONG_TYPE, "original_size is smaller than original")
+            if self.original_sha256 is not None:
+                _fixed_bytes("original_sha256", self.original_sha256, 32)
         if max_original is not None:  # a decoded record keeps what its producer kept
             original = original[: max(0, max_original)]
         self._set("original", original)

@@ -356,8 +356,9 @@ def test_mosquitto_conf() -> None:
     assert int(glob["max_queued_messages"][0]) >= 10000
     # Workers ack only after a checkpoint; workers/settings.py caps ack_every at this value.
     assert int(glob["max_inflight_messages"][0]) == 20
-    limit = int(glob["message_size_limit"][0])
-    assert limit == 0 or limit >= MIB64
+    # max_packet_size, not message_size_limit: only it is announced to clients (CONNACK)
+    assert "message_size_limit" not in glob
+    assert int(glob["max_packet_size"][0]) >= MIB64 + 65_536
     assert "1883" in listeners
 
 

@@ -66,6 +66,8 @@ def test_every_policy_knob_reaches_the_policy_object() -> None:
         ({"alpha": 0.0}, "alpha"),
         ({"buffer_size": 0}, "buffer_size"),
         ({"robust": "mean-ish"}, "robust"),
+        ({"privacy_budget": 8.0}, "needs central DP"),
+        ({"clip_norm": 1.0, "dp_noise_multiplier": 1.0, "dp_delta": 1.5}, "dp_delta"),
     ],
 )
 def test_inconsistent_policies_are_refused_at_start(aggregation: dict, message: str) -> None:
