@@ -123,6 +123,8 @@ async def test_devices_are_confined_to_their_own_topics(broker: ShippedMosquitto
     m = "digits"
     forbidden = [
         f"fedbus/v1/{m}/updates/dev-2",  # as another device
+        f"fedbus/v1/{m}/updates/3/dev-2",  # ... on a partitioned topic
+        f"fedbus/v1/{m}/partials/r-0",
         f"fedbus/v1/{m}/model",
         f"fedbus/v1/{m}/events",
         f"fedbus/v1/{m}/deadletter",
@@ -150,6 +152,7 @@ async def test_devices_are_confined_to_their_own_topics(broker: ShippedMosquitto
         for topic in forbidden:
             await dev1.publish(topic, b"forged", qos=1)
         await dev1.publish(f"fedbus/v1/{m}/updates/dev-1", b"mine", qos=1)
+        await dev1.publish(f"fedbus/v1/{m}/updates/3/dev-1", b"mine, partitioned", qos=1)
         await dev1.publish(f"fedbus/v1/{m}/status/dev-1", b"online", qos=1, retain=True)
         await worker.publish(f"fedbus/v1/{m}/events", b"event", qos=1)
         await worker.publish(f"fedbus/v1/{m}/deadletter", b"letter", qos=1)
@@ -159,6 +162,7 @@ async def test_devices_are_confined_to_their_own_topics(broker: ShippedMosquitto
     assert sorted(seen_by_worker) == [
         (f"fedbus/v1/{m}/model", b"model-v0"),
         (f"fedbus/v1/{m}/status/dev-1", b"online"),
+        (f"fedbus/v1/{m}/updates/3/dev-1", b"mine, partitioned"),
         (f"fedbus/v1/{m}/updates/dev-1", b"mine"),
     ]
     assert sorted(seen_by_analytics) == [
