@@ -250,10 +250,16 @@ class ReducerWorker:
         else:
             verdict = self._judge(msg.payload, source, self.strategy)
         if isinstance(verdict, Refusal):
-            key = (verdict.client or "", verdict.update_id or "")
-            held = self._by_key.get(key) if verdict.reason is Reason.DUPLICATE else None
-            if held is not None:  # a redelivered copy of one in hand: acked with it
-                held.messages.append(msg)
+            if verdict.reason is Reason.DUPLICATE:
+                key = (verdict.client or "", verdict.update_id or "")
+                held = self._by_key.get(key)
+                if held is not None:  # a redelivered copy of one in hand: acked with it
+                    held.messages.append(msg)
+                    return
+                # An exact repeat of one already handed on: a redelivery, not bad input
+                # (as in the single worker): acknowledged and counted, no dead letter.
+                self.metrics.redelivered.labels(self.model).inc()
+                await self.transport.ack([msg])
                 return
             await dead_letter(
                 self.transport,
