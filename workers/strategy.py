@@ -49,6 +49,7 @@ def build(cfg: AggregationSettings, initial: np.ndarray, version: int) -> Strate
             direction=cfg.direction,
             ring_depth=cfg.ring_depth,
             clip_norm=cfg.clip_norm,
+            dedup_window=cfg.dedup_window,
             version=version,
         )
     else:
@@ -77,5 +78,6 @@ def build(cfg: AggregationSettings, initial: np.ndarray, version: int) -> Strate
             max_deferred=cfg.max_deferred,
             max_deferred_per_client=cfg.max_deferred_per_client,
             max_deferred_bytes=cfg.max_deferred_bytes,
+            dedup_window=cfg.dedup_window,
         )
     return strategy

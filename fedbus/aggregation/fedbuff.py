@@ -287,11 +287,11 @@ class FedBuff:
             d = _Deferred(update.client_id, update.update_id, tau, w, factor, held)
             self._deferred.append(d)
             self._deferred_bytes += update.delta.nbytes
-            self.seen.add((update.client_id, update.update_id))
+            self.seen.add((update.client_id, update.update_id), update.digest, update.seq)
             return Outcome(True, staleness=tau, weight=factor, deferred=True)
         before = self.version
         self._fold(update.client_id, w, update.delta, factor)
-        self.seen.add((update.client_id, update.update_id))
+        self.seen.add((update.client_id, update.update_id), update.digest, update.seq)
         self._flush_while_full()
         new = self.version if self.version != before else None
         return Outcome(True, staleness=tau, weight=factor, new_version=new)

@@ -256,3 +256,46 @@ async def read_channel(
     finally:
         await consumer.stop()
     return got
+
+
+class Signer:
+    """Device keys made on demand (public halves written to ``keys_dir``, where a worker with
+    ``require_signatures`` reads them) and signed updates with a rising ``seq``: what DP and
+    robust aggregation require of every device."""
+
+    def __init__(self, keys_dir: Path) -> None:
+        from fedbus.wire.signing import generate_keypair
+
+        self.keys_dir = keys_dir
+        keys_dir.mkdir(parents=True, exist_ok=True)
+        self._generate = generate_keypair
+        self._private: dict[str, bytes] = {}
+        self._seq = 0
+
+    def settings(self, settings: WorkerSettings, **aggregation: Any) -> WorkerSettings:
+        """``settings`` with signatures required and ``aggregation`` set (not re-validated:
+        the DP settings would otherwise be refused before signatures are switched on)."""
+        agg = settings.aggregation.model_copy(update=aggregation)
+        keys = {"require_signatures": True, "public_keys_dir": self.keys_dir}
+        return settings.model_copy(update={"aggregation": agg, **keys})
+
+    def register(self, *clients: str) -> None:
+        """Make keys for ``clients`` now (a worker reads the public keys when it starts)."""
+        from fedbus.store.keys import write_public_key
+
+        for client in clients:
+            if client not in self._private:
+                private, public = self._generate()
+                write_public_key(self.keys_dir, client, public)
+                self._private[client] = private
+
+    def update_bytes(
+        self, model: str, client: str, base: int, delta: np.ndarray, **kw: Any
+    ) -> tuple[bytes, np.ndarray]:
+        from fedbus.wire.signing import sign_update
+
+        self.register(client)
+        self._seq += 1
+        raw, decoded = update_bytes(model, client, base, delta, seq=self._seq, **kw)
+        signed = sign_update(env.decode_update(raw), self._private[client])
+        return env.encode(signed), decoded

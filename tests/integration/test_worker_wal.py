@@ -95,7 +95,6 @@ async def test_replay_rebuilds_the_state_bit_for_bit(
         server_lr=1.5,
         momentum=0.5,
         buffer_timeout_s=2.0,
-        **({"clip_norm": 1.0, "dp_noise_multiplier": 0.5} if dp else {}),
     ).model_copy(
         update={
             "snapshot_interval_s": 3600.0,
@@ -106,6 +105,12 @@ async def test_replay_rebuilds_the_state_bit_for_bit(
             "checkpoint_keep": 20,
         }
     )
+    signer = h.Signer(tmp_path / "keys")
+    signer.register(*(f"dev-{i}" for i in range(7)), *(f"dev-b{i}" for i in range(13)))
+    make_update = h.update_bytes
+    if dp:  # central DP needs signed devices
+        settings = signer.settings(settings, clip_norm=1.0, dp_noise_multiplier=0.5)
+        make_update = signer.update_bytes
     x0 = np.random.default_rng(0).normal(0, 0.1, h.N)
     await h.init_model(settings, x0)
     rng = np.random.default_rng(9)
@@ -117,7 +122,7 @@ async def test_replay_rebuilds_the_state_bit_for_bit(
             # the timeout drains three partial buffers (7, then 7 re-folded, then 1).
             for i in range(15):
                 c = f"dev-{i % 7}"
-                raw, _ = h.update_bytes(model_id, c, 0, rng.normal(0, 0.01, h.N), seed=i)
+                raw, _ = make_update(model_id, c, 0, rng.normal(0, 0.01, h.N), seed=i)
                 await dev.publish_update(model_id, c, raw)
             await _until(
                 lambda: worker.strategy.version == 3 and worker.strategy.pending == 0, "drains"
@@ -125,7 +130,7 @@ async def test_replay_rebuilds_the_state_bit_for_bit(
             # 13 distinct clients, stale by up to 3: one full buffer, then 3 staged int8 rows
             for i in range(13):
                 c = f"dev-b{i}"
-                raw, _ = h.update_bytes(model_id, c, i % 4, rng.normal(0, 0.01, h.N), seed=99 + i)
+                raw, _ = make_update(model_id, c, i % 4, rng.normal(0, 0.01, h.N), seed=99 + i)
                 await dev.publish_update(model_id, c, raw)
         await _until(lambda: worker.processed == 28 and _idle(worker), "the last commit")
         assert worker.strategy.version == 4 and worker.strategy.pending == 3
