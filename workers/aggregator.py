@@ -32,13 +32,13 @@ import numpy as np
 
 from fedbus import log as fedlog
 from fedbus.aggregation import dp as dpmod
+from fedbus.downlink import DownlinkEncoder
 from fedbus.ingest import Ingest, Refusal, Source, Verdict, judge
 from fedbus.store import wal
 from fedbus.store.checkpoint import CheckpointStore
 from fedbus.store.keys import load_public_keys
 from fedbus.transport.base import Message, Transport
 from fedbus.wire import envelope as env
-from fedbus.wire.codecs import CodecSpec
 from fedbus.wire.errors import Reason
 from fedbus.wire.layout import Layout
 from fedbus.wire.signing import Verifier
@@ -60,15 +60,72 @@ OFFLOAD_PARAMS = 2_000_000
 INBOX_MESSAGES = 64
 
 
+async def dead_letter(
+    transport: Transport,
+    model: str,
+    worker_id: str,
+    msg: Message,
+    r: Refusal,
+    metrics: Metrics,
+    log: Any,
+    *,
+    keep_payload: bool = False,
+) -> None:
+    """A refused update: counted, logged, dead-lettered with its reason and announced (the
+    ``all`` worker and reducers alike). The record carries the message's size and digest; its
+    bytes only with ``keep_payload`` (data minimisation: ``deadletter_keep_payload``)."""
+    reason = r.reason.value
+    metrics.rejected.labels(model, reason).inc()
+    if r.internal:
+        log.error(
+            "internal error: message refused",
+            detail=r.detail[:200],
+            client=r.client,
+            update_id=r.update_id,
+            exc_info=r.error,
+        )
+    else:
+        log.warning(
+            "rejected", reason=reason, detail=r.detail[:200], client=r.client, update_id=r.update_id
+        )
+    record = env.DeadLetterEnvelope(
+        model=model,
+        reason=reason,
+        detail=r.detail,
+        received_at=time.time(),
+        source=msg.topic,
+        original=msg.payload,
+        client=r.client,
+        update_id=r.update_id,
+        max_original=None if keep_payload else 0,
+    )
+    await transport.publish_deadletter(model, env.encode(record))
+    event = events.update_rejected(model, worker_id, reason, r.client, r.update_id, r.detail[:500])
+    await transport.publish_event(model, events.to_json(event))
+
+
 class AggregatorWorker:
     """One model, one transport, one aggregation policy."""
 
-    def __init__(self, settings: WorkerSettings, transport: Transport) -> None:
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        transport: Transport,
+        *,
+        metrics: Metrics | None = None,
+        health: HealthServer | None = None,
+    ) -> None:
+        """``metrics`` and ``health``: shared by the models of one process (which then owns
+        the endpoints and their readiness)."""
         self.settings = settings
         self.transport = transport
         self.model = settings.model
-        self.metrics = Metrics()
-        self.health = HealthServer(self.metrics, settings.metrics_host, settings.metrics_port)
+        self.metrics = metrics or Metrics()
+        self._own_health = health is None
+        self.health = health or HealthServer(
+            self.metrics, settings.metrics_host, settings.metrics_port
+        )
+        self.ready = asyncio.Event()
         directory = settings.checkpoint_dir / settings.model
         self.store = CheckpointStore(
             directory, keep=settings.checkpoint_keep, fsync=settings.checkpoint_fsync
@@ -76,7 +133,6 @@ class AggregatorWorker:
         self.wal = wal.WriteAheadLog(directory, fsync=settings.checkpoint_fsync)
         keys = load_public_keys(settings.public_keys_dir) if settings.public_keys_dir else {}
         self.verifier = Verifier(keys, required=settings.require_signatures)
-        self.model_codec = CodecSpec.parse(settings.model_codec)
         self.crash = CrashPoints.from_env()
         self.log = fedlog.get("fedbus.worker").bind(
             model=self.model, worker=settings.worker_id, transport=settings.transport
@@ -136,8 +192,13 @@ class AggregatorWorker:
         self.publisher = ModelPublisher(
             self.transport,
             self.model,
-            self.layout,
-            self.model_codec,
+            DownlinkEncoder(
+                self.model,
+                self.layout,
+                s.model_codec,
+                s.model_diff_codec or None,
+                s.model_keyframe_every,
+            ),
             s.model_publish_interval_s,
             confirmed=self.book.published_version,
             crash=self.crash,
@@ -164,8 +225,12 @@ class AggregatorWorker:
         self.publisher.start()
         if self.book.offsets:
             await self.transport.seek(self.book.offsets)
-        await self.transport.subscribe_updates(self.model)
+        await self._subscribe()
         await self._catch_up()
+
+    async def _subscribe(self) -> None:
+        """What this role consumes: every update of the model (the committer role: partials)."""
+        await self.transport.subscribe_updates(self.model)
 
     async def _catch_up(self) -> None:
         """Send the events a crash left owed, and publish the restored version when its
@@ -244,41 +309,11 @@ class AggregatorWorker:
             await self._commit()
 
     async def _refuse(self, msg: Message, r: Refusal) -> None:
-        reason = r.reason.value
-        self.metrics.rejected.labels(self.model, reason).inc()
-        self.book.tally.rejects[reason] += 1
-        if r.internal:
-            self.log.error(
-                "internal error: message refused",
-                detail=r.detail[:200],
-                client=r.client,
-                update_id=r.update_id,
-                exc_info=r.error,
-            )
-        else:
-            self.log.warning(
-                "rejected",
-                reason=reason,
-                detail=r.detail[:200],
-                client=r.client,
-                update_id=r.update_id,
-            )
-        record = env.DeadLetterEnvelope(
-            model=self.model,
-            reason=reason,
-            detail=r.detail,
-            received_at=time.time(),
-            source=msg.topic,
-            original=msg.payload,
-            client=r.client,
-            update_id=r.update_id,
-            max_original=None if self.settings.deadletter_keep_payload else 0,
+        self.book.tally.rejects[r.reason.value] += 1
+        await dead_letter(
+            self.transport, self.model, self.settings.worker_id, msg, r, self.metrics, self.log,
+            keep_payload=self.settings.deadletter_keep_payload,
         )
-        await self.transport.publish_deadletter(self.model, env.encode(record))
-        event = events.update_rejected(
-            self.model, self.settings.worker_id, reason, r.client, r.update_id, r.detail[:500]
-        )
-        await self.transport.publish_event(self.model, events.to_json(event))
 
     # -- versions and commits ------------------------------------------------------------
     def _versions_made(self) -> None:
@@ -319,9 +354,19 @@ class AggregatorWorker:
             self.publisher.taken(version, now)
         self.book.published_version = self.publisher.confirmed
         self.committer.commit(
-            self.book.to_state(), version, announce=self._fresh, weights=weights, snapshot=snapshot
+            self.book.to_state(),
+            version,
+            announce=self._fresh,
+            weights=weights,
+            snapshot=snapshot,
+            notices=self._notices(version),
         )
         self._fresh = []
+
+    def _notices(self, version: int) -> list[tuple[str, bytes]]:
+        """Messages (topic, payload) a commit sends once durable, beside its events (the
+        committer role: watermarks to reducers)."""
+        return []
 
     def _drain_wait(self) -> float | None:
         """Seconds until the partial FedBuff buffer is due to be applied (0: now); None when
@@ -408,11 +453,13 @@ class AggregatorWorker:
         """Run until ``stop`` is set (SIGTERM/SIGINT in the CLI), then commit, publish the
         newest version and return."""
         stop = stop or asyncio.Event()
-        if self.settings.metrics_port:
+        if self.settings.metrics_port and self._own_health:
             await self.health.start()
         try:
             await self._start(stop)
-            self.health.ready = True
+            self.ready.set()
+            if self._own_health:
+                self.health.ready = True
             self.log.info("ready", version=self.strategy.version, n_params=self.layout.n_params)
             if not self.budget_spent:
                 await self._consume(stop)
@@ -421,7 +468,8 @@ class AggregatorWorker:
         finally:
             self.health.ready = False
             await self._shutdown()
-            await self.health.stop()
+            if self._own_health:
+                await self.health.stop()
             c = self.committer
             snapshot = c.last_snapshot_path if c is not None else None
             self.log.info(

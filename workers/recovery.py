@@ -24,9 +24,12 @@ from typing import Any
 
 import numpy as np
 
+from fedbus.aggregation.fedbuff import FedBuff
 from fedbus.ingest import Ingest, Refusal, Source, TransportName, judge
+from fedbus.partials import PartialRefused, judge_partial
 from fedbus.store import wal
 from fedbus.store.checkpoint import CheckpointError, CheckpointStore
+from fedbus.transport import topics
 from fedbus.transport.base import Transport
 from fedbus.wire.errors import WireError
 from fedbus.wire.layout import Layout
@@ -99,6 +102,12 @@ def _replay(
             raise CheckpointError("log replay diverged: a logged drain found no buffer")
         return
     topic, key, _partition, _offset = record.meta
+    if topics.is_partials_topic(topic):  # the committer role logs partials, not updates
+        assert isinstance(strategy, FedBuff), "partials are FedBuff's"
+        taken = judge_partial(strategy, ingest.model, record.payload)
+        if isinstance(taken, PartialRefused):
+            raise CheckpointError(f"log replay diverged: a partial was refused ({taken.detail})")
+        return
     verdict = judge(ingest, strategy, record.payload, Source(transport, topic, key), verify=False)
     if isinstance(verdict, Refusal):
         raise CheckpointError(

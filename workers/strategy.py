@@ -76,8 +76,8 @@ def build(cfg: AggregationSettings, initial: np.ndarray, version: int) -> Strate
             dp=dp,
             version=version,
             max_deferred=cfg.max_deferred,
+            dedup_window=cfg.dedup_window,
             max_deferred_per_client=cfg.max_deferred_per_client,
             max_deferred_bytes=cfg.max_deferred_bytes,
-            dedup_window=cfg.dedup_window,
         )
     return strategy

@@ -41,7 +41,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -61,6 +61,8 @@ from fedbus.wire.codecs import CodecSpec, decode
 from fedbus.wire.errors import Reason
 
 ExampleWeighting = Literal["equal", "linear", "sqrt", "log10"]
+
+
 def _log10_1p(m: float) -> float:
     return math.log10(1 + m)
 
@@ -434,6 +436,47 @@ class FedBuff:
         self._clients |= p.clients
         self._flush_while_full()
         return Outcome(True, new_version=self.version if self.version != before else None)
+
+    def take_partial(
+        self, p: PartialBuffer, keys: Sequence[tuple[str, str]]
+    ) -> tuple[Outcome, list[tuple[str, str]]]:
+        """Fold a reducer's partial in, a committer's job across processes; never partly.
+
+        Unlike :meth:`apply_partial` the partial may have been measured against an older
+        version: each update's staleness weight was fixed when the reducer accepted it (as
+        FedBuff fixes it on arrival). ``keys`` are the (client, update id) pairs it covers:
+        if any is already in the dedup window the whole partial is refused as DUPLICATE and
+        the overlap returned (the reducer acknowledges those and sends the rest again). A
+        partial that shares a client with the buffer or would fill it past K first applies
+        the buffer as it is (divided by K, as ``drain``), so no buffer ever holds a client
+        twice or more than K updates. Returns the outcome and the overlap.
+        """
+        if self.robust is not None:
+            raise ValueError("robust modes keep individual rows: cannot apply a partial sum")
+        if p.sum.shape != self._acc.shape:
+            return Outcome(False, Reason.LAYOUT_MISMATCH), []
+        if p.version > self.version:
+            return Outcome(False, Reason.FUTURE_VERSION), []
+        if p.count > self.k or p.count != len(keys) or len(p.clients) != p.count:
+            return Outcome(False, Reason.WRONG_TYPE), []
+        if not np.isfinite(p.sum).all():
+            return Outcome(False, Reason.NON_FINITE), []
+        overlap = [k for k in keys if k in self.seen]
+        if overlap:
+            return Outcome(False, Reason.DUPLICATE), overlap
+        before = self.version
+        if self._count and (self._clients & p.clients or self._count + p.count > self.k):
+            self.drain()
+        self._queue.flush(self._acc)
+        self._acc += p.sum
+        self._count += p.count
+        self._wsum += p.weight_sum
+        self._clients |= p.clients
+        for key in keys:
+            self.seen.add(key)
+        self._flush_while_full()
+        new = self.version if self.version != before else None
+        return Outcome(True, staleness=self.version - p.version, new_version=new), []
 
     # -- checkpoints ---------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -83,8 +83,12 @@ class MqttConfig:
     tls_context: ssl.SSLContext | None = None
     tls_insecure: bool | None = None
     transport: Literal["tcp", "websockets", "unix"] = "tcp"
-    # "$share/<group>/..." for FedBuff reducers; None for a plain subscription (FedAsync).
+    # "$share/<group>/..." (loses queued updates on a Mosquitto restart: prefer partitions);
+    # None for a plain subscription.
     shared_group: str | None = None
+    # Devices publish to fedbus/v1/<model>/updates/<crc32(client) mod P>/<client> when > 0,
+    # so reducers own partitions through plain persistent subscriptions (no $share).
+    update_partitions: int = 0
     # Per operation (connect, subscribe, one publish): a 10 MB publish must fit.
     timeout: float = 30.0
     connect_timeout: float = 10.0
@@ -165,6 +169,8 @@ class MqttTransport(Transport):
         self._subscriptions: dict[str, int] = {}
         self._closing = False
         self._connected_once = False
+        self._fetcher: aiomqtt.Client | None = None  # one reader kept for model fetches
+        self._fetch_lock = asyncio.Lock()
         self.reconnects = 0
         self.stale_acks = 0
         # The broker's Maximum Packet Size from the last CONNACK (None: it announced none).
@@ -348,6 +354,9 @@ class MqttTransport(Transport):
     async def close(self) -> None:
         self._closing = True
         self._up.clear()
+        fetcher, self._fetcher = self._fetcher, None
+        if fetcher is not None:
+            await _force_close(fetcher, graceful=True)
         client, self._client = self._client, None
         if client is not None:
             if self.config.status_topic:
@@ -364,17 +373,31 @@ class MqttTransport(Transport):
             await _force_close(client, graceful=True)
 
     # -- updates --------------------------------------------------------------------------
-    async def subscribe_updates(self, model: str) -> None:
+    async def subscribe_updates(self, model: str, partitions: Sequence[int] | None = None) -> None:
+        """Every update of ``model`` or, for a reducer, those of ``partitions`` only. With
+        ``update_partitions`` set, a whole-model subscription covers both topic shapes."""
+        if partitions is not None:
+            for p in partitions:
+                await self.subscribe(topics.mqtt_partition_filter(model, p))
+            return
         if self.config.shared_group:
-            topic = topics.mqtt_shared_updates(model, self.config.shared_group)
-        else:
-            topic = topics.mqtt_updates_filter(model)
-        self._subscriptions[topic] = 1  # renewed on every reconnect
+            await self.subscribe(topics.mqtt_shared_updates(model, self.config.shared_group))
+            return
+        await self.subscribe(topics.mqtt_updates_filter(model))
+        if self.config.update_partitions > 0:
+            await self.subscribe(topics.mqtt_partition_filter(model, None))
+
+    async def subscribe(self, topic: str, qos: int = 1) -> None:
+        """A subscription on the persistent session: QoS 1 is acknowledged through
+        :meth:`ack` like updates (a committer's partials); QoS 0 is outside Mosquitto's
+        in-flight limit, so it still arrives while that many updates wait for their
+        acknowledgement (a reducer's watermarks)."""
+        self._subscriptions[topic] = qos  # renewed on every reconnect
         attempts = 3
         for attempt in range(attempts):
             client, generation = await self._ready()
             try:
-                await self._subscribe(client, topic, 1)
+                await self._subscribe(client, topic, qos)
                 return
             except aiomqtt.MqttError as exc:
                 if attempt == attempts - 1:
@@ -477,6 +500,9 @@ class MqttTransport(Transport):
             properties.UserProperty = (VERSION_PROPERTY, str(version))
         await self._publish(topics.mqtt_model(model), payload, retain=True, properties=properties)
 
+    async def publish_model_diff(self, model: str, payload: bytes, version: int) -> None:
+        await self._publish(topics.mqtt_model_diffs(model), payload)
+
     async def publish_event(self, model: str, payload: bytes) -> None:
         await self._publish(topics.mqtt_events(model), payload)
 
@@ -484,9 +510,13 @@ class MqttTransport(Transport):
         await self._publish(topics.mqtt_deadletter(model), payload)
 
     async def publish_update(self, model: str, client: str, payload: bytes) -> None:
-        # Never retained: updates are read through $share, where a retained message would be
-        # handed to every reducer and folded twice.
-        await self._publish(topics.mqtt_update(model, client), payload)
+        # Never retained: a retained update would be handed to every new subscriber.
+        topic = topics.mqtt_update(model, client, self.config.update_partitions)
+        await self._publish(topic, payload)
+
+    async def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+        """QoS 1 on the persistent connection (partials, watermarks)."""
+        await self._publish(topic, payload, retain=retain)
 
     async def peers(self, model: str, settle: float = 0.5) -> list[str]:
         """Other live worker processes on ``model``: their retained presence records under
@@ -519,7 +549,15 @@ class MqttTransport(Transport):
     @contextlib.asynccontextmanager
     async def _reader(self, topic: str) -> AsyncIterator[aiomqtt.Client]:
         """A clean, non-persistent connection subscribed to ``topic`` (auto-ack)."""
-        identifier = f"{self.identifier[:40]}-m-{uuid.uuid4().hex[:8]}"
+        client = await self._clean_client("m")
+        try:
+            await self._subscribe(client, topic, 1)
+            yield client
+        finally:
+            await _force_close(client, graceful=True)
+
+    async def _clean_client(self, tag: str) -> aiomqtt.Client:
+        identifier = f"{self.identifier[:40]}-{tag}-{uuid.uuid4().hex[:8]}"
         opened: list[aiomqtt.Client] = []
 
         async def connect() -> None:
@@ -528,24 +566,31 @@ class MqttTransport(Transport):
             opened.append(candidate)
 
         await self._with_backoff(connect, "connect (model reader)", self.config.connect_timeout)
-        client = opened[0]
-        try:
-            await self._subscribe(client, topic, 1)
-            yield client
-        finally:
-            await _force_close(client, graceful=True)
+        return opened[0]
 
     async def latest_model(self, model: str, timeout: float = 5.0) -> bytes | None:
         """The retained model; ``None`` after ``timeout`` if nothing is retained (MQTT has no
-        "nothing retained" answer). A model published during the wait is returned too."""
+        "nothing retained" answer). A model published during the wait is returned too.
+
+        Every fetch reuses one connection: the transport's own under ``single_connection``,
+        otherwise one clean reader this transport keeps (opened on the first fetch). It
+        subscribes, takes the retained message and unsubscribes, so a device that fetches when
+        it starts a job receives one model per job, not every version."""
+        topic = topics.mqtt_model(model)
         if self.config.single_connection:
-            return await self._latest_on_main(topics.mqtt_model(model), timeout)
-        async with self._reader(topics.mqtt_model(model)) as client:
+            return await self._latest_on_main(topic, timeout)
+        async with self._fetch_lock:
             try:
                 async with asyncio.timeout(timeout):
-                    async for m in client.messages:
-                        if m.payload:  # an empty retained payload is a deletion
-                            return bytes(m.payload)
+                    for attempt in (1, 2):
+                        try:
+                            return await self._fetch_retained(topic)
+                        except aiomqtt.MqttError:
+                            fetcher, self._fetcher = self._fetcher, None
+                            if fetcher is not None:
+                                await _force_close(fetcher)
+                            if attempt == 2 or self._closing:
+                                raise
             except TimeoutError:
                 return None
         return None
@@ -567,10 +612,37 @@ class MqttTransport(Transport):
                 await client.unsubscribe(topic, timeout=self.config.timeout)
         return None
 
+    async def _fetch_retained(self, topic: str) -> bytes:
+        if self._fetcher is None:
+            self._fetcher = await self._clean_client("f")
+        client = self._fetcher
+        while len(client.messages):  # left over from a fetch that unsubscribed
+            await anext(client.messages)
+        await client.subscribe(topic, qos=1)
+        try:
+            async for m in client.messages:
+                if m.topic.matches(topic) and m.payload:  # empty retained: a deletion
+                    return bytes(m.payload)
+        finally:
+            try:
+                await asyncio.shield(client.unsubscribe(topic))
+            except (aiomqtt.MqttError, asyncio.CancelledError):
+                self._fetcher = None  # the next fetch connects afresh
+                await _force_close(client)
+        raise aiomqtt.MqttError("model reader closed")
+
     async def follow_models(self, model: str) -> AsyncIterator[bytes]:
+        async for raw in self._follow(topics.mqtt_model(model)):
+            yield raw
+
+    async def follow_model_diffs(self, model: str) -> AsyncIterator[bytes]:
+        async for raw in self._follow(topics.mqtt_model_diffs(model)):
+            yield raw
+
+    async def _follow(self, topic: str) -> AsyncIterator[bytes]:
         while not self._closing:
             try:
-                async with self._reader(topics.mqtt_model(model)) as client:
+                async with self._reader(topic) as client:
                     async for m in client.messages:
                         if m.payload:
                             yield bytes(m.payload)
