@@ -94,13 +94,15 @@ def test_unknown_codec_is_refused_by_the_device() -> None:
 
 
 def test_size_is_checked_before_allocation() -> None:
-    """A header claiming a billion parameters with a small payload is refused by length."""
+    """A header claiming a billion parameters with a small payload is refused: its decoded
+    size exceeds the message limit, so nothing that size is ever allocated."""
     m = msgpack.unpackb(DownlinkEncoder("m", LAYOUT, "int8").next(0, trajectory(0)[0]).model)
     m["layout"] = [["w", [1_000_000_000], "float32"]]
     m["fingerprint"] = Layout.from_wire(m["layout"]).fingerprint
     with pytest.raises(WireError) as info:
         read_model(msgpack.packb(m))
-    assert info.value.reason is Reason.PAYLOAD_LENGTH
+    assert info.value.reason is Reason.OVERSIZED
+    assert "1000000000 parameters" in info.value.detail
 
 
 @pytest.mark.parametrize("diff", ["int8", "int4", "topk:fraction=0.1"])
