@@ -318,3 +318,31 @@ def bench_e2e(
         transport.value, ints(sizes, "--sizes"), repeats=repeats, updates_per_run=updates, log=log
     )
     print(json.dumps(records, indent=1) if json_out else e2e.markdown(records))
+
+
+def bench_scale(
+    json_out: Annotated[bool, typer.Option("--json", help="Print a JSON list of records.")] = False,
+    sizes: Annotated[str, typer.Option(help="Comma-separated parameter counts.")] = "1e5,1e6",
+    repeats: Annotated[int, typer.Option(min=1, help="Repeats; medians are reported.")] = 1,
+    updates: Annotated[
+        int | None,
+        typer.Option(min=1, help="Timed updates per case (default: ~200 MB of frames)."),
+    ] = None,
+    reducers: Annotated[str, typer.Option(help="Comma-separated reducer counts.")] = "1,2",
+) -> None:
+    """Updates per second through reducers plus a committer beside one `all` worker and a
+    bare subscriber (MQTT, a broker started here), and the standby committer's takeover.
+
+    \b
+    Example: fedbus bench scale --sizes 1e5 --reducers 1,2 --json
+    """
+    from workers.bench import scale
+
+    records = scale.run(
+        ints(sizes, "--sizes"),
+        repeats=repeats,
+        updates_per_run=updates,
+        reducer_counts=ints(reducers, "--reducers"),
+        log=log,
+    )
+    print(json.dumps(records, indent=1) if json_out else scale.markdown(records))
