@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from fedbus import log as fedlog
+from fedbus.aggregation import dp as dpmod
 from fedbus.ingest import Ingest, Refusal, Source, Verdict, judge
 from fedbus.store import wal
 from fedbus.store.checkpoint import CheckpointStore
@@ -38,6 +39,7 @@ from fedbus.store.keys import load_public_keys
 from fedbus.transport.base import Message, Transport
 from fedbus.wire import envelope as env
 from fedbus.wire.codecs import CodecSpec
+from fedbus.wire.errors import Reason
 from fedbus.wire.layout import Layout
 from fedbus.wire.signing import Verifier
 from workers import events, recovery
@@ -62,9 +64,12 @@ async def dead_letter(
     r: Refusal,
     metrics: Metrics,
     log: Any,
+    *,
+    keep_payload: bool,
 ) -> None:
     """A refused update: counted, logged, dead-lettered with its reason and announced (the
-    ``all`` worker and reducers alike)."""
+    ``all`` worker and reducers alike). ``keep_payload``: the record keeps a prefix of the
+    original bytes (``deadletter_keep_payload``), else none of them."""
     reason = r.reason.value
     metrics.rejected.labels(model, reason).inc()
     if r.internal:
@@ -88,6 +93,7 @@ async def dead_letter(
         original=msg.payload,
         client=r.client,
         update_id=r.update_id,
+        max_original=None if keep_payload else 0,
     )
     await transport.publish_deadletter(model, env.encode(record))
     event = events.update_rejected(model, worker_id, reason, r.client, r.update_id, r.detail[:500])
@@ -147,6 +153,7 @@ class AggregatorWorker:
         self._m_received = self.metrics.received.labels(m, t)
         self._m_bytes = self.metrics.bytes_received.labels(m)
         self._m_accepted = self.metrics.accepted.labels(m)
+        self._m_redelivered = self.metrics.redelivered.labels(m)
         self._m_staleness = self.metrics.staleness.labels(m)
         self._m_aggregate = self.metrics.aggregate_seconds.labels(m)
         self._m_lag = self.metrics.consumer_lag.labels(m)
@@ -302,10 +309,16 @@ class AggregatorWorker:
         if msg.partition is not None and msg.offset is not None:
             self.book.offsets[msg.partition] = msg.offset + 1
         self.committer.received(msg)
-        if isinstance(verdict, Refusal):
+        if isinstance(verdict, Refusal) and verdict.reason is Reason.DUPLICATE:
+            # Same id, same signed content, already folded in: not an attack, nothing to
+            # dead-letter (a different content under the id is refused as id_reused).
+            self._m_redelivered.inc()
+            self.log.debug("redelivery acknowledged", client=verdict.client, id=verdict.update_id)
+        elif isinstance(verdict, Refusal):
             await self._refuse(msg, verdict)
         else:
             self.committer.log_message(msg)
+            self.committer.log_noise_keys(self._noise_keys())
             outcome = verdict.outcome
             self._m_accepted.inc()
             if outcome.staleness is not None:
@@ -323,7 +336,14 @@ class AggregatorWorker:
     async def _refuse(self, msg: Message, r: Refusal) -> None:
         self.book.tally.rejects[r.reason.value] += 1
         await dead_letter(
-            self.transport, self.model, self.settings.worker_id, msg, r, self.metrics, self.log
+            self.transport,
+            self.model,
+            self.settings.worker_id,
+            msg,
+            r,
+            self.metrics,
+            self.log,
+            keep_payload=self.settings.deadletter_keep_payload,
         )
 
     # -- versions and commits ------------------------------------------------------------
@@ -333,6 +353,7 @@ class AggregatorWorker:
         version = self.strategy.version
         for v in range(self._announced + 1, version + 1):
             tally = self.book.tally if v == version else Tally()
+            privacy = self._privacy(v)
             event = events.model_published(
                 self.model,
                 self.settings.worker_id,
@@ -342,6 +363,7 @@ class AggregatorWorker:
                 bytes_received=tally.bytes,
                 rejects_by_reason=tally.rejects,
                 total_updates_folded=self.book.total_folded,
+                extra={"privacy": privacy} if privacy is not None else None,
             )
             self._fresh.append(event)
             self.book.owed_events.append(event)
@@ -402,9 +424,54 @@ class AggregatorWorker:
         if not self.strategy.drain():
             return
         self.committer.log_drain()
+        self.committer.log_noise_keys(self._noise_keys())
         self.log.info("buffer timeout: partial buffer applied", updates=pending)
         self._versions_made()
         await self._commit(publish=True)
+
+    def _privacy(self, version: int) -> dict[str, Any] | None:
+        """What central DP has spent by ``version``: every noised flush counts one Gaussian
+        mechanism for any client that took part (no amplification claimed, see
+        fedbus.aggregation.dp); None without DP."""
+        dp = getattr(self.strategy, "dp", None)
+        steps_now = getattr(self.strategy, "dp_steps", 0)
+        if dp is None or dp.noise_multiplier == 0:
+            return None
+        steps = max(0, steps_now - (self.strategy.version - version))
+        eps = dpmod.Accountant(dp.noise_multiplier).epsilon(steps, dp.delta)
+        if version == self.strategy.version:
+            self.metrics.privacy_epsilon.labels(self.model).set(eps)
+        return {
+            "epsilon": eps,
+            "delta": dp.delta,
+            "accountant": dpmod.ACCOUNTANT,
+            "noise_multiplier": dp.noise_multiplier,
+            "steps": steps,
+            "budget": dp.budget,
+        }
+
+    @property
+    def budget_spent(self) -> bool:
+        return bool(getattr(self.strategy, "budget_spent", False))
+
+    async def _spent(self, stop: asyncio.Event) -> None:
+        """The privacy budget admits no further version: say so once, keep serving health
+        and the last model, consume nothing more (updates stay on the broker, unacknowledged,
+        for whoever raises the budget or starts a new model) until stopped."""
+        self.metrics.privacy_budget_spent.labels(self.model).set(1)
+        await self._commit(publish=True)  # the last version goes out now, not when due
+        strategy = self.strategy
+        self.log.warning(
+            "privacy budget spent: no further versions; updates are left on the broker",
+            version=strategy.version,
+            epsilon=getattr(strategy, "epsilon", lambda: None)(),
+            budget=getattr(getattr(strategy, "dp", None), "budget", None),
+        )
+        await stop.wait()
+
+    def _noise_keys(self) -> list[bytes]:
+        take = getattr(self.strategy, "take_noise_keys", None)  # FedBuff with DP only
+        return take() if take is not None else []
 
     def _durable(self, version: int) -> None:
         self.committed_version = version
@@ -428,7 +495,10 @@ class AggregatorWorker:
             if self._own_health:
                 self.health.ready = True
             self.log.info("ready", version=self.strategy.version, n_params=self.layout.n_params)
-            await self._consume(stop)
+            if not self.budget_spent:
+                await self._consume(stop)
+            if self.budget_spent:
+                await self._spent(stop)
         finally:
             self.health.ready = False
             await self._shutdown()
@@ -511,11 +581,15 @@ class AggregatorWorker:
                         break
                 if msg is not None:
                     await self._handle(msg)
+                    if self.budget_spent:  # its last version is committed: stop consuming
+                        break
                 committer.check()  # re-raise a failed write, ack, event or snapshot
                 publisher.check()  # or publication
                 self._m_lag.set(len(committer.unacked) + queue.qsize())
                 if self._drain_wait() == 0.0:
                     await self._drain()
+                    if self.budget_spent:
+                        break
                 now = time.monotonic()
                 if getattr(self.transport, "reconnects", 0) != self._reconnects:
                     self._check_retained()

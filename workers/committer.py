@@ -161,6 +161,12 @@ class Committer:
     def log_drain(self) -> None:
         self._log(wal.drain_record())
 
+    def log_noise_keys(self, keys: list[bytes]) -> None:
+        """The DP noise keys of the flushes the record just logged caused (replay needs
+        them; they go with the segment, see fedbus.aggregation.dp)."""
+        for key in keys:
+            self._log(wal.noise_key_record(key))
+
     def _log(self, chunks: wal.Chunks) -> None:
         """Queue records; past ``STREAM_BYTES`` the writer thread takes them now (they count
         only once a commit record follows them)."""

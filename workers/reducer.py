@@ -116,6 +116,7 @@ class ReducerWorker:
         m, t = self.model, settings.transport
         self._m_received = self.metrics.received.labels(m, t)
         self._m_accepted = self.metrics.accepted.labels(m)
+        self._m_redelivered = self.metrics.redelivered.labels(m)
 
     # -- start-up ------------------------------------------------------------------------
     def _policy(self, version: int) -> FedBuff:
@@ -251,9 +252,15 @@ class ReducerWorker:
             verdict = self._judge(msg.payload, source, self.strategy)
         if isinstance(verdict, Refusal):
             key = (verdict.client or "", verdict.update_id or "")
-            held = self._by_key.get(key) if verdict.reason is Reason.DUPLICATE else None
-            if held is not None:  # a redelivered copy of one in hand: acked with it
-                held.messages.append(msg)
+            if verdict.reason is Reason.DUPLICATE:
+                # Quiet, as in the all worker: a copy of one in hand is acknowledged with it,
+                # one already acknowledged (a redelivery after a reconnect) at once.
+                self._m_redelivered.inc()
+                held = self._by_key.get(key)
+                if held is not None:
+                    held.messages.append(msg)
+                else:
+                    await self.transport.ack([msg])
                 return
             await dead_letter(
                 self.transport,
@@ -263,6 +270,7 @@ class ReducerWorker:
                 verdict,
                 self.metrics,
                 self.log,
+                keep_payload=self.settings.deadletter_keep_payload,
             )
             await self.transport.ack([msg])
             return
@@ -389,6 +397,7 @@ class ReducerWorker:
                     verdict,
                     self.metrics,
                     self.log,
+                    keep_payload=self.settings.deadletter_keep_payload,
                 )
                 await self.transport.ack(e.messages)
                 continue

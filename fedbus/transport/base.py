@@ -18,11 +18,16 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self
 
-__all__ = ["Message", "Transport", "TransportError"]
+__all__ = ["Message", "MessageTooLarge", "Transport", "TransportError"]
 
 
 class TransportError(RuntimeError):
     """The broker could not be reached within the configured bounds, or refused us."""
+
+
+class MessageTooLarge(TransportError):
+    """The message exceeds what the broker takes (its announced maximum packet size, or a
+    refusal naming the size). Sending it again cannot succeed: callers must not retry."""
 
 
 @dataclass(frozen=True, slots=True)

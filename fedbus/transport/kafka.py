@@ -37,12 +37,13 @@ from aiokafka.errors import (
     ConsumerStoppedError,
     IllegalStateError,
     KafkaError,
+    MessageSizeTooLargeError,
 )
 from aiokafka.helpers import create_ssl_context
 from aiokafka.structs import ConsumerRecord
 
 from fedbus.transport import topics
-from fedbus.transport.base import Message, Transport, TransportError
+from fedbus.transport.base import Message, MessageTooLarge, Transport, TransportError
 from fedbus.wire.ids import validate_id
 
 __all__ = ["KafkaConfig", "KafkaTransport"]
@@ -363,6 +364,10 @@ class KafkaTransport(Transport):
     ) -> None:
         try:
             await self._require_producer().send_and_wait(topic, payload, key=key, headers=headers)
+        except MessageSizeTooLargeError as exc:  # the producer's max_request_size, or the broker
+            raise MessageTooLarge(
+                f"send to {topic} refused: {len(payload)} bytes is more than allowed ({exc})"
+            ) from exc
         except KafkaError as exc:
             raise TransportError(f"send to {topic} failed: {exc}") from exc
 

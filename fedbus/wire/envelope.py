@@ -262,8 +262,11 @@ class UpdateEnvelope(_Envelope):
     """A device's encoded model delta against global model ``base_version``.
 
     ``update_id`` is the idempotency key: (client, update_id) is folded in at most once, so
-    a device may resend after a lost acknowledgement. ``signature`` (key ``sig``) covers
-    :func:`signing_bytes`, which excludes ``metrics`` and ``sent_at``.
+    a device may resend after a lost acknowledgement. ``seq`` is the device's monotonic
+    counter: a worker refuses a new update whose ``seq`` is not above the highest it
+    accepted from that client (``replayed``), however long ago, so a recorded update cannot
+    be replayed once the dedup window has forgotten its id. ``signature`` (key ``sig``)
+    covers :func:`signing_bytes`, which excludes ``metrics`` and ``sent_at``.
     """
 
     type: ClassVar[str] = "update"
@@ -283,6 +286,7 @@ class UpdateEnvelope(_Envelope):
     signature: bytes | None = None
     metrics: dict[str, float | int] | None = None
     sent_at: float | None = None
+    seq: int | None = None
 
     def __post_init__(self) -> None:
         _common(self)
@@ -290,6 +294,8 @@ class UpdateEnvelope(_Envelope):
         validate_id(self.update_id, "update_id")
         _int("base_version", self.base_version)
         _int("num_examples", self.num_examples)
+        if self.seq is not None:
+            _int("seq", self.seq)
         self._set("codec", _codec(self.codec))
         if not isinstance(self.layout, str) or not _FINGERPRINT_RE.fullmatch(self.layout):
             raise WireError(Reason.WRONG_TYPE, "layout must be a fingerprint of 32 hex chars")
@@ -383,11 +389,14 @@ class DeadLetterEnvelope(_Envelope):
 
     ``original`` is truncated to ``max_original`` bytes (default 64 KiB; ``original_size``
     keeps the real length) so a flood of oversized garbage cannot fill the dead-letter
-    topic. ``client`` and ``update_id`` come from untrusted input: if they are not valid ids
-    they become ``None`` rather than an error, because what the sender got wrong must never
-    keep the record from being written; ``source`` (the topic) still says where the message
-    came from. ``reason`` is any ``[a-z][a-z0-9_]*`` code so older readers accept codes added
-    later to
+    topic. ``original_sha256`` is the SHA-256 of the whole message, so a record identifies
+    what was refused (and matches a copy the device or broker kept) without holding it: the
+    worker keeps no payload at all unless told to (``deadletter_keep_payload``; an update
+    is personal data however malformed it is). ``client`` and ``update_id`` come from
+    untrusted input: if they are not valid ids they become ``None`` rather than an error,
+    because what the sender got wrong must never keep the record from being written;
+    ``source`` (the topic) still says where the message came from. ``reason`` is any
+    ``[a-z][a-z0-9_]*`` code so older readers accept codes added later to
     :class:`~fedbus.wire.errors.Reason`.
     """
 
@@ -404,6 +413,7 @@ class DeadLetterEnvelope(_Envelope):
     original_size: int | None = None
     client: str | None = None
     update_id: str | None = None
+    original_sha256: bytes | None = None
     max_original: InitVar[int | None] = None
 
     def __post_init__(self, max_original: int | None) -> None:
@@ -416,12 +426,16 @@ class DeadLetterEnvelope(_Envelope):
         self._set("received_at", _float("received_at", self.received_at))
         _str("source", self.source)
         original = _bytes("original", self.original)
-        if self.original_size is None:  # a fresh record: measure, then truncate
+        if self.original_size is None:  # a fresh record: measure and hash, then truncate
             self._set("original_size", len(original))
+            self._set("original_sha256", hashlib.sha256(original).digest())
             if max_original is None:
                 max_original = MAX_ORIGINAL_BYTES
-        elif _int("original_size", self.original_size) < len(original):
-            raise WireError(Reason.WRONG_TYPE, "original_size is smaller than original")
+        else:
+            if _int("original_size", self.original_size) < len(original):
+                raise WireError(Reason.WRONG_TYPE, "original_size is smaller than original")
+            if self.original_sha256 is not None:
+                _fixed_bytes("original_sha256", self.original_sha256, 32)
         if max_original is not None:  # a decoded record keeps what its producer kept
             original = original[: max(0, max_original)]
         self._set("original", original)
@@ -864,8 +878,10 @@ def signing_bytes(update: Signable) -> bytes:
     Plain updates:
     ``SIGNING_DOMAIN`` followed by the msgpack array ``[schema, model, client, update_id,
     base_version, num_examples, [[key, value], ...] (codec, keys sorted), layout,
-    sha256(payload)]``. The domain tag keeps these signatures from being valid for any other
-    fedbus message; hashing the payload lets a device sign without a second copy of it.
+    sha256(payload)]``, with ``seq`` appended as a tenth element when the update has one
+    (so signatures made before ``seq`` existed still verify). The domain tag keeps these
+    signatures from being valid for any other fedbus message; hashing the payload lets a
+    device sign without a second copy of it.
     """
     if not isinstance(update, UpdateEnvelope):
         signed: bytes = msgpack.packb(update._signed(), use_bin_type=True)
@@ -881,6 +897,8 @@ def signing_bytes(update: Signable) -> bytes:
         update.layout,
         hashlib.sha256(update.payload).digest(),
     ]
+    if update.seq is not None:
+        body.append(update.seq)
     packed: bytes = msgpack.packb(body, use_bin_type=True)
     return SIGNING_DOMAIN + packed
 

@@ -266,6 +266,20 @@ def test_deadletter_truncates_and_sanitises() -> None:
     assert back == small  # decoding keeps what the producer kept
 
 
+def test_deadletter_hashes_the_whole_message_and_may_keep_none_of_it() -> None:
+    import hashlib
+
+    big = bytes(range(256)) * 1000
+    d = deadletter(original=big, max_original=0)
+    assert d.original == b"" and d.original_size == len(big)
+    assert d.original_sha256 == hashlib.sha256(big).digest()  # of all of it, not the prefix
+    back = env.decode(env.encode(d))
+    assert back == d
+    raw = as_map(d)
+    raw["original_sha256"] = b"short"
+    assert reason_of(pack(raw)) is Reason.WRONG_TYPE
+
+
 def test_deadletter_reason_codes() -> None:
     for r in Reason:
         assert deadletter(reason=r.value).reason == r.value

@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 
 from fedbus.testing.brokers import MosquittoBroker, free_port
+from fedbus.wire.model_message import encode_model_message
 from workers.bench.e2e import (
     BUFFER_SIZE,
     CODEC,
@@ -155,10 +156,8 @@ class _Procs:
 
 
 async def _init_model(where: _Env, model: str, n_params: int) -> None:
-    from workers.main import model_message
-
     async with where.publisher(model) as pub:
-        raw = model_message(model, 0, _layout(n_params), np.zeros(n_params), "fp32")
+        raw = encode_model_message(model, 0, _layout(n_params), np.zeros(n_params), "fp32")
         await pub.publish_model(model, raw, 0)
 
 
