@@ -329,6 +329,12 @@ def bench_scale(
         typer.Option(min=1, help="Timed updates per case (default: ~200 MB of frames)."),
     ] = None,
     reducers: Annotated[str, typer.Option(help="Comma-separated reducer counts.")] = "1,2",
+    inflight: Annotated[
+        int, typer.Option(min=1, help="Mosquitto max_inflight_messages (the shipped 20).")
+    ] = 20,
+    buffer_size: Annotated[
+        int, typer.Option(min=1, help="FedBuff K, also the reducers' flush size.")
+    ] = 10,
 ) -> None:
     """Updates per second through reducers plus a committer beside one `all` worker and a
     bare subscriber (MQTT, a broker started here), and the standby committer's takeover.
@@ -344,5 +350,7 @@ def bench_scale(
         updates_per_run=updates,
         reducer_counts=ints(reducers, "--reducers"),
         log=log,
+        inflight=inflight,
+        buffer_size=buffer_size,
     )
     print(json.dumps(records, indent=1) if json_out else scale.markdown(records))

@@ -40,6 +40,7 @@ import time
 import urllib.request
 import uuid
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +67,6 @@ from workers.bench.e2e import (
 )
 
 PARTITIONS = 4
-FLUSH_UPDATES = 10
 PUBLISH_INTERVAL_S = 0.2
 READY_TIMEOUT_S = 120.0
 KEYS = (
@@ -75,8 +75,23 @@ KEYS = (
 )  # fmt: skip
 
 
+@dataclass
+class _ScaleEnv(_Env):
+    """The end-to-end benchmark's broker set-up; devices publish to partitioned topics.
+    ``k``: FedBuff's K, and the reducers' flush size."""
+
+    k: int = BUFFER_SIZE
+
+    def publisher(self, model: str) -> Any:
+        from workers.main import make_transport
+
+        s = self.settings(model, "bench")
+        s = s.model_copy(update={"scale": s.scale.model_copy(update={"partitions": PARTITIONS})})
+        return make_transport(s, role="pub")
+
+
 def _env(
-    where: _Env, model: str, role: str, worker_id: str, port: int, **extra: str
+    where: _ScaleEnv, model: str, role: str, worker_id: str, port: int, **extra: str
 ) -> dict[str, str]:
     out = dict(os.environ)
     out.update(
@@ -92,11 +107,11 @@ def _env(
         FEDBUS_MQTT__HOSTNAME=where.broker.host,
         FEDBUS_MQTT__PORT=str(where.broker.port),
         FEDBUS_AGGREGATION__ALGORITHM="fedbuff",
-        FEDBUS_AGGREGATION__BUFFER_SIZE=str(BUFFER_SIZE),
+        FEDBUS_AGGREGATION__BUFFER_SIZE=str(where.k),
         FEDBUS_AGGREGATION__STALENESS="constant",
         FEDBUS_AGGREGATION__BUFFER_TIMEOUT_S="0.2",
         FEDBUS_SCALE__PARTITIONS=str(PARTITIONS),
-        FEDBUS_SCALE__FLUSH_UPDATES=str(FLUSH_UPDATES),
+        FEDBUS_SCALE__FLUSH_UPDATES=str(where.k),
         FEDBUS_LOG_FORMAT="json",
         FEDBUS_LOG_LEVEL="warning",
     )
@@ -166,12 +181,12 @@ def _split(reducers: int) -> list[list[int]]:
 
 
 async def _case(
-    where: _Env, n_params: int, updates: int, window: int, seed: int, reducers: int
+    where: _ScaleEnv, n_params: int, updates: int, window: int, seed: int, reducers: int
 ) -> float:
     """Updates per second through ``reducers`` reducers and a committer (0: one ``all``)."""
     model = f"bench-scale-{uuid.uuid4().hex[:10]}"
     frames = _Frames(model, n_params, seed)
-    warm, timed = frames.take(BUFFER_SIZE * 2), frames.take(updates)
+    warm, timed = frames.take(where.k * 2), frames.take(updates)
     await _init_model(where, model, n_params)
     procs = _Procs(where)
     commits = _Commits()
@@ -208,7 +223,7 @@ async def _case(
         await procs.close()
 
 
-async def _takeover(where: _Env, n_params: int, window: int) -> float:
+async def _takeover(where: _ScaleEnv, n_params: int, window: int) -> float:
     """Seconds from SIGKILL of the active committer to the standby answering /readyz."""
     model = f"bench-takeover-{uuid.uuid4().hex[:10]}"
     frames = _Frames(model, n_params, 99)
@@ -226,7 +241,7 @@ async def _takeover(where: _Env, n_params: int, window: int) -> float:
         await asyncio.sleep(1.0)  # the standby has seen the lease held
         async with where.publisher(model) as pub:
             stream = asyncio.create_task(
-                _publish(pub, model, frames.take(BUFFER_SIZE * 40), window=window, rate=100.0)
+                _publish(pub, model, frames.take(where.k * 40), window=window, rate=100.0)
             )
             await asyncio.sleep(1.0)
             first.send_signal(signal.SIGKILL)
@@ -248,16 +263,19 @@ async def _run(
     window: int,
     reducer_counts: Sequence[int],
     log: Log,
+    inflight: int,
+    k: int,
 ) -> list[dict[str, Any]]:
     workdir = Path(tempfile.mkdtemp(prefix="fedbus-bench-scale-"))
-    broker = MosquittoBroker()
+    broker = MosquittoBroker(max_inflight_messages=inflight)
     records: list[dict[str, Any]] = []
     try:
         broker.start()
-        where = _Env("mqtt", broker, workdir, log)
+        where = _ScaleEnv("mqtt", broker, workdir, log, k=k)
+        plain = _Env("mqtt", broker, workdir, log)  # the bare subscriber reads updates/+
         seed = 1
         for n in sizes:
-            updates = _round_up(updates_per_run or default_updates(n), BUFFER_SIZE)
+            updates = _round_up(updates_per_run or default_updates(n), k)
             rates: dict[str, list[float]] = {}
             for r in range(repeats):
                 cases = ["raw", "all", *(str(c) for c in reducer_counts)]
@@ -266,7 +284,7 @@ async def _run(
                 for case in cases:
                     seed += 1
                     if case == "raw":
-                        rate = await _raw_case(where, n, updates, window, seed)
+                        rate = await _raw_case(plain, n, updates, window, seed)
                     else:
                         reducers = 0 if case == "all" else int(case)
                         rate = await _case(where, n, updates, window, seed, reducers)
@@ -289,7 +307,9 @@ async def _run(
                         "updates_per_run": updates,
                         "repeats": repeats,
                         "partitions": PARTITIONS,
-                        "flush_updates": FLUSH_UPDATES,
+                        "buffer_size": k,
+                        "flush_updates": k,
+                        "broker_max_inflight": inflight,
                         "cpus": os.cpu_count(),
                     }
                 )
@@ -310,12 +330,16 @@ def run(
     window: int = 10,
     reducer_counts: Sequence[int] = (1, 2),
     log: Log = _quiet,
+    inflight: int = 20,
+    buffer_size: int = BUFFER_SIZE,
 ) -> list[dict[str, Any]]:
     """Run on a broker of its own; one record per (size, reducer count), plus the takeover."""
     if repeats < 1:
         raise ValueError("repeats must be at least 1")
     _configure_logging()
-    return asyncio.run(_run(sizes, repeats, updates_per_run, window, reducer_counts, log))
+    return asyncio.run(
+        _run(sizes, repeats, updates_per_run, window, reducer_counts, log, inflight, buffer_size)
+    )
 
 
 def markdown(records: Sequence[Mapping[str, Any]]) -> str:
