@@ -32,13 +32,13 @@ import numpy as np
 
 from fedbus import log as fedlog
 from fedbus.aggregation import dp as dpmod
+from fedbus.downlink import DownlinkEncoder
 from fedbus.ingest import Ingest, Refusal, Source, Verdict, judge
 from fedbus.store import wal
 from fedbus.store.checkpoint import CheckpointStore
 from fedbus.store.keys import load_public_keys
 from fedbus.transport.base import Message, Transport
 from fedbus.wire import envelope as env
-from fedbus.wire.codecs import CodecSpec
 from fedbus.wire.errors import Reason
 from fedbus.wire.layout import Layout
 from fedbus.wire.signing import Verifier
@@ -65,11 +65,11 @@ async def dead_letter(
     metrics: Metrics,
     log: Any,
     *,
-    keep_payload: bool,
+    keep_payload: bool = False,
 ) -> None:
     """A refused update: counted, logged, dead-lettered with its reason and announced (the
-    ``all`` worker and reducers alike). ``keep_payload``: the record keeps a prefix of the
-    original bytes (``deadletter_keep_payload``), else none of them."""
+    ``all`` worker and reducers alike). The record carries the message's size and digest; its
+    bytes only with ``keep_payload`` (data minimisation: ``deadletter_keep_payload``)."""
     reason = r.reason.value
     metrics.rejected.labels(model, reason).inc()
     if r.internal:
@@ -129,7 +129,6 @@ class AggregatorWorker:
         self.wal = wal.WriteAheadLog(directory, fsync=settings.checkpoint_fsync)
         keys = load_public_keys(settings.public_keys_dir) if settings.public_keys_dir else {}
         self.verifier = Verifier(keys, required=settings.require_signatures)
-        self.model_codec = CodecSpec.parse(settings.model_codec)
         self.crash = CrashPoints.from_env()
         self.log = fedlog.get("fedbus.worker").bind(
             model=self.model, worker=settings.worker_id, transport=settings.transport
@@ -193,8 +192,13 @@ class AggregatorWorker:
         self.publisher = ModelPublisher(
             self.transport,
             self.model,
-            self.layout,
-            self.model_codec,
+            DownlinkEncoder(
+                self.model,
+                self.layout,
+                s.model_codec,
+                s.model_diff_codec or None,
+                s.model_keyframe_every,
+            ),
             s.model_publish_interval_s,
             confirmed=self.book.published_version,
             crash=self.crash,
