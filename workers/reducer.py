@@ -107,8 +107,6 @@ class ReducerWorker:
         self.ingest: Ingest
         self.strategy: FedBuff
         self._open: list[_Entry] = []
-        # A partial never holds more than the committer's K (it would be refused whole).
-        self._flush_at = min(settings.scale.flush_updates, settings.aggregation.buffer_size)
         self._opened_at = 0.0
         self._in_flight: dict[int, _Partial] = {}
         self._by_key: dict[tuple[str, str], _Entry] = {}  # open or in flight
@@ -118,7 +116,6 @@ class ReducerWorker:
         m, t = self.model, settings.transport
         self._m_received = self.metrics.received.labels(m, t)
         self._m_accepted = self.metrics.accepted.labels(m)
-        self._m_redelivered = self.metrics.redelivered.labels(m)
 
     # -- start-up ------------------------------------------------------------------------
     def _policy(self, version: int) -> FedBuff:
@@ -253,16 +250,16 @@ class ReducerWorker:
         else:
             verdict = self._judge(msg.payload, source, self.strategy)
         if isinstance(verdict, Refusal):
-            key = (verdict.client or "", verdict.update_id or "")
             if verdict.reason is Reason.DUPLICATE:
-                # Quiet, as in the all worker: a copy of one in hand is acknowledged with it,
-                # one already acknowledged (a redelivery after a reconnect) at once.
-                self._m_redelivered.inc()
+                key = (verdict.client or "", verdict.update_id or "")
                 held = self._by_key.get(key)
-                if held is not None:
+                if held is not None:  # a redelivered copy of one in hand: acked with it
                     held.messages.append(msg)
-                else:
-                    await self.transport.ack([msg])
+                    return
+                # An exact repeat of one already handed on: a redelivery, not bad input
+                # (as in the single worker): acknowledged and counted, no dead letter.
+                self.metrics.redelivered.labels(self.model).inc()
+                await self.transport.ack([msg])
                 return
             await dead_letter(
                 self.transport,
@@ -289,7 +286,7 @@ class ReducerWorker:
             # next buffer with this update.
             await self._flush()
         self._add(entry)
-        if len(self._open) >= self._flush_at:
+        if len(self._open) >= self.settings.scale.flush_updates:
             await self._flush()
 
     def _add(self, entry: _Entry) -> None:

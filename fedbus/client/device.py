@@ -80,6 +80,7 @@ class Device:
     def encoder_for(self, gm: GlobalModel) -> UpdateEncoder:
         """The encoder keeps its error-feedback residual across rounds, per layout."""
         if self._encoder is None or self._encoder.layout != gm.layout:
+            last = self._encoder.last_seq if self._encoder is not None else 0
             self._encoder = UpdateEncoder(
                 self.model,
                 self.client,
@@ -89,6 +90,9 @@ class Device:
                 private_key=self.private_key,
                 seed=self.seed,
             )
+            # seq never goes back: not across a new layout, nor (with a spool) a reboot
+            stored = self.spool.last_seq() if self.spool is not None else 0
+            self._encoder.last_seq = max(last, stored)
         return self._encoder
 
     async def fetch_model(self, timeout: float = 10.0) -> GlobalModel | None:
@@ -149,6 +153,8 @@ class Device:
         if self.spool is None:
             await self._send_with_retry(raw)
         else:
+            if update.seq is not None:
+                self.spool.record_seq(update.seq)
             self.spool.put(raw)
             await self.flush()
         return update

@@ -566,6 +566,10 @@ class MqttTransport(Transport):
             opened.append(candidate)
 
         await self._with_backoff(connect, "connect (model reader)", self.config.connect_timeout)
+        # A reader kept between fetches may lose its connection while nobody awaits it (a
+        # broker restart): the next fetch reconnects, so the loss is not news, and asyncio
+        # would otherwise log the unretrieved exception as plain text when it is collected.
+        opened[0]._disconnected.add_done_callback(_retrieve)
         return opened[0]
 
     async def latest_model(self, model: str, timeout: float = 5.0) -> bytes | None:
@@ -677,6 +681,11 @@ def status_record(
     if instance is not None:
         record["instance"] = instance
     return json.dumps(record, separators=(",", ":")).encode()
+
+
+def _retrieve(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 async def _unless_disconnected(client: aiomqtt.Client, operation: Awaitable[None]) -> None:

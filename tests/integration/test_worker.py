@@ -148,7 +148,9 @@ def _bad_inputs(model: str, client: str) -> dict[str, bytes]:
         "unknown_model": variant(model="someone-else"),
         "layout_mismatch": variant(layout="0" * 32),
         "non_finite": variant(codec=CodecSpec("fp32").to_wire(), payload=nan_payload),
-        "oversized": variant(payload=b"\0" * (2 << 20)),
+        # over the worker's 1 MiB limit, under the MQTT Maximum Packet Size it announces
+        # (that limit plus header room): the broker delivers it, the worker refuses it
+        "oversized": variant(payload=b"\0" * ((1 << 20) + 1000)),
         "future_version": variant(base_version=10_000, update_id="future-1"),
         "duplicate": good,  # sent twice: the second copy, acknowledged without a dead letter
         # the first copy's id with another payload: not a redelivery
