@@ -11,8 +11,10 @@ averages them (server lr 1.0) and publishes. What a device holds depends on the 
   channel (keyframe every 10 publications in fp32, differences in between), i.e. the
   server-tracked reconstruction.
 
-Per configuration, over 5 seeds: final test accuracy (mean), its drop against fp32, and
-the downlink payload bytes a following device receives per publication. Synchronous rounds
+Per configuration, over 5 seeds: final test accuracy (mean), its drop against fp32, the
+downlink bytes (whole messages) a following device receives per publication, and how far
+the weights it trains from are from the server's (max absolute difference, mean over
+publications). Synchronous rounds
 stand in for asynchronous arrival: the point is the downlink's error, not staleness.
 
     python benchmarks/downlink_accuracy.py --json > benchmarks/results/downlink_accuracy.json
@@ -58,6 +60,7 @@ def run_one(name: str, seed: int, rounds: int) -> dict[str, Any]:
         for i in range(fleet.n_clients)
     ]
     received = 0
+    errors = []  # max |held - server weights| per publication
     for version in range(rounds + 1):
         out = down.next(version, w)
         if diff is None:
@@ -69,6 +72,7 @@ def run_one(name: str, seed: int, rounds: int) -> dict[str, Any]:
             assert follower.weights is not None and follower.version == version
             held = follower.weights
             received += len(out.stream)
+        errors.append(float(np.max(np.abs(held - w))))
         if version == rounds:
             break
         total = np.zeros_like(w)
@@ -85,7 +89,8 @@ def run_one(name: str, seed: int, rounds: int) -> dict[str, Any]:
         "accuracy": net.accuracy(held, fleet.x_test, fleet.y_test),
         "downlink_bytes_per_publication": received / (rounds + 1),
         "n_params": layout.n_params,
-        "error_vs_server": float(np.max(np.abs(held - w))),
+        "error_vs_server": statistics.mean(errors),
+        "weight_absmax": float(np.max(np.abs(w))),
     }
 
 
@@ -100,6 +105,7 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if not mine:
             continue
         acc = statistics.mean(r["accuracy"] for r in mine)
+        err = statistics.mean(r["error_vs_server"] for r in mine)
         b = statistics.mean(r["downlink_bytes_per_publication"] for r in mine)
         out.append(
             {
@@ -108,6 +114,7 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "accuracy_drop": base - acc,
                 "downlink_bytes_per_publication": b,
                 "fp32_over_config_bytes": fp32_bytes / b,
+                "error_vs_server": err,
                 "seeds": len(mine),
             }
         )
@@ -116,13 +123,15 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def markdown(summary: list[dict[str, Any]]) -> str:
     lines = [
-        "| downlink | test accuracy | drop vs fp32 | bytes / publication | fp32 / this |",
-        "|---|---|---|---|---|",
+        "| downlink | test accuracy | drop vs fp32 | bytes / publication | fp32 / this "
+        "| device vs server weights, max abs |",
+        "|---|---|---|---|---|---|",
     ]
     for s in summary:
         lines.append(
             f"| {s['config']} | {s['accuracy']:.4f} | {s['accuracy_drop'] * 100:+.2f} pt "
-            f"| {s['downlink_bytes_per_publication']:,.0f} | {s['fp32_over_config_bytes']:.1f} |"
+            f"| {s['downlink_bytes_per_publication']:,.0f} | {s['fp32_over_config_bytes']:.1f} "
+            f"| {s['error_vs_server']:.1e} |"
         )
     return "\n".join(lines)
 

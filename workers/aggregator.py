@@ -46,6 +46,7 @@ from workers import events, recovery
 from workers.book import Book, Tally
 from workers.committer import Committer
 from workers.crashpoints import CrashPoints
+from workers.inbox import Inbox
 from workers.observability import HealthServer, Metrics, ProgressLog
 from workers.publication import ModelPublisher, Weights
 from workers.settings import WorkerSettings
@@ -54,6 +55,9 @@ from workers.strategy import Strategy
 # Below this a fold takes well under a millisecond, and a thread hop costs more than it saves:
 # the fold thread waits for the GIL behind the receive path.
 OFFLOAD_PARAMS = 2_000_000
+
+# Messages pulled from the transport ahead of the loop (also bounded in bytes: settings).
+INBOX_MESSAGES = 64
 
 
 async def dead_letter(
@@ -541,7 +545,7 @@ class AggregatorWorker:
     async def _consume(self, stop: asyncio.Event) -> None:
         assert self.committer is not None and self.publisher is not None
         committer, publisher = self.committer, self.publisher
-        queue: asyncio.Queue[Message] = asyncio.Queue(maxsize=64)
+        queue = Inbox(INBOX_MESSAGES, self.settings.max_inbox_bytes)
 
         async def pump() -> None:
             async for msg in self.transport.messages():

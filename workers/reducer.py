@@ -47,7 +47,8 @@ from fedbus.wire import envelope as env
 from fedbus.wire.errors import Reason, WireError
 from fedbus.wire.layout import Layout
 from fedbus.wire.signing import Verifier
-from workers.aggregator import OFFLOAD_PARAMS, dead_letter
+from workers.aggregator import INBOX_MESSAGES, OFFLOAD_PARAMS, dead_letter
+from workers.inbox import Inbox
 from workers.observability import HealthServer, Metrics
 from workers.settings import WorkerSettings
 from workers.strategy import build
@@ -191,7 +192,7 @@ class ReducerWorker:
             self.strategy.version = version  # weights already in the buffer keep theirs
 
     async def _consume(self, stop: asyncio.Event) -> None:
-        queue: asyncio.Queue[Message] = asyncio.Queue(maxsize=64)
+        queue = Inbox(INBOX_MESSAGES, self.settings.max_inbox_bytes)  # bounded in bytes too
 
         async def pump() -> None:
             async for msg in self.transport.messages():

@@ -186,6 +186,9 @@ class WorkerSettings(BaseSettings):
     snapshot_interval_s: float = Field(30.0, gt=0)
     snapshot_log_bytes: int = Field(256 * 1024 * 1024, ge=1)
     max_message_bytes: int = 64 * 1024 * 1024
+    # Received messages waiting for the loop are held up to this many bytes (and 64
+    # messages); past it the transport leaves the rest at the broker.
+    max_inbox_bytes: int = Field(128 * 1024 * 1024, ge=1)
     # Dead-letter records carry the reason, metadata and the message's SHA-256; with this
     # on they also carry its first 64 KiB (data minimisation: off unless debugging needs it).
     deadletter_keep_payload: bool = False

@@ -98,6 +98,9 @@ class _SeekOnAssign(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafk
         self.transport._apply_seeks(set(assigned))
 
 
+MAX_BATCH = 256  # records taken from the consumer's buffer at once
+
+
 class KafkaTransport(Transport):
     """A producer for everything outgoing, one group consumer for one model's updates, and
     group-less readers for the models topic."""
@@ -328,18 +331,23 @@ class KafkaTransport(Transport):
         if consumer is None:
             raise TransportError("messages() needs subscribe_updates() first")
         while True:
+            # Everything already fetched in one call, not one ``getone()`` (with its own
+            # coroutine and partition bookkeeping) per message; it returns as soon as
+            # anything is buffered.
             try:
-                record = await consumer.getone()
+                batch = await consumer.getmany(timeout_ms=1000, max_records=MAX_BATCH)
             except ConsumerStoppedError:
                 return  # close() was called
-            yield Message(
-                topic=record.topic,
-                payload=record.value if record.value is not None else b"",
-                key=record.key,
-                partition=record.partition,
-                offset=record.offset,
-                token=TopicPartition(record.topic, record.partition),
-            )
+            for tp, records in batch.items():
+                for record in records:
+                    yield Message(
+                        topic=record.topic,
+                        payload=record.value if record.value is not None else b"",
+                        key=record.key,
+                        partition=record.partition,
+                        offset=record.offset,
+                        token=tp,
+                    )
 
     async def ack(
         self, messages: Sequence[Message], offsets: Mapping[int, int] | None = None

@@ -408,7 +408,9 @@ class MqttTransport(Transport):
         while True:
             client, generation = await self._ready()
             try:
-                async for m in client.messages:
+                while True:
+                    queued = _queued(client)
+                    m = queued if queued is not None else await anext(client.messages)
                     payload = m.payload if isinstance(m.payload, bytes) else bytes(m.payload or b"")
                     yield Message(
                         topic=m.topic.value,
@@ -655,6 +657,17 @@ class MqttTransport(Transport):
                     return
                 log.warning("mqtt model follower lost its connection: %s", exc)
                 await asyncio.sleep(self.config.reconnect_initial_delay)
+
+
+def _queued(client: aiomqtt.Client) -> aiomqtt.Message | None:
+    """A message already waiting in aiomqtt's queue, taken without its iterator's per-message
+    task and ``asyncio.wait`` (the iterator is what waits when the queue is empty, and what
+    reports a lost connection). Under load most messages are already there."""
+    queue = client._queue
+    if queue.empty() or client._disconnected.done():
+        return None
+    m: aiomqtt.Message = queue.get_nowait()
+    return m
 
 
 def _no_delay(client: aiomqtt.Client) -> None:

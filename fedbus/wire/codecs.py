@@ -123,14 +123,21 @@ class CodecSpec:
         return cls(name, block, rounding, float(fraction), values, zstd)  # type: ignore[arg-type]
 
     def to_wire(self) -> dict[str, str | int | float | bool | None]:
-        """The envelope's codec map: only the keys this codec uses."""
+        """The envelope's codec map: only the keys this codec uses, and of those only the
+        ones that differ from what :meth:`from_wire` assumes when a key is absent (every
+        device pays for this map in every message: ``{"name": "int8"}`` is 11 bytes where
+        spelling out block and rounding took 40)."""
         out: dict[str, str | int | float | bool | None] = {"name": self.name}
-        if self.name in ("int8", "int4"):
-            out.update(block=self.block, rounding=self.rounding)
-        elif self.name == "topk":
-            out.update(fraction=self.fraction, values=self.values)
-            if self.values == "int8":
-                out.update(block=self.block, rounding=self.rounding)
+        blocks = self.name in ("int8", "int4") or (self.name == "topk" and self.values == "int8")
+        if self.name == "topk":
+            out["fraction"] = self.fraction
+            if self.values != "int8":
+                out["values"] = self.values
+        if blocks:
+            if self.block != _DEFAULT_BLOCK[self.name]:
+                out["block"] = self.block
+            if self.rounding != "stochastic":
+                out["rounding"] = self.rounding
         if self.zstd:
             out["zstd"] = True
         return out

@@ -117,3 +117,28 @@ async def test_followers_hold_the_tracked_reconstruction(
     np.testing.assert_array_equal(fetched.weights, held)
     # the model channel: the newest full model, fp32 of the reference
     np.testing.assert_allclose(latest[UPDATES], x_ref, rtol=0, atol=1e-6)
+
+
+async def test_a_model_in_an_unknown_codec_is_refused_by_the_device(
+    transport_name: str, broker: Any, tmp_path: Path, model_id: str
+) -> None:
+    """A retained / compacted model whose codec this device does not know is refused with a
+    WireError that names the codec and what to change (the SDK logs it, and ``fetch_model``
+    gives no model rather than one to train on)."""
+    import msgpack
+
+    from fedbus.client.updates import read_model
+    from fedbus.wire.errors import Reason, WireError
+    from fedbus.wire.model_message import encode_model_message
+
+    settings = h.settings_for(transport_name, broker, model_id, tmp_path)
+    m = msgpack.unpackb(encode_model_message(model_id, 3, h.LAYOUT, np.zeros(h.N)))
+    m["codec"] = {"name": "bf16"}
+    async with make_transport(h.client_settings(settings), role="init") as t:
+        await t.publish_model(model_id, msgpack.packb(m), 3)
+        raw = await t.latest_model(model_id, timeout=10)
+        assert raw is not None
+        with pytest.raises(WireError, match=r"bf16.*model_codec") as refused:
+            read_model(raw)
+        assert refused.value.reason is Reason.UNKNOWN_CODEC
+        assert await Device(t, model_id, "dev-1").fetch_model(timeout=10) is None

@@ -43,6 +43,7 @@ async def test_budget_stops_versions_and_leaves_updates_on_the_broker(
     eps = [_rdp_epsilon(z, s, delta) for s in range(1, 5)]
 
     def settings_with(budget: float) -> Any:
+        # DP counts one contribution per device: the worker trusts these devices' keys
         return h.settings_for(
             "mqtt", mosquitto, model_id, tmp_path, algorithm="fedbuff", buffer_size=2,
             staleness="constant", clip_norm=1.0, dp_noise_multiplier=z, dp_delta=delta,

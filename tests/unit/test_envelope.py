@@ -520,7 +520,7 @@ def test_invalid_ids(key: str, bad: str) -> None:
 def test_valid_ids() -> None:
     for good in ["a", "0", "dev-1", "a" * 64, "x-y-z", new_update_id()]:
         assert validate_id(good, "id") == good
-    assert len(new_update_id()) == 32 and new_update_id() != new_update_id()
+    assert len(new_update_id()) == 20 and new_update_id() != new_update_id()
 
 
 def test_oversized_checked_before_parsing() -> None:
