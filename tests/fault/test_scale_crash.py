@@ -135,6 +135,56 @@ async def test_kill9_a_reducer_twice_under_a_steady_stream(
         await _stop(procs)
 
 
+async def test_kill9_a_reducer_and_its_standby_takes_its_partitions(
+    mosquitto: Any, tmp_path: Path, model_id: str
+) -> None:
+    """A second reducer with the same worker id waits while the first is online; killed
+    with SIGKILL, the first's partitions and unacknowledged updates move to the standby
+    (no restart), and every update is still folded exactly once."""
+    committer = _role(mosquitto, model_id, tmp_path / "c", "committer", "committer")
+    reducers = [
+        _role(mosquitto, model_id, tmp_path / f"r{i}", "reducer", f"reducer-{i}",
+              reducer_partitions=parts)
+        for i, parts in enumerate(([0, 1], [2, 3]))
+    ]  # fmt: skip
+    standby = reducers[0].model_copy(update={"metrics_port": free_port()})
+    x0 = np.random.default_rng(3).normal(0, 0.1, h.N)
+    await h.init_model(committer, x0)
+    log = tmp_path / "workers.log"
+    fleet = Fleet(model_id, seed=13)
+    procs = [await _start(committer, log)] + [await _start(r, log) for r in reducers]
+    waiting = await h.spawn_worker(standby, log, _env(standby))
+    procs.append(waiting)
+    try:
+        await asyncio.sleep(1.0)
+        assert not h.worker_ready(standby.metrics_port)  # the lease is held
+        async with make_transport(h.client_settings(committer), role="device") as dev:
+            sending = asyncio.create_task(fleet.burst(dev, 300))
+            while await asyncio.to_thread(_received, reducers[0].metrics_port) < 20:
+                await asyncio.sleep(0.02)
+            procs[1].send_signal(signal.SIGKILL)
+            assert await asyncio.wait_for(procs[1].wait(), 30) == -signal.SIGKILL
+            while not h.worker_ready(standby.metrics_port):
+                assert waiting.returncode is None, log.read_text()[-3000:]
+                await asyncio.sleep(0.02)
+            await sending
+            await fleet.burst(dev, 200)
+        expected = x0.astype(np.float32).astype(np.float64) + LR * fleet.total / K
+        final = await wait_for_model(committer, expected, fleet.sent, timeout=90)
+        np.testing.assert_allclose(
+            read_model_weights(final),
+            expected,
+            rtol=1e-5,
+            atol=1e-6,
+            err_msg=log.read_text()[-3000:],
+        )
+        assert final.updates_folded == fleet.sent
+        assert await asyncio.to_thread(_received, standby.metrics_port) > 0
+    finally:
+        await _stop(procs)
+    assert any(r.get("event") == "standby: taking over" for r in _records(log))
+
+
 def read_model_weights(m: Any) -> np.ndarray:
     from fedbus.wire import envelope as env
 
