@@ -119,6 +119,9 @@ def bench_attacks(
         bool, typer.Option(help="Same fleet, short runs and one grid value each (for CI).")
     ] = False,
     workers: Annotated[int, typer.Option(help="Processes (0: up to 2).")] = 0,
+    markdown: Annotated[
+        Path | None, typer.Option(help="Also write the markdown report here.")
+    ] = None,
 ) -> None:
     """10% and 20% malicious devices (scaled, sign-flipped, Gaussian, label-flipped updates,
     and one producer posing as many clients) against FedBuff with and without norm
@@ -135,3 +138,6 @@ def bench_attacks(
         print(json.dumps(attacks.to_json(report), indent=1))
     else:
         print(attacks.markdown(report))
+    if markdown is not None:
+        markdown.write_text(attacks.markdown(report) + "\n")
+        log(f"markdown: {markdown}")
