@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from fedbus import log as fedlog
+from fedbus.aggregation import dp as dpmod
 from fedbus.ingest import Ingest, Refusal, Source, Verdict, judge
 from fedbus.store import wal
 from fedbus.store.checkpoint import CheckpointStore
@@ -38,6 +39,7 @@ from fedbus.store.keys import load_public_keys
 from fedbus.transport.base import Message, Transport
 from fedbus.wire import envelope as env
 from fedbus.wire.codecs import CodecSpec
+from fedbus.wire.errors import Reason
 from fedbus.wire.layout import Layout
 from fedbus.wire.signing import Verifier
 from workers import events, recovery
@@ -54,15 +56,72 @@ from workers.strategy import Strategy
 OFFLOAD_PARAMS = 2_000_000
 
 
+async def dead_letter(
+    transport: Transport,
+    model: str,
+    worker_id: str,
+    msg: Message,
+    r: Refusal,
+    metrics: Metrics,
+    log: Any,
+    *,
+    keep_payload: bool = False,
+) -> None:
+    """A refused update: counted, logged, dead-lettered with its reason and announced (the
+    ``all`` worker and reducers alike). The record carries the message's size and digest; its
+    bytes only with ``keep_payload`` (data minimisation: ``deadletter_keep_payload``)."""
+    reason = r.reason.value
+    metrics.rejected.labels(model, reason).inc()
+    if r.internal:
+        log.error(
+            "internal error: message refused",
+            detail=r.detail[:200],
+            client=r.client,
+            update_id=r.update_id,
+            exc_info=r.error,
+        )
+    else:
+        log.warning(
+            "rejected", reason=reason, detail=r.detail[:200], client=r.client, update_id=r.update_id
+        )
+    record = env.DeadLetterEnvelope(
+        model=model,
+        reason=reason,
+        detail=r.detail,
+        received_at=time.time(),
+        source=msg.topic,
+        original=msg.payload,
+        client=r.client,
+        update_id=r.update_id,
+        max_original=None if keep_payload else 0,
+    )
+    await transport.publish_deadletter(model, env.encode(record))
+    event = events.update_rejected(model, worker_id, reason, r.client, r.update_id, r.detail[:500])
+    await transport.publish_event(model, events.to_json(event))
+
+
 class AggregatorWorker:
     """One model, one transport, one aggregation policy."""
 
-    def __init__(self, settings: WorkerSettings, transport: Transport) -> None:
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        transport: Transport,
+        *,
+        metrics: Metrics | None = None,
+        health: HealthServer | None = None,
+    ) -> None:
+        """``metrics`` and ``health``: shared by the models of one process (which then owns
+        the endpoints and their readiness)."""
         self.settings = settings
         self.transport = transport
         self.model = settings.model
-        self.metrics = Metrics()
-        self.health = HealthServer(self.metrics, settings.metrics_host, settings.metrics_port)
+        self.metrics = metrics or Metrics()
+        self._own_health = health is None
+        self.health = health or HealthServer(
+            self.metrics, settings.metrics_host, settings.metrics_port
+        )
+        self.ready = asyncio.Event()
         directory = settings.checkpoint_dir / settings.model
         self.store = CheckpointStore(
             directory, keep=settings.checkpoint_keep, fsync=settings.checkpoint_fsync
@@ -90,6 +149,7 @@ class AggregatorWorker:
         self._m_received = self.metrics.received.labels(m, t)
         self._m_bytes = self.metrics.bytes_received.labels(m)
         self._m_accepted = self.metrics.accepted.labels(m)
+        self._m_redelivered = self.metrics.redelivered.labels(m)
         self._m_staleness = self.metrics.staleness.labels(m)
         self._m_aggregate = self.metrics.aggregate_seconds.labels(m)
         self._m_lag = self.metrics.consumer_lag.labels(m)
@@ -157,8 +217,12 @@ class AggregatorWorker:
         self.publisher.start()
         if self.book.offsets:
             await self.transport.seek(self.book.offsets)
-        await self.transport.subscribe_updates(self.model)
+        await self._subscribe()
         await self._catch_up()
+
+    async def _subscribe(self) -> None:
+        """What this role consumes: every update of the model (the committer role: partials)."""
+        await self.transport.subscribe_updates(self.model)
 
     async def _catch_up(self) -> None:
         """Send the events a crash left owed, and publish the restored version when its
@@ -212,10 +276,16 @@ class AggregatorWorker:
         if msg.partition is not None and msg.offset is not None:
             self.book.offsets[msg.partition] = msg.offset + 1
         self.committer.received(msg)
-        if isinstance(verdict, Refusal):
+        if isinstance(verdict, Refusal) and verdict.reason is Reason.DUPLICATE:
+            # Same id, same signed content, already folded in: not an attack, nothing to
+            # dead-letter (a different content under the id is refused as id_reused).
+            self._m_redelivered.inc()
+            self.log.debug("redelivery acknowledged", client=verdict.client, id=verdict.update_id)
+        elif isinstance(verdict, Refusal):
             await self._refuse(msg, verdict)
         else:
             self.committer.log_message(msg)
+            self.committer.log_noise_keys(self._noise_keys())
             outcome = verdict.outcome
             self._m_accepted.inc()
             if outcome.staleness is not None:
@@ -231,40 +301,11 @@ class AggregatorWorker:
             await self._commit()
 
     async def _refuse(self, msg: Message, r: Refusal) -> None:
-        reason = r.reason.value
-        self.metrics.rejected.labels(self.model, reason).inc()
-        self.book.tally.rejects[reason] += 1
-        if r.internal:
-            self.log.error(
-                "internal error: message refused",
-                detail=r.detail[:200],
-                client=r.client,
-                update_id=r.update_id,
-                exc_info=r.error,
-            )
-        else:
-            self.log.warning(
-                "rejected",
-                reason=reason,
-                detail=r.detail[:200],
-                client=r.client,
-                update_id=r.update_id,
-            )
-        record = env.DeadLetterEnvelope(
-            model=self.model,
-            reason=reason,
-            detail=r.detail,
-            received_at=time.time(),
-            source=msg.topic,
-            original=msg.payload,
-            client=r.client,
-            update_id=r.update_id,
+        self.book.tally.rejects[r.reason.value] += 1
+        await dead_letter(
+            self.transport, self.model, self.settings.worker_id, msg, r, self.metrics, self.log,
+            keep_payload=self.settings.deadletter_keep_payload,
         )
-        await self.transport.publish_deadletter(self.model, env.encode(record))
-        event = events.update_rejected(
-            self.model, self.settings.worker_id, reason, r.client, r.update_id, r.detail[:500]
-        )
-        await self.transport.publish_event(self.model, events.to_json(event))
 
     # -- versions and commits ------------------------------------------------------------
     def _versions_made(self) -> None:
@@ -273,6 +314,7 @@ class AggregatorWorker:
         version = self.strategy.version
         for v in range(self._announced + 1, version + 1):
             tally = self.book.tally if v == version else Tally()
+            privacy = self._privacy(v)
             event = events.model_published(
                 self.model,
                 self.settings.worker_id,
@@ -282,6 +324,7 @@ class AggregatorWorker:
                 bytes_received=tally.bytes,
                 rejects_by_reason=tally.rejects,
                 total_updates_folded=self.book.total_folded,
+                extra={"privacy": privacy} if privacy is not None else None,
             )
             self._fresh.append(event)
             self.book.owed_events.append(event)
@@ -303,9 +346,19 @@ class AggregatorWorker:
             self.publisher.taken(version, now)
         self.book.published_version = self.publisher.confirmed
         self.committer.commit(
-            self.book.to_state(), version, announce=self._fresh, weights=weights, snapshot=snapshot
+            self.book.to_state(),
+            version,
+            announce=self._fresh,
+            weights=weights,
+            snapshot=snapshot,
+            notices=self._notices(version),
         )
         self._fresh = []
+
+    def _notices(self, version: int) -> list[tuple[str, bytes]]:
+        """Messages (topic, payload) a commit sends once durable, beside its events (the
+        committer role: watermarks to reducers)."""
+        return []
 
     def _drain_wait(self) -> float | None:
         """Seconds until the partial FedBuff buffer is due to be applied (0: now); None when
@@ -329,9 +382,54 @@ class AggregatorWorker:
         if not self.strategy.drain():
             return
         self.committer.log_drain()
+        self.committer.log_noise_keys(self._noise_keys())
         self.log.info("buffer timeout: partial buffer applied", updates=pending)
         self._versions_made()
         await self._commit(publish=True)
+
+    def _privacy(self, version: int) -> dict[str, Any] | None:
+        """What central DP has spent by ``version``: every noised flush counts one Gaussian
+        mechanism for any client that took part (no amplification claimed, see
+        fedbus.aggregation.dp); None without DP."""
+        dp = getattr(self.strategy, "dp", None)
+        steps_now = getattr(self.strategy, "dp_steps", 0)
+        if dp is None or dp.noise_multiplier == 0:
+            return None
+        steps = max(0, steps_now - (self.strategy.version - version))
+        eps = dpmod.Accountant(dp.noise_multiplier).epsilon(steps, dp.delta)
+        if version == self.strategy.version:
+            self.metrics.privacy_epsilon.labels(self.model).set(eps)
+        return {
+            "epsilon": eps,
+            "delta": dp.delta,
+            "accountant": dpmod.ACCOUNTANT,
+            "noise_multiplier": dp.noise_multiplier,
+            "steps": steps,
+            "budget": dp.budget,
+        }
+
+    @property
+    def budget_spent(self) -> bool:
+        return bool(getattr(self.strategy, "budget_spent", False))
+
+    async def _spent(self, stop: asyncio.Event) -> None:
+        """The privacy budget admits no further version: say so once, keep serving health
+        and the last model, consume nothing more (updates stay on the broker, unacknowledged,
+        for whoever raises the budget or starts a new model) until stopped."""
+        self.metrics.privacy_budget_spent.labels(self.model).set(1)
+        await self._commit(publish=True)  # the last version goes out now, not when due
+        strategy = self.strategy
+        self.log.warning(
+            "privacy budget spent: no further versions; updates are left on the broker",
+            version=strategy.version,
+            epsilon=getattr(strategy, "epsilon", lambda: None)(),
+            budget=getattr(getattr(strategy, "dp", None), "budget", None),
+        )
+        await stop.wait()
+
+    def _noise_keys(self) -> list[bytes]:
+        take = getattr(self.strategy, "take_noise_keys", None)  # FedBuff with DP only
+        return take() if take is not None else []
 
     def _durable(self, version: int) -> None:
         self.committed_version = version
@@ -347,17 +445,23 @@ class AggregatorWorker:
         """Run until ``stop`` is set (SIGTERM/SIGINT in the CLI), then commit, publish the
         newest version and return."""
         stop = stop or asyncio.Event()
-        if self.settings.metrics_port:
+        if self.settings.metrics_port and self._own_health:
             await self.health.start()
         try:
             await self._start(stop)
-            self.health.ready = True
+            self.ready.set()
+            if self._own_health:
+                self.health.ready = True
             self.log.info("ready", version=self.strategy.version, n_params=self.layout.n_params)
-            await self._consume(stop)
+            if not self.budget_spent:
+                await self._consume(stop)
+            if self.budget_spent:
+                await self._spent(stop)
         finally:
             self.health.ready = False
             await self._shutdown()
-            await self.health.stop()
+            if self._own_health:
+                await self.health.stop()
             c = self.committer
             snapshot = c.last_snapshot_path if c is not None else None
             self.log.info(
@@ -432,11 +536,15 @@ class AggregatorWorker:
                         break
                 if msg is not None:
                     await self._handle(msg)
+                    if self.budget_spent:  # its last version is committed: stop consuming
+                        break
                 committer.check()  # re-raise a failed write, ack, event or snapshot
                 publisher.check()  # or publication
                 self._m_lag.set(len(committer.unacked) + queue.qsize())
                 if self._drain_wait() == 0.0:
                     await self._drain()
+                    if self.budget_spent:
+                        break
                 now = time.monotonic()
                 summary.maybe(
                     now,

@@ -24,6 +24,7 @@ from fedbus.cli.options import (
     ModelOpt,
     MqttHostOpt,
     MqttPortOpt,
+    Role,
     TransportName,
     TransportOpt,
     broker_overrides,
@@ -58,6 +59,13 @@ def worker(
     mqtt_host: MqttHostOpt = None,
     mqtt_port: MqttPortOpt = None,
     kafka_bootstrap: KafkaBootstrapOpt = None,
+    role: Annotated[
+        Role | None,
+        typer.Option(
+            help="all: one process per model; reducer: fold a share of the updates; "
+            "committer: merge partials and commit (a second one waits as standby)."
+        ),
+    ] = None,
 ) -> None:
     """Run an aggregator worker until SIGTERM or SIGINT, then checkpoint and exit 0.
 
@@ -76,6 +84,7 @@ def worker(
         metrics_port=metrics_port,
         log_format=log_format.value if log_format else None,
         log_level=log_level.value if log_level else None,
+        role=role.value if role else None,
         **overrides,
     )
     raise typer.Exit(run_worker(settings))

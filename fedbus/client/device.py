@@ -9,6 +9,8 @@ Raspberry-Pi-class device. The user supplies one callback::
 and the device turns ``new - start`` into an update: clipped, error-feedback compressed,
 signed when a key is configured, spooled to disk, then published QoS 1 with retries and
 exponential backoff. An update survives a broker outage and a device restart in the spool.
+One larger than the broker takes (:class:`~fedbus.transport.base.MessageTooLarge`, known
+before sending on MQTT 5) is never retried: ``submit`` raises it, and the spool drops it.
 """
 
 from __future__ import annotations
@@ -23,10 +25,11 @@ import numpy as np
 from fedbus import log as fedlog
 from fedbus.client.spool import Spool
 from fedbus.client.updates import GlobalModel, UpdateEncoder, read_model
-from fedbus.transport.base import Transport
+from fedbus.transport.base import MessageTooLarge, Transport
 from fedbus.transport.retry import backoff
 from fedbus.wire import envelope as env
 from fedbus.wire.codecs import CodecSpec
+from fedbus.wire.errors import WireError
 
 TrainFn = Callable[
     [dict[str, np.ndarray], int], tuple[Mapping[str, np.ndarray], int, Mapping[str, float] | None]
@@ -79,8 +82,16 @@ class Device:
         return self._encoder
 
     async def fetch_model(self, timeout: float = 10.0) -> GlobalModel | None:
+        """The latest model, or None when there is none or it is not a valid model message
+        (whoever published it, the device trains on nothing it cannot check)."""
         raw = await self.transport.latest_model(self.model, timeout=timeout)
-        return read_model(raw) if raw is not None else None
+        if raw is None:
+            return None
+        try:
+            return read_model(raw)
+        except WireError as exc:
+            self.log.warning("model message refused", reason=exc.reason.value, detail=exc.detail)
+            return None
 
     async def submit(
         self,
@@ -117,7 +128,8 @@ class Device:
             initial=self.retry_initial,
             maximum=self.retry_max,
             attempts=attempts,
-            retry_if=lambda exc: isinstance(exc, Exception),
+            # a message the broker will never take is not retried: it would loop forever
+            retry_if=_retryable,
             on_retry=note,
         ):
             with retry:
@@ -132,6 +144,10 @@ class Device:
         for path, raw in self.spool.pending():
             try:
                 await self._send_with_retry(raw, attempts=attempts)
+            except MessageTooLarge as exc:  # can never be sent: drop it, keep the rest moving
+                self.log.error("update dropped from the spool", error=str(exc)[:300])
+                self.spool.done(path)
+                continue
             except Exception:
                 return n
             self.spool.done(path)
@@ -153,6 +169,10 @@ class Device:
             await self.submit(gm, new, n, metrics)
             done += 1
         return done
+
+
+def _retryable(exc: BaseException) -> bool:
+    return isinstance(exc, Exception) and not isinstance(exc, MessageTooLarge)
 
 
 def spool_path(root: str | os.PathLike[str], model: str, client: str) -> Path:

@@ -3,9 +3,10 @@
 A full checkpoint (:mod:`.checkpoint`) costs the model's size; the log costs what was
 received. Between snapshots a worker appends, per commit, the messages its policy
 *accepted* (raw payload plus topic, key, partition and offset), the partial-buffer drains
-it made, and one ``COMMIT`` record with its small bookkeeping (offsets, counters, the event
-it owes). A restart loads the newest snapshot and replays the committed records through the
-same code path, which rebuilds the state bit for bit.
+it made, the key of the DP noise of each flush those caused, and one ``COMMIT`` record with
+its small bookkeeping (offsets, counters, the event it owes). A restart loads the newest
+snapshot and replays the committed records through the same code path, which rebuilds the
+state bit for bit.
 
 Segments are files ``wal-<seq>.log`` in the checkpoint directory. A snapshot names the
 first segment it does *not* cover; once it is durable, older segments are deleted. The
@@ -41,8 +42,8 @@ _HEAD = struct.Struct("<IIB")  # body length, crc32(length, kind, body), kind
 _MSG_HEAD = struct.Struct("<I")  # length of the message's msgpack metadata
 _NAME = re.compile(r"^wal-(\d{8})\.log$")
 
-MESSAGE, DRAIN, COMMIT = 1, 2, 3
-_KINDS = {MESSAGE, DRAIN, COMMIT}
+MESSAGE, DRAIN, COMMIT, NOISE_KEY = 1, 2, 3, 4
+_KINDS = {MESSAGE, DRAIN, COMMIT, NOISE_KEY}
 
 Chunks = list[bytes | memoryview]
 
@@ -51,7 +52,7 @@ Chunks = list[bytes | memoryview]
 class Record:
     kind: int
     meta: Any = None  # MESSAGE: [topic, key, partition, offset]; COMMIT: the state
-    payload: bytes = field(default=b"", repr=False)  # MESSAGE only
+    payload: bytes = field(default=b"", repr=False)  # MESSAGE; NOISE_KEY: the key
 
 
 def _crc(length: int, kind: int, parts: Iterable[bytes | memoryview]) -> int:
@@ -77,6 +78,12 @@ def message_record(
 
 def drain_record() -> Chunks:
     return _record(DRAIN, [])
+
+
+def noise_key_record(key: bytes) -> Chunks:
+    """The DP noise key of a flush the preceding record caused (fedbus.aggregation.dp: it
+    lives no longer than this segment)."""
+    return _record(NOISE_KEY, [key])
 
 
 def commit_record(state: Mapping[str, Any]) -> Chunks:
@@ -143,6 +150,8 @@ def _decode(kind: int, body: memoryview) -> Record:
         if not isinstance(state, dict):
             raise ValueError("commit record is not a map")
         return Record(COMMIT, state)
+    if kind == NOISE_KEY:
+        return Record(NOISE_KEY, payload=bytes(body))
     return Record(DRAIN)
 
 

@@ -37,12 +37,13 @@ from aiokafka.errors import (
     ConsumerStoppedError,
     IllegalStateError,
     KafkaError,
+    MessageSizeTooLargeError,
 )
 from aiokafka.helpers import create_ssl_context
 from aiokafka.structs import ConsumerRecord
 
 from fedbus.transport import topics
-from fedbus.transport.base import Message, Transport, TransportError
+from fedbus.transport.base import Message, MessageTooLarge, Transport, TransportError
 from fedbus.wire.ids import validate_id
 
 __all__ = ["KafkaConfig", "KafkaTransport"]
@@ -227,7 +228,7 @@ class KafkaTransport(Transport):
                     raise TransportError(f"cannot create topic {name}: error {code} {message}")
             self._ensured.add(model)
 
-    async def peers(self, model: str) -> list[str]:
+    async def peers(self, model: str, settle: float = 0.5) -> list[str]:
         """Members of the model's consumer group that another worker id started.
 
         Member ids begin with the client id, ``<worker id>-<role>-<instance>``. A member
@@ -254,7 +255,9 @@ class KafkaTransport(Transport):
         return sorted(parts)
 
     # -- updates --------------------------------------------------------------------------
-    async def subscribe_updates(self, model: str) -> None:
+    async def subscribe_updates(self, model: str, partitions: Sequence[int] | None = None) -> None:
+        if partitions is not None:
+            raise TransportError("Kafka assigns update partitions through the consumer group")
         topic = topics.kafka_updates(model)
         if self._consumer is not None:
             if topic == self._updates_topic:
@@ -361,6 +364,10 @@ class KafkaTransport(Transport):
     ) -> None:
         try:
             await self._require_producer().send_and_wait(topic, payload, key=key, headers=headers)
+        except MessageSizeTooLargeError as exc:  # the producer's max_request_size, or the broker
+            raise MessageTooLarge(
+                f"send to {topic} refused: {len(payload)} bytes is more than allowed ({exc})"
+            ) from exc
         except KafkaError as exc:
             raise TransportError(f"send to {topic} failed: {exc}") from exc
 

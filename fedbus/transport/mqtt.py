@@ -15,6 +15,12 @@ Limits that shape the worker:
   or the broker's ``max_inflight_messages`` must be raised.
 * Mosquitto queues at most ``max_queued_messages`` (default 1000) for an offline session
   and silently drops the rest; ``brokers.MosquittoBroker`` raises it to 10000.
+* Sizes (MQTT 5): a client announces ``maximum_packet_size`` in its CONNECT, so the broker
+  never sends it a larger packet (a worker sets it from ``max_message_bytes`` and never
+  reads an oversized update); the broker's own maximum, from its CONNACK, is checked before
+  every publish, and a larger message raises :class:`MessageTooLarge` at once instead of
+  being sent, refused with "packet too large" and resent forever. When the broker drops the
+  connection, its reason code is in the error.
 * Presence (``status_topic``, normally ``fedbus/v1/<model>/status/<client>``): a retained
   ``online`` record after every connect, ``offline`` from :meth:`MqttTransport.close`, and
   the same ``offline`` registered as the connection's Last Will, which the broker publishes
@@ -38,7 +44,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import aiomqtt
 from aiomqtt.exceptions import MqttConnectError
@@ -47,10 +53,10 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from fedbus.transport import topics
-from fedbus.transport.base import Message, Transport, TransportError
+from fedbus.transport.base import Message, MessageTooLarge, Transport, TransportError
 from fedbus.transport.retry import backoff
 
-__all__ = ["MqttConfig", "MqttTransport", "status_record"]
+__all__ = ["MqttConfig", "MqttTransport", "publish_packet_size", "status_record"]
 
 log = logging.getLogger("fedbus.transport.mqtt")
 
@@ -77,8 +83,12 @@ class MqttConfig:
     tls_context: ssl.SSLContext | None = None
     tls_insecure: bool | None = None
     transport: Literal["tcp", "websockets", "unix"] = "tcp"
-    # "$share/<group>/..." for FedBuff reducers; None for a plain subscription (FedAsync).
+    # "$share/<group>/..." (loses queued updates on a Mosquitto restart: prefer partitions);
+    # None for a plain subscription.
     shared_group: str | None = None
+    # Devices publish to fedbus/v1/<model>/updates/<crc32(client) mod P>/<client> when > 0,
+    # so reducers own partitions through plain persistent subscriptions (no $share).
+    update_partitions: int = 0
     # Per operation (connect, subscribe, one publish): a 10 MB publish must fit.
     timeout: float = 30.0
     connect_timeout: float = 10.0
@@ -89,12 +99,19 @@ class MqttConfig:
     reconnect_timeout: float | None = 120.0
     # Client-side cap on our own outgoing QoS 1 messages in flight (paho's default is 20).
     max_inflight_messages: int | None = None
+    # MQTT 5 Maximum Packet Size announced to the broker: it sends us nothing larger.
+    maximum_packet_size: int | None = None
     # Retained presence topic (topics.mqtt_status(model, client), or
     # topics.mqtt_worker_status(model, worker) for a worker); None: no presence.
     status_topic: str | None = None
     # Names this process in its presence records, so a second process that uses the same
     # client id (a copy-pasted config) is told apart from this one.
     instance: str | None = None
+    # Read the model over the one persistent connection instead of a short second one: for
+    # a device on a listener that makes its username its client id (Mosquitto's
+    # use_username_as_clientid), where a second connection takes the first one's session
+    # over (and fires its Last Will). Not for workers, which consume updates on it.
+    single_connection: bool = False
 
     @property
     def is_v5(self) -> bool:
@@ -154,6 +171,8 @@ class MqttTransport(Transport):
         self._connected_once = False
         self.reconnects = 0
         self.stale_acks = 0
+        # The broker's Maximum Packet Size from the last CONNACK (None: it announced none).
+        self.server_maximum_packet_size: int | None = None
 
     # -- connections ----------------------------------------------------------------------
     def _new_client(
@@ -172,6 +191,8 @@ class MqttTransport(Transport):
         if c.is_v5:
             properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             properties.SessionExpiryInterval = c.session_expiry_interval if persistent else 0
+            if c.maximum_packet_size is not None:
+                properties.MaximumPacketSize = c.maximum_packet_size
             kwargs["clean_start"] = clean
         else:
             kwargs["clean_session"] = clean
@@ -196,7 +217,21 @@ class MqttTransport(Transport):
         # aiomqtt warns on every publish once more than 10 wait for their PUBACK; a fleet
         # simulator or a device flushing its spool has hundreds in flight by design.
         client.pending_calls_threshold = PENDING_CALLS_WARNING
+        self._note_connack(client)
         return client
+
+    def _note_connack(self, client: aiomqtt.Client) -> None:
+        """Keep the broker's Maximum Packet Size from each CONNACK (aiomqtt drops the
+        CONNACK's properties, so paho's callback is wrapped)."""
+        paho = client._client
+        inner: Any = paho.on_connect
+
+        def on_connect(*args: Any) -> None:
+            props = args[4] if len(args) > 4 else None
+            self.server_maximum_packet_size = getattr(props, "MaximumPacketSize", None)
+            inner(*args)
+
+        paho.on_connect = on_connect
 
     async def _open(self, client: aiomqtt.Client) -> None:
         try:
@@ -333,17 +368,31 @@ class MqttTransport(Transport):
             await _force_close(client, graceful=True)
 
     # -- updates --------------------------------------------------------------------------
-    async def subscribe_updates(self, model: str) -> None:
+    async def subscribe_updates(self, model: str, partitions: Sequence[int] | None = None) -> None:
+        """Every update of ``model`` or, for a reducer, those of ``partitions`` only. With
+        ``update_partitions`` set, a whole-model subscription covers both topic shapes."""
+        if partitions is not None:
+            for p in partitions:
+                await self.subscribe(topics.mqtt_partition_filter(model, p))
+            return
         if self.config.shared_group:
-            topic = topics.mqtt_shared_updates(model, self.config.shared_group)
-        else:
-            topic = topics.mqtt_updates_filter(model)
-        self._subscriptions[topic] = 1  # renewed on every reconnect
+            await self.subscribe(topics.mqtt_shared_updates(model, self.config.shared_group))
+            return
+        await self.subscribe(topics.mqtt_updates_filter(model))
+        if self.config.update_partitions > 0:
+            await self.subscribe(topics.mqtt_partition_filter(model, None))
+
+    async def subscribe(self, topic: str, qos: int = 1) -> None:
+        """A subscription on the persistent session: QoS 1 is acknowledged through
+        :meth:`ack` like updates (a committer's partials); QoS 0 is outside Mosquitto's
+        in-flight limit, so it still arrives while that many updates wait for their
+        acknowledgement (a reducer's watermarks)."""
+        self._subscriptions[topic] = qos  # renewed on every reconnect
         attempts = 3
         for attempt in range(attempts):
             client, generation = await self._ready()
             try:
-                await self._subscribe(client, topic, 1)
+                await self._subscribe(client, topic, qos)
                 return
             except aiomqtt.MqttError as exc:
                 if attempt == attempts - 1:
@@ -402,6 +451,7 @@ class MqttTransport(Transport):
         attempts = 3
         for attempt in range(attempts):
             client, generation = await self._ready()
+            self._check_size(topic, payload, properties)
             try:
                 await _unless_disconnected(
                     client,
@@ -416,11 +466,27 @@ class MqttTransport(Transport):
                 )
                 return
             except aiomqtt.MqttError as exc:
+                if _reason_value(exc) == PACKET_TOO_LARGE:
+                    raise MessageTooLarge(
+                        f"publish to {topic!r} refused: {len(payload)} bytes is more than the "
+                        f"broker takes ({exc})"
+                    ) from exc
                 if self._closing or attempt == attempts - 1:
                     raise TransportError(f"publish to {topic!r} failed: {exc}") from exc
                 if client._client.is_connected():
                     raise TransportError(f"publish to {topic!r} failed: {exc}") from exc
                 await self._reconnect(generation)
+
+    def _check_size(self, topic: str, payload: bytes, properties: Properties | None) -> None:
+        limit = self.server_maximum_packet_size
+        if limit is None:
+            return
+        size = publish_packet_size(topic, len(payload), properties)
+        if size > limit:
+            raise MessageTooLarge(
+                f"a {len(payload)}-byte message to {topic!r} makes a {size}-byte packet; the "
+                f"broker's maximum packet size is {limit} bytes (MQTT 5 CONNACK): not sent"
+            )
 
     async def publish_model(self, model: str, payload: bytes, version: int) -> None:
         properties = None
@@ -436,9 +502,13 @@ class MqttTransport(Transport):
         await self._publish(topics.mqtt_deadletter(model), payload)
 
     async def publish_update(self, model: str, client: str, payload: bytes) -> None:
-        # Never retained: updates are read through $share, where a retained message would be
-        # handed to every reducer and folded twice.
-        await self._publish(topics.mqtt_update(model, client), payload)
+        # Never retained: a retained update would be handed to every new subscriber.
+        topic = topics.mqtt_update(model, client, self.config.update_partitions)
+        await self._publish(topic, payload)
+
+    async def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+        """QoS 1 on the persistent connection (partials, watermarks)."""
+        await self._publish(topic, payload, retain=retain)
 
     async def peers(self, model: str, settle: float = 0.5) -> list[str]:
         """Other live worker processes on ``model``: their retained presence records under
@@ -490,6 +560,8 @@ class MqttTransport(Transport):
     async def latest_model(self, model: str, timeout: float = 5.0) -> bytes | None:
         """The retained model; ``None`` after ``timeout`` if nothing is retained (MQTT has no
         "nothing retained" answer). A model published during the wait is returned too."""
+        if self.config.single_connection:
+            return await self._latest_on_main(topics.mqtt_model(model), timeout)
         async with self._reader(topics.mqtt_model(model)) as client:
             try:
                 async with asyncio.timeout(timeout):
@@ -498,6 +570,23 @@ class MqttTransport(Transport):
                             return bytes(m.payload)
             except TimeoutError:
                 return None
+        return None
+
+    async def _latest_on_main(self, topic: str, timeout: float) -> bytes | None:
+        """Subscribe at QoS 0 on the persistent connection (nothing to acknowledge under the
+        manual acknowledgement it runs with), take the retained message, unsubscribe."""
+        client, _ = await self._ready()
+        await self._subscribe(client, topic, 0)
+        try:
+            async with asyncio.timeout(timeout):
+                async for m in client.messages:
+                    if m.topic.value == topic and m.payload:
+                        return bytes(m.payload)
+        except TimeoutError:
+            return None
+        finally:
+            with contextlib.suppress(aiomqtt.MqttError):
+                await client.unsubscribe(topic, timeout=self.config.timeout)
         return None
 
     async def follow_models(self, model: str) -> AsyncIterator[bytes]:
@@ -560,7 +649,34 @@ async def _unless_disconnected(client: aiomqtt.Client, operation: Awaitable[None
     with contextlib.suppress(BaseException):
         await task
     cause = disconnected.exception() if not disconnected.cancelled() else None
-    raise aiomqtt.MqttError("connection lost while waiting for PUBACK") from cause
+    # Name the broker's reason (e.g. 149 "Packet too large"), not only that it went away.
+    why = f": broker reason {cause}" if cause is not None else ""
+    error = aiomqtt.MqttError(f"connection lost while waiting for PUBACK{why}")
+    error.rc = getattr(cause, "rc", None)  # type: ignore[attr-defined]
+    raise error from cause
+
+
+PACKET_TOO_LARGE = 149  # MQTT 5 reason code 0x95
+
+
+def _reason_value(exc: BaseException) -> int | None:
+    """The MQTT 5 reason code an aiomqtt error carries, if any."""
+    rc = getattr(exc, "rc", None)
+    if isinstance(rc, ReasonCode):
+        return int(rc.value)
+    return rc if isinstance(rc, int) else None
+
+
+def _varint_len(n: int) -> int:
+    return 1 if n < 128 else 2 if n < 16_384 else 3 if n < 2_097_152 else 4
+
+
+def publish_packet_size(topic: str, payload_len: int, properties: Properties | None) -> int:
+    """Bytes of a QoS 1 MQTT 5 PUBLISH: fixed header, topic, packet id, properties, payload
+    (what a broker compares with its Maximum Packet Size)."""
+    props = len(properties.pack()) if properties is not None else 1  # type: ignore[no-untyped-call]
+    remaining = 2 + len(topic.encode()) + 2 + props + payload_len
+    return 1 + _varint_len(remaining) + remaining
 
 
 async def _force_close(client: aiomqtt.Client, *, graceful: bool = False) -> None:

@@ -185,6 +185,15 @@ class _Base:
     spec: CodecSpec
     wire_bytes: int
     _sq: float | None = field(default=None, init=False, repr=False)
+    # The decoded payload (after any zstd stage) the arrays are views of: what a policy
+    # keeps when it holds the update encoded, and what a checkpoint stores for it.
+    raw: bytes = field(default=b"", init=False, repr=False)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this delta keeps alive: the decoded payload (plus top-k's index array)."""
+        extra = getattr(self, "indices", None)
+        return len(self.raw) + (extra.nbytes if isinstance(extra, np.ndarray) else 0)
 
     def sq_norm(self) -> float:
         if self._sq is None:
@@ -386,6 +395,7 @@ def decode(payload: bytes, spec: CodecSpec, n: int) -> BlockDelta | FloatDelta |
         d = _decode_topk(payload, spec, n, wire_bytes)
     if not math.isfinite(d.sq_norm()):
         raise WireError(Reason.NON_FINITE, f"{spec} update decodes to non-finite values")
+    d.raw = payload
     return d
 
 

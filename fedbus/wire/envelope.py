@@ -55,6 +55,7 @@ _REASON_RE = re.compile(r"[a-z][a-z0-9_]{0,63}")
 MESSAGE_TYPES = (
     "update", "model", "event", "deadletter",
     "secure_update", "secure_key", "secure_receipt", "secure_manifest", "secure_sum",
+    "partial", "watermark",
 )  # fmt: skip
 SECURE_ROLES = ("leader", "helper")
 _MAX_FRAC_BITS = 30
@@ -261,8 +262,11 @@ class UpdateEnvelope(_Envelope):
     """A device's encoded model delta against global model ``base_version``.
 
     ``update_id`` is the idempotency key: (client, update_id) is folded in at most once, so
-    a device may resend after a lost acknowledgement. ``signature`` (key ``sig``) covers
-    :func:`signing_bytes`, which excludes ``metrics`` and ``sent_at``.
+    a device may resend after a lost acknowledgement. ``seq`` is the device's monotonic
+    counter: a worker refuses a new update whose ``seq`` is not above the highest it
+    accepted from that client (``replayed``), however long ago, so a recorded update cannot
+    be replayed once the dedup window has forgotten its id. ``signature`` (key ``sig``)
+    covers :func:`signing_bytes`, which excludes ``metrics`` and ``sent_at``.
     """
 
     type: ClassVar[str] = "update"
@@ -282,6 +286,7 @@ class UpdateEnvelope(_Envelope):
     signature: bytes | None = None
     metrics: dict[str, float | int] | None = None
     sent_at: float | None = None
+    seq: int | None = None
 
     def __post_init__(self) -> None:
         _common(self)
@@ -289,6 +294,8 @@ class UpdateEnvelope(_Envelope):
         validate_id(self.update_id, "update_id")
         _int("base_version", self.base_version)
         _int("num_examples", self.num_examples)
+        if self.seq is not None:
+            _int("seq", self.seq)
         self._set("codec", _codec(self.codec))
         if not isinstance(self.layout, str) or not _FINGERPRINT_RE.fullmatch(self.layout):
             raise WireError(Reason.WRONG_TYPE, "layout must be a fingerprint of 32 hex chars")
@@ -382,11 +389,14 @@ class DeadLetterEnvelope(_Envelope):
 
     ``original`` is truncated to ``max_original`` bytes (default 64 KiB; ``original_size``
     keeps the real length) so a flood of oversized garbage cannot fill the dead-letter
-    topic. ``client`` and ``update_id`` come from untrusted input: if they are not valid ids
-    they become ``None`` rather than an error, because what the sender got wrong must never
-    keep the record from being written; ``source`` (the topic) still says where the message
-    came from. ``reason`` is any ``[a-z][a-z0-9_]*`` code so older readers accept codes added
-    later to
+    topic. ``original_sha256`` is the SHA-256 of the whole message, so a record identifies
+    what was refused (and matches a copy the device or broker kept) without holding it: the
+    worker keeps no payload at all unless told to (``deadletter_keep_payload``; an update
+    is personal data however malformed it is). ``client`` and ``update_id`` come from
+    untrusted input: if they are not valid ids they become ``None`` rather than an error,
+    because what the sender got wrong must never keep the record from being written;
+    ``source`` (the topic) still says where the message came from. ``reason`` is any
+    ``[a-z][a-z0-9_]*`` code so older readers accept codes added later to
     :class:`~fedbus.wire.errors.Reason`.
     """
 
@@ -403,6 +413,7 @@ class DeadLetterEnvelope(_Envelope):
     original_size: int | None = None
     client: str | None = None
     update_id: str | None = None
+    original_sha256: bytes | None = None
     max_original: InitVar[int | None] = None
 
     def __post_init__(self, max_original: int | None) -> None:
@@ -415,12 +426,16 @@ class DeadLetterEnvelope(_Envelope):
         self._set("received_at", _float("received_at", self.received_at))
         _str("source", self.source)
         original = _bytes("original", self.original)
-        if self.original_size is None:  # a fresh record: measure, then truncate
+        if self.original_size is None:  # a fresh record: measure and hash, then truncate
             self._set("original_size", len(original))
+            self._set("original_sha256", hashlib.sha256(original).digest())
             if max_original is None:
                 max_original = MAX_ORIGINAL_BYTES
-        elif _int("original_size", self.original_size) < len(original):
-            raise WireError(Reason.WRONG_TYPE, "original_size is smaller than original")
+        else:
+            if _int("original_size", self.original_size) < len(original):
+                raise WireError(Reason.WRONG_TYPE, "original_size is smaller than original")
+            if self.original_sha256 is not None:
+                _fixed_bytes("original_sha256", self.original_sha256, 32)
         if max_original is not None:  # a decoded record keeps what its producer kept
             original = original[: max(0, max_original)]
         self._set("original", original)
@@ -658,17 +673,117 @@ class SecureSumEnvelope(_Envelope):
         ]  # fmt: skip
 
 
+# -- scale-out (workers/reducer.py -> workers/committer_role.py and back) ---------------------
+
+
+def _update_keys(name: str, value: object) -> list[tuple[str, str]]:
+    rows = _rows(name, value, 2)
+    keys = []
+    for i, (client, update_id) in enumerate(rows):
+        if not (is_valid_id(client) and is_valid_id(update_id)):
+            raise WireError(Reason.INVALID_ID, f"{name}[{i}] is not a (client, update id) pair")
+        keys.append((client, update_id))
+    return keys
+
+
+@dataclass(frozen=True, kw_only=True)
+class PartialEnvelope(_Envelope):
+    """A reducer's FedBuff partial sum: ``sum`` (n float64 little-endian) is S = sum of
+    weight * clip * u over ``updates`` (one per client), so partials add exactly. ``epoch``
+    names the reducer's incarnation and ``seq`` the partial within it; the committer answers
+    on the reducer's watermark channel. ``staleness`` tallies the updates by staleness."""
+
+    type: ClassVar[str] = "partial"
+    _required: ClassVar[tuple[str, ...]] = (
+        "model", "reducer", "epoch", "seq", "version", "count", "weight_sum", "updates", "sum",
+    )  # fmt: skip
+
+    reducer: str
+    epoch: int
+    seq: int
+    version: int
+    count: int
+    weight_sum: float
+    updates: list[tuple[str, str]]
+    sum: bytes = field(repr=False)
+    staleness: dict[str, int] | None = None
+    bytes_received: int | None = None
+
+    def __post_init__(self) -> None:
+        _common(self)
+        validate_id(self.reducer, "reducer")
+        for name in ("epoch", "seq", "version", "count"):
+            _int(name, getattr(self, name))
+        self._set("weight_sum", _float("weight_sum", self.weight_sum))
+        keys = _update_keys("updates", self.updates)
+        if len(keys) != self.count or len({c for c, _ in keys}) != self.count:
+            raise WireError(Reason.WRONG_TYPE, "updates must name count distinct clients")
+        self._set("updates", [list(k) for k in keys])
+        total = _bytes("sum", self.sum)
+        if len(total) % 8:
+            raise WireError(Reason.PAYLOAD_LENGTH, f"sum of {len(total)} bytes is not float64s")
+        self._set("sum", total)
+        if self.staleness is not None:
+            tally = _str_map("staleness", self.staleness)
+            for k, v in tally.items():
+                if not k.isdigit():
+                    raise WireError(Reason.WRONG_TYPE, "staleness keys are decimal integers")
+                _int(f"staleness[{k}]", v)
+        if self.bytes_received is not None:
+            _int("bytes_received", self.bytes_received)
+
+    @property
+    def keys(self) -> list[tuple[str, str]]:
+        return [(c, u) for c, u in self.updates]
+
+
+@dataclass(frozen=True, kw_only=True)
+class WatermarkEnvelope(_Envelope):
+    """The committer's answer to one reducer incarnation, sent once a commit is durable:
+    ``committed`` partials (their updates may be acknowledged), ``refused`` partials (not
+    folded; of their updates, ``duplicates`` are already committed and may be acknowledged,
+    the rest must be sent again), and the committed model ``version``."""
+
+    type: ClassVar[str] = "watermark"
+    _required: ClassVar[tuple[str, ...]] = (
+        "model", "reducer", "epoch", "version", "committed", "refused", "duplicates",
+    )  # fmt: skip
+
+    reducer: str
+    epoch: int
+    version: int
+    committed: list[int]
+    refused: list[int]
+    duplicates: list[tuple[str, str]]
+
+    def __post_init__(self) -> None:
+        _common(self)
+        validate_id(self.reducer, "reducer")
+        _int("epoch", self.epoch)
+        _int("version", self.version)
+        for name in ("committed", "refused"):
+            seqs = getattr(self, name)
+            if not isinstance(seqs, list | tuple) or len(seqs) > _MAX_ARRAY:
+                raise _wrong(name, "an array of sequence numbers", seqs)
+            self._set(name, [_int(f"{name}[]", v) for v in seqs])
+        self._set("duplicates", [list(k) for k in _update_keys("duplicates", self.duplicates)])
+
+
 SecureEnvelope = (
     SecureUpdateEnvelope | SecureKeyEnvelope | SecureReceiptEnvelope | SecureManifestEnvelope
     | SecureSumEnvelope
 )  # fmt: skip
-Envelope = UpdateEnvelope | ModelEnvelope | EventEnvelope | DeadLetterEnvelope | SecureEnvelope
+Envelope = (
+    UpdateEnvelope | ModelEnvelope | EventEnvelope | DeadLetterEnvelope | SecureEnvelope
+    | PartialEnvelope | WatermarkEnvelope
+)  # fmt: skip
 Signable = UpdateEnvelope | SecureEnvelope
 _CLASSES: dict[str, type[_Envelope]] = {
     c.type: c
     for c in (
         UpdateEnvelope, ModelEnvelope, EventEnvelope, DeadLetterEnvelope, SecureUpdateEnvelope,
         SecureKeyEnvelope, SecureReceiptEnvelope, SecureManifestEnvelope, SecureSumEnvelope,
+        PartialEnvelope, WatermarkEnvelope,
     )
 }  # fmt: skip
 _SIGNING_DOMAINS: dict[str, bytes] = {
@@ -763,8 +878,10 @@ def signing_bytes(update: Signable) -> bytes:
     Plain updates:
     ``SIGNING_DOMAIN`` followed by the msgpack array ``[schema, model, client, update_id,
     base_version, num_examples, [[key, value], ...] (codec, keys sorted), layout,
-    sha256(payload)]``. The domain tag keeps these signatures from being valid for any other
-    fedbus message; hashing the payload lets a device sign without a second copy of it.
+    sha256(payload)]``, with ``seq`` appended as a tenth element when the update has one
+    (so signatures made before ``seq`` existed still verify). The domain tag keeps these
+    signatures from being valid for any other fedbus message; hashing the payload lets a
+    device sign without a second copy of it.
     """
     if not isinstance(update, UpdateEnvelope):
         signed: bytes = msgpack.packb(update._signed(), use_bin_type=True)
@@ -780,6 +897,8 @@ def signing_bytes(update: Signable) -> bytes:
         update.layout,
         hashlib.sha256(update.payload).digest(),
     ]
+    if update.seq is not None:
+        body.append(update.seq)
     packed: bytes = msgpack.packb(body, use_bin_type=True)
     return SIGNING_DOMAIN + packed
 

@@ -96,6 +96,22 @@ def test_config_file_mistakes(toml: str, needles: list[str], tmp_path: Path) -> 
 
 
 @pytest.mark.parametrize(
+    "toml",
+    [
+        "[aggregation]\nclip_norm = 1.0\ndp_noise_multiplier = 1.0\n",
+        '[aggregation]\nrobust = "median"\n',
+    ],
+)
+def test_algorithm_flag_cannot_drop_dp_or_robust_aggregation(toml: str, tmp_path: Path) -> None:
+    """``--algorithm fedasync`` over a FedBuff config with DP or a robust mean is refused at
+    start, never run without them."""
+    config = tmp_path / "worker.toml"
+    config.write_text(toml)
+    result = fedbus("worker", "--config", str(config), "--algorithm", "fedasync", cwd=tmp_path)
+    assert_one_line(result, "fedbuff", "DP")
+
+
+@pytest.mark.parametrize(
     ("env", "needles"),
     [
         ({"FEDBUS_LOG_LEVEL": "verbose"}, ["log_level", "verbose"]),

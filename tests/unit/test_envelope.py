@@ -126,10 +126,29 @@ def secure_sum(**over: Any) -> env.SecureSumEnvelope:
     return env.SecureSumEnvelope(**fields)
 
 
+def partial(**over: Any) -> env.PartialEnvelope:
+    fields: dict[str, Any] = dict(
+        model="digits", reducer="reducer-0", epoch=7, seq=3, version=2, count=2,
+        weight_sum=1.5, updates=[("dev-1", "u-1"), ("dev-2", "u-2")], sum=bytes(8 * 4),
+        staleness={"0": 1, "2": 1}, bytes_received=900,
+    )  # fmt: skip
+    fields.update(over)
+    return env.PartialEnvelope(**fields)
+
+
+def watermark(**over: Any) -> env.WatermarkEnvelope:
+    fields: dict[str, Any] = dict(
+        model="digits", reducer="reducer-0", epoch=7, version=3, committed=[1, 2], refused=[3],
+        duplicates=[("dev-1", "u-1")],
+    )  # fmt: skip
+    fields.update(over)
+    return env.WatermarkEnvelope(**fields)
+
+
 MAKERS = {"update": update, "model": model, "event": event, "deadletter": deadletter,
           "secure_update": secure_update, "secure_key": secure_key,
           "secure_receipt": secure_receipt, "secure_manifest": secure_manifest,
-          "secure_sum": secure_sum}  # fmt: skip
+          "secure_sum": secure_sum, "partial": partial, "watermark": watermark}  # fmt: skip
 
 
 def as_map(e: env.Envelope) -> dict[str, Any]:
@@ -247,6 +266,20 @@ def test_deadletter_truncates_and_sanitises() -> None:
     assert back == small  # decoding keeps what the producer kept
 
 
+def test_deadletter_hashes_the_whole_message_and_may_keep_none_of_it() -> None:
+    import hashlib
+
+    big = bytes(range(256)) * 1000
+    d = deadletter(original=big, max_original=0)
+    assert d.original == b"" and d.original_size == len(big)
+    assert d.original_sha256 == hashlib.sha256(big).digest()  # of all of it, not the prefix
+    back = env.decode(env.encode(d))
+    assert back == d
+    raw = as_map(d)
+    raw["original_sha256"] = b"short"
+    assert reason_of(pack(raw)) is Reason.WRONG_TYPE
+
+
 def test_deadletter_reason_codes() -> None:
     for r in Reason:
         assert deadletter(reason=r.value).reason == r.value
@@ -358,6 +391,10 @@ REQUIRED = {
     "secure_receipt": ["schema", "type", "model", "entries", "sig"],
     "secure_manifest": ["schema", "type", "model", "version", "entries", "sig"],
     "secure_sum": ["schema", "type", "model", "version", "manifest", "count", "payload", "sig"],
+    "partial": ["schema", "type", "model", "reducer", "epoch", "seq", "version", "count",
+                "weight_sum", "updates", "sum"],
+    "watermark": ["schema", "type", "model", "reducer", "epoch", "version", "committed",
+                  "refused", "duplicates"],
 }  # fmt: skip
 
 

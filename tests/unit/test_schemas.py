@@ -19,17 +19,19 @@ from tests.unit.test_envelope import (
     deadletter,
     event,
     model,
+    partial,
     secure_key,
     secure_manifest,
     secure_receipt,
     secure_sum,
     secure_update,
     update,
+    watermark,
 )
 
 SCHEMAS = Path(__file__).resolve().parents[2] / "schemas"
 KINDS = ("update", "model", "event", "deadletter", "secure_update", "secure_key",
-         "secure_receipt", "secure_manifest", "secure_sum")  # fmt: skip
+         "secure_receipt", "secure_manifest", "secure_sum", "partial", "watermark")  # fmt: skip
 
 
 def schema(kind: str) -> dict[str, Any]:
@@ -78,6 +80,8 @@ def messages(kind: str) -> list[env.Envelope]:
         "secure_receipt": [secure_receipt(), secure_receipt(entries=[])],
         "secure_manifest": [secure_manifest()],
         "secure_sum": [secure_sum(), secure_sum(count=0, payload=b"")],
+        "partial": [partial(), partial(staleness=None, bytes_received=None)],
+        "watermark": [watermark(), watermark(committed=[], refused=[], duplicates=[])],
     }[kind]
 
 
