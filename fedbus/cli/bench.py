@@ -122,6 +122,9 @@ def bench_attacks(
     markdown: Annotated[
         Path | None, typer.Option(help="Also write the markdown report here.")
     ] = None,
+    only: Annotated[
+        str, typer.Option("--attacks", help="Comma-separated attacks (default: all).")
+    ] = "scaled,sign_flip,gaussian,label_flip,sybil",
 ) -> None:
     """10% and 20% malicious devices (scaled, sign-flipped, Gaussian, label-flipped updates,
     and one producer posing as many clients) against FedBuff with and without norm
@@ -133,7 +136,11 @@ def bench_attacks(
     """
     from fedbus.bench import attacks
 
-    report = attacks.run(seeds=seeds, quick=quick, log=log, workers=workers)
+    chosen = [a.strip() for a in only.split(",") if a.strip()]
+    unknown = [a for a in chosen if a not in attacks.ATTACKS]
+    if unknown or not chosen:
+        raise UserError(f"--attacks takes names among {','.join(attacks.ATTACKS)}, not {only!r}")
+    report = attacks.run(seeds=seeds, quick=quick, log=log, workers=workers, attacks=chosen)
     if json_out:
         print(json.dumps(attacks.to_json(report), indent=1))
     else:
