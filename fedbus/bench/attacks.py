@@ -538,6 +538,14 @@ def to_json(report: Report) -> list[dict[str, Any]]:
     return [*report.records, *({"grid": True, **g} for g in report.grid), report.summary]
 
 
+def from_json(items: list[dict[str, Any]]) -> Report:
+    """The report back from its ``--json`` list (to render it again without rerunning)."""
+    records = [r for r in items if not r.get("grid") and not r.get("summary")]
+    grid = [{k: v for k, v in r.items() if k != "grid"} for r in items if r.get("grid")]
+    (summary,) = [r for r in items if r.get("summary")]
+    return Report(records, grid, summary)
+
+
 def _pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
@@ -550,7 +558,9 @@ def markdown(report: Report) -> str:
              if any(r["defence"] == n for r in recs)]  # fmt: skip
     clean = next(r for r in recs if r["attack"] == "none" and r["defence"] == "none")
     lines = [
-        "| attack | fraction | " + " | ".join(names) + " |",
+        "| attack | fraction | "
+        + " | ".join("no defence" if n == "none" else n for n in names)
+        + " |",
         "|---|---|" + "---|" * len(names),
     ]
     keys = sorted({(r["attack"], r["fraction"]) for r in recs},
@@ -563,7 +573,8 @@ def markdown(report: Report) -> str:
                       == (attack, fraction, n)), None)  # fmt: skip
             cells.append("-" if r is None else _pct(r["final_accuracy"]))
         frac = "-" if attack == "none" else f"{100 * fraction:.0f}%"
-        lines.append(f"| {attack} | {frac} | " + " | ".join(cells) + " |")
+        name = "clean" if attack == "none" else attack
+        lines.append(f"| {name} | {frac} | " + " | ".join(cells) + " |")
     chosen = ", ".join(
         f"{k} ({', '.join(f'{p}={v:g}' for p, v in d.items())})" for k, d in s["chosen"].items()
     )
@@ -580,7 +591,7 @@ def markdown(report: Report) -> str:
         "",
         "Tuning grid (plateau accuracy, %, on the tuning seed; attacks at 20%):",
         "",
-        "| defence | " + " | ".join(s["tuned_on"]) + " | worst |",
+        "| defence | clean | " + " | ".join(s["tuned_on"][1:]) + " | worst |",
         "|---|" + "---|" * (len(s["tuned_on"]) + 1),
     ]
     for g in report.grid:

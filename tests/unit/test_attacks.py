@@ -147,3 +147,4 @@ def test_quick_report_shape() -> None:
     assert len([r for r in items if r.get("grid")]) == 3  # quick: one value per defence
     table = at.markdown(rep)
     assert "| sign_flip | 20% |" in table
+    assert at.markdown(at.from_json(items)) == table
