@@ -412,6 +412,24 @@ def _tune(
     return chosen, rows
 
 
+PARAMS = ("clip_norm", "trim_beta", "buffer_k", "server_lr")
+
+
+def grid_edges(rows: list[dict[str, Any]], chosen: dict[str, dict[str, Any]]) -> list[str]:
+    """Each chosen parameter that sits at the smallest or largest value its grid tried
+    (the optimum may then lie outside the grid), as ``defence.param=value (end)``."""
+    edges = []
+    for name, params in chosen.items():
+        for p in PARAMS:
+            tried = sorted({r[p] for r in rows if r["defence"] == name and p in r})
+            if len(tried) < 2 or p not in params:
+                continue
+            v = params[p]
+            if v in (tried[0], tried[-1]):
+                edges.append(f"{name}.{p}={v:g} ({'smallest' if v == tried[0] else 'largest'})")
+    return edges
+
+
 def run(
     seeds: int = 3,
     quick: bool = False,
@@ -494,9 +512,7 @@ def run(
         "sign_flip": SIGN_FLIP,
         "noise_std": NOISE_STD,
         "chosen": {k: d.params() for k, d in chosen.items()},
-        "chosen_at_grid_edge": [
-            k for k, d in chosen.items() if d in (grid[k][0], grid[k][-1]) and len(grid[k]) > 1
-        ],
+        "chosen_at_grid_edge": grid_edges(grid_rows, {k: d.params() for k, d in chosen.items()}),
         "goal_drop_at_20pct": goal,
         "goal_met": {
             name: all(v <= GOAL_POINTS for v in drops.values())
@@ -586,7 +602,8 @@ def markdown(report: Report) -> str:
         "",
         f"Final test accuracy, %, median over seeds {s['seeds']}; clean undefended "
         f"{_pct(clean['final_accuracy'])}. {s['duration_s']:g} simulated seconds per run. "
-        f"Chosen on tuning seed {s['tune_seed']}: {chosen}. Drop from the clean run at 20% "
+        f"Chosen on tuning seed {s['tune_seed']}: {chosen}; at an edge of the grid: "
+        f"{', '.join(s['chosen_at_grid_edge']) or 'none'}. Drop from the clean run at 20% "
         f"(points, median of per-seed differences; goal <= {100 * GOAL_POINTS:g}): {goal}.",
         "",
         "Tuning grid (plateau accuracy, %, on the tuning seed; attacks at 20%):",
