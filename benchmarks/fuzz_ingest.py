@@ -8,7 +8,8 @@ bytes (bit flips, cuts, splices, random bytes), the msgpack map (a field replace
 value of another type, dropped or added), and the codec descriptor and payload (random
 bytes of the right length, wrong lengths, non-finite floats, zstd frames that claim huge
 sizes). The transport's view (MQTT topic, Kafka key) is mutated too. Policies are FedBuff
-(small K, one deferral) and FedAsync, replaced every ``--reset`` inputs.
+(small K, one deferral), FedBuff with central DP, a privacy budget of a few versions and
+tight deferral caps, and FedAsync, replaced every ``--reset`` inputs.
 
 A crash is an exception escaping :func:`~fedbus.ingest.judge` or a refusal with reason
 ``internal_error`` (an input the checks did not anticipate); ``--crashes DIR`` keeps each
@@ -33,7 +34,7 @@ import msgpack
 import numpy as np
 import zstandard
 
-from fedbus.aggregation import Constant, FedAsync, FedBuff
+from fedbus.aggregation import Constant, DPConfig, FedAsync, FedBuff
 from fedbus.ingest import Folded, Ingest, Refusal, Source, judge
 from fedbus.wire import envelope as env
 from fedbus.wire.codecs import CodecSpec, encode
@@ -200,8 +201,13 @@ class Mutator:
 
 
 def _policy(i: int) -> FedAsync | FedBuff:
-    if i % 2:
+    if i % 3 == 1:
         return FedAsync(np.zeros(N), alpha=0.5, staleness=Constant(), clip_norm=10.0)
+    if i % 3 == 2:  # central DP with a budget of a few versions, and tight deferral caps
+        return FedBuff(
+            np.zeros(N), buffer_size=2, dp=DPConfig(1.0, 1.0, budget=8.0), max_deferred=2,
+            max_deferred_per_client=1, max_deferred_bytes=200,
+        )  # fmt: skip
     return FedBuff(np.zeros(N), buffer_size=2, clip_norm=1.0, max_deferred=1)
 
 
@@ -216,13 +222,13 @@ def run(inputs: int, seed: int, reset: int, crashes: Path | None) -> dict[str, A
     ]  # fmt: skip
     refusals: collections.Counter[str] = collections.Counter()
     folded = found = 0
-    policies = [_policy(0), _policy(1)]
+    policies = [_policy(k) for k in range(3)]
     t0 = time.perf_counter()
     for i in range(inputs):
         if i % reset == 0:
-            policies = [_policy(0), _policy(1)]
+            policies = [_policy(k) for k in range(3)]
         raw, source = mut.next()
-        policy = policies[i % 2]
+        policy = policies[i % 3]
         try:
             verdict = judge(ingests[(i // 2) % 2], policy, raw, source)
         except Exception as exc:  # judge must never raise

@@ -32,13 +32,13 @@ import numpy as np
 
 from fedbus import log as fedlog
 from fedbus.aggregation import dp as dpmod
+from fedbus.downlink import DownlinkEncoder
 from fedbus.ingest import Ingest, Refusal, Source, Verdict, judge
 from fedbus.store import wal
 from fedbus.store.checkpoint import CheckpointStore
 from fedbus.store.keys import load_public_keys
 from fedbus.transport.base import Message, Transport
 from fedbus.wire import envelope as env
-from fedbus.wire.codecs import CodecSpec
 from fedbus.wire.errors import Reason
 from fedbus.wire.layout import Layout
 from fedbus.wire.signing import Verifier
@@ -46,6 +46,7 @@ from workers import events, recovery
 from workers.book import Book, Tally
 from workers.committer import Committer
 from workers.crashpoints import CrashPoints
+from workers.inbox import Inbox
 from workers.observability import HealthServer, Metrics, ProgressLog
 from workers.publication import ModelPublisher, Weights
 from workers.settings import WorkerSettings
@@ -54,6 +55,9 @@ from workers.strategy import Strategy
 # Below this a fold takes well under a millisecond, and a thread hop costs more than it saves:
 # the fold thread waits for the GIL behind the receive path.
 OFFLOAD_PARAMS = 2_000_000
+
+# Messages pulled from the transport ahead of the loop (also bounded in bytes: settings).
+INBOX_MESSAGES = 64
 
 
 async def dead_letter(
@@ -129,7 +133,6 @@ class AggregatorWorker:
         self.wal = wal.WriteAheadLog(directory, fsync=settings.checkpoint_fsync)
         keys = load_public_keys(settings.public_keys_dir) if settings.public_keys_dir else {}
         self.verifier = Verifier(keys, required=settings.require_signatures)
-        self.model_codec = CodecSpec.parse(settings.model_codec)
         self.crash = CrashPoints.from_env()
         self.log = fedlog.get("fedbus.worker").bind(
             model=self.model, worker=settings.worker_id, transport=settings.transport
@@ -189,8 +192,13 @@ class AggregatorWorker:
         self.publisher = ModelPublisher(
             self.transport,
             self.model,
-            self.layout,
-            self.model_codec,
+            DownlinkEncoder(
+                self.model,
+                self.layout,
+                s.model_codec,
+                s.model_diff_codec or None,
+                s.model_keyframe_every,
+            ),
             s.model_publish_interval_s,
             confirmed=self.book.published_version,
             crash=self.crash,
@@ -492,7 +500,7 @@ class AggregatorWorker:
     async def _consume(self, stop: asyncio.Event) -> None:
         assert self.committer is not None and self.publisher is not None
         committer, publisher = self.committer, self.publisher
-        queue: asyncio.Queue[Message] = asyncio.Queue(maxsize=64)
+        queue = Inbox(INBOX_MESSAGES, self.settings.max_inbox_bytes)
 
         async def pump() -> None:
             async for msg in self.transport.messages():

@@ -305,16 +305,36 @@ def bench_e2e(
         int | None,
         typer.Option(min=1, help="Timed updates per case (default: ~200 MB of frames)."),
     ] = None,
+    intervals: Annotated[
+        str,
+        typer.Option(help="Comma-separated model_publish_interval_s values (0: every version)."),
+    ] = "0,1",
+    model_codec: Annotated[str, typer.Option(help="Full-model codec: fp32, fp16, int8.")] = "fp32",
+    model_diff_codec: Annotated[
+        str, typer.Option(help="Difference codec (int8, int4, topk:fraction=F); empty: none.")
+    ] = "int8",
 ) -> None:
     """Updates per second through one worker beside a bare subscriber on the same client
-    library and broker (started here on a free loopback port), plus commit latency.
+    library and broker (started here on a free loopback port), plus commit latency and the
+    bytes the worker publishes on the model channels.
 
     \b
     Example: fedbus bench e2e --transport kafka --sizes 1e5 --repeats 3
     """
     from workers.bench import e2e
 
+    try:
+        periods = [float(x) for x in intervals.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--intervals {intervals!r}: comma-separated seconds, e.g. 0,1") from None
     records = e2e.run(
-        transport.value, ints(sizes, "--sizes"), repeats=repeats, updates_per_run=updates, log=log
+        transport.value,
+        ints(sizes, "--sizes"),
+        repeats=repeats,
+        updates_per_run=updates,
+        log=log,
+        model_publish_interval_s=periods,
+        model_codec=model_codec,
+        model_diff_codec=model_diff_codec,
     )
     print(json.dumps(records, indent=1) if json_out else e2e.markdown(records))

@@ -76,6 +76,7 @@ class CommitterWorker(AggregatorWorker):
             self._refuse_partial(msg, verdict)
         else:
             self.committer.log_message(msg)
+            self.committer.log_noise_keys(self._noise_keys())  # DP flushes it caused
             e = verdict.envelope
             self.partials_taken += 1
             self._answers[(e.reducer, e.epoch)].committed.append(e.seq)

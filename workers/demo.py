@@ -27,6 +27,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from fedbus.bench.convergence import codec_hook
 from fedbus.cli.errors import UserError
 from fedbus.client.updates import UpdateEncoder, read_model
 from fedbus.sim.data import FleetData, digits_fleet
@@ -36,7 +37,7 @@ from fedbus.sim.timing import FleetTiming
 from fedbus.testing.brokers import MosquittoBroker, TansuBroker, mosquitto_available
 from fedbus.transport.base import Transport
 from fedbus.wire import envelope as env
-from fedbus.wire.codecs import CodecSpec, ErrorFeedback, decode_dense
+from fedbus.wire.codecs import CodecSpec, decode_dense
 from fedbus.wire.layout import Layout
 from fedbus.wire.model_message import encode_model_message
 from workers.main import make_transport
@@ -192,17 +193,16 @@ async def _follow(transport: Transport, model_id: str, latest: dict[str, Any]) -
 def _encode_hook(
     codec: CodecSpec, n: int, seed: int, halt: threading.Event
 ) -> Callable[[int, np.ndarray], tuple[np.ndarray, int]]:
-    feedback: dict[int, ErrorFeedback] = {}
-    rng = np.random.default_rng(seed)
+    """The convergence benchmark's codec hook (per-device error feedback), stopping the run
+    at its next upload once ``halt`` is set."""
+    encode = codec_hook(codec, 1, n, np.random.default_rng(seed))
 
-    def encode(client: int, delta: np.ndarray) -> tuple[np.ndarray, int]:
+    def hook(client: int, delta: np.ndarray) -> tuple[np.ndarray, int]:
         if halt.is_set():
             raise DemoStopped
-        ef = feedback.setdefault(client, ErrorFeedback(n, codec))
-        payload = ef.encode(delta, rng)
-        return decode_dense(payload, codec, n), len(payload)
+        return encode(client, delta)
 
-    return encode
+    return hook
 
 
 def _result(alg: str, codec: str, transport: str, res: SimResult, wall: float) -> RunResult:

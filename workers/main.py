@@ -15,6 +15,7 @@ import numpy as np
 
 from fedbus import log as fedlog
 from fedbus.cli.errors import UserError
+from fedbus.downlink import model_codec
 from fedbus.store.lock import DirectoryLock, LockHeld
 from fedbus.transport import topics
 from fedbus.transport.base import Transport, TransportError
@@ -210,7 +211,9 @@ def publish_initial_model(
     settings: WorkerSettings, *, example: str = "softmax", npz: Path | None = None, seed: int = 0
 ) -> int:
     layout, weights = initial_weights(example, npz, seed)
-    raw = encode_model_message(settings.model, 0, layout, weights, settings.model_codec)
+    raw = encode_model_message(
+        settings.model, 0, layout, weights, model_codec(settings.model_codec)
+    )
 
     async def main() -> None:
         async with make_transport(settings, role="init") as transport:

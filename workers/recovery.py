@@ -129,7 +129,10 @@ async def from_published_model(
     while not stop.is_set():
         raw = await transport.latest_model(settings.model, timeout=2.0)
         if raw is None:
-            log.info("waiting for a model; run `fedbus model init`")
+            log.info(
+                "waiting for a model; run `fedbus model init` (on MQTT, one larger than "
+                "max_message_bytes is never delivered to the worker)"
+            )
             continue
         try:
             model, layout, weights = decode_model_message(raw, max_bytes=settings.max_message_bytes)

@@ -47,7 +47,8 @@ from fedbus.wire import envelope as env
 from fedbus.wire.errors import Reason, WireError
 from fedbus.wire.layout import Layout
 from fedbus.wire.signing import Verifier
-from workers.aggregator import OFFLOAD_PARAMS, dead_letter
+from workers.aggregator import INBOX_MESSAGES, OFFLOAD_PARAMS, dead_letter
+from workers.inbox import Inbox
 from workers.observability import HealthServer, Metrics
 from workers.settings import WorkerSettings
 from workers.strategy import build
@@ -191,7 +192,7 @@ class ReducerWorker:
             self.strategy.version = version  # weights already in the buffer keep theirs
 
     async def _consume(self, stop: asyncio.Event) -> None:
-        queue: asyncio.Queue[Message] = asyncio.Queue(maxsize=64)
+        queue = Inbox(INBOX_MESSAGES, self.settings.max_inbox_bytes)  # bounded in bytes too
 
         async def pump() -> None:
             async for msg in self.transport.messages():
@@ -250,10 +251,16 @@ class ReducerWorker:
         else:
             verdict = self._judge(msg.payload, source, self.strategy)
         if isinstance(verdict, Refusal):
-            key = (verdict.client or "", verdict.update_id or "")
-            held = self._by_key.get(key) if verdict.reason is Reason.DUPLICATE else None
-            if held is not None:  # a redelivered copy of one in hand: acked with it
-                held.messages.append(msg)
+            if verdict.reason is Reason.DUPLICATE:
+                key = (verdict.client or "", verdict.update_id or "")
+                held = self._by_key.get(key)
+                if held is not None:  # a redelivered copy of one in hand: acked with it
+                    held.messages.append(msg)
+                    return
+                # An exact repeat of one already handed on: a redelivery, not bad input
+                # (as in the single worker): acknowledged and counted, no dead letter.
+                self.metrics.redelivered.labels(self.model).inc()
+                await self.transport.ack([msg])
                 return
             await dead_letter(
                 self.transport,

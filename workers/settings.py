@@ -186,10 +186,20 @@ class WorkerSettings(BaseSettings):
     snapshot_interval_s: float = Field(30.0, gt=0)
     snapshot_log_bytes: int = Field(256 * 1024 * 1024, ge=1)
     max_message_bytes: int = 64 * 1024 * 1024
+    # Received messages waiting for the loop are held up to this many bytes (and 64
+    # messages); past it the transport leaves the rest at the broker.
+    max_inbox_bytes: int = Field(128 * 1024 * 1024, ge=1)
     # Dead-letter records carry the reason, metadata and the message's SHA-256; with this
     # on they also carry its first 64 KiB (data minimisation: off unless debugging needs it).
     deadletter_keep_payload: bool = False
+    # The downlink (README, Model downlink): the model channel carries the newest full model
+    # in ``model_codec`` (fp32, fp16, int8); with ``model_diff_codec`` (int8, int4,
+    # topk:fraction=..., fp16; "" turns it off) the diffs channel that following devices
+    # read carries a keyframe every ``model_keyframe_every`` publications and compressed
+    # differences between them.
     model_codec: str = "fp32"
+    model_diff_codec: str = "int8"
+    model_keyframe_every: int = Field(10, ge=1)
     # Every version is committed and announced by its event; its weights are published at
     # most this often (always the newest committed version, and always after a buffer
     # drain and on shutdown). 0 publishes every version. The default keeps publication a
@@ -232,6 +242,29 @@ class WorkerSettings(BaseSettings):
     @classmethod
     def _lower(cls, value: Any) -> Any:
         return value.lower() if isinstance(value, str) else value
+
+    @field_validator("model_codec")
+    @classmethod
+    def _model_codec(cls, value: str) -> str:
+        from fedbus.downlink import model_codec
+
+        try:
+            model_codec(value)
+        except (WireError, ValueError) as exc:
+            raise ValueError(getattr(exc, "detail", str(exc))) from exc
+        return value
+
+    @field_validator("model_diff_codec")
+    @classmethod
+    def _diff_codec(cls, value: str) -> str:
+        from fedbus.downlink import diff_codec
+
+        if value:
+            try:
+                diff_codec(value)
+            except (WireError, ValueError) as exc:
+                raise ValueError(getattr(exc, "detail", str(exc))) from exc
+        return value
 
     @field_validator("model", "worker_id")
     @classmethod

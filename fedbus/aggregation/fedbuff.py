@@ -453,6 +453,8 @@ class FedBuff:
         """
         if self.robust is not None:
             raise ValueError("robust modes keep individual rows: cannot apply a partial sum")
+        if self.budget_spent:
+            return Outcome(False, Reason.PRIVACY_BUDGET), []
         if p.sum.shape != self._acc.shape:
             return Outcome(False, Reason.LAYOUT_MISMATCH), []
         if p.version > self.version:

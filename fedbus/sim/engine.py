@@ -36,6 +36,36 @@ FP32_BYTES = 4
 """Bytes per parameter counted when no ``encode`` hook is given: an ``fp32`` payload."""
 
 
+@dataclass(frozen=True)
+class _DeviceJob:
+    """One device's job, the same in every engine: train locally from ``base``, take the
+    delta, pass it through the codec hook. Returns (delta the server sees, examples, bytes)."""
+
+    model: FlatModel
+    fleet: FleetData
+    client_lr: float
+    batch_size: int
+    epochs: int
+    rng: np.random.Generator
+    encode: Encode | None
+
+    def __call__(self, device: int, base: np.ndarray) -> tuple[np.ndarray, int, int]:
+        new, num, _ = self.model.local_train(
+            base,
+            self.fleet.xs[device],
+            self.fleet.ys[device],
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            lr=self.client_lr,
+            rng=self.rng,
+        )
+        delta = new - base
+        if self.encode is None:
+            return delta, num, self.model.n_params * FP32_BYTES
+        delta, sent = self.encode(device, delta)
+        return delta, num, sent
+
+
 class AsyncServer(Protocol):
     """What :func:`run_async` needs from an aggregator (FedAsync, FedBuff, ...).
 
@@ -192,10 +222,9 @@ def run_async(
     ev = _Evaluator(model, fleet, eval_every)
     end_time = math.inf if duration is None else float(duration)
     upload_cap = math.inf if max_uploads is None else max_uploads
-    xs, ys = fleet.xs, fleet.ys
     job_duration, drops, rand = timing.job_duration, timing.drops, sched.random
-    local_train, submit = model.local_train, server.submit
-    default_bytes = model.n_params * FP32_BYTES
+    submit = server.submit
+    job = _DeviceJob(model, fleet, client_lr, batch_size, epochs, train, encode)
 
     idle = list(range(n))
     heap: list[tuple[float, int, int, bool, int, np.ndarray]] = []
@@ -233,20 +262,7 @@ def run_async(
         if lost:
             dropped += 1
         else:
-            new, num, _ = local_train(
-                base,
-                xs[device],
-                ys[device],
-                epochs=epochs,
-                batch_size=batch_size,
-                lr=client_lr,
-                rng=train,
-            )
-            delta = new - base
-            if encode is None:
-                sent = default_bytes
-            else:
-                delta, sent = encode(device, delta)
+            delta, num, sent = job(device, base)
             staleness.append(server.version - base_version)
             submit(device, base_version, delta, num)
             uploads += 1
@@ -314,7 +330,7 @@ def run_sync_fedavg(
     end_time = math.inf if duration is None else float(duration)
     round_cap = math.inf if rounds is None else rounds
     upload_cap = math.inf if max_uploads is None else max_uploads
-    default_bytes = model.n_params * FP32_BYTES
+    job = _DeviceJob(model, fleet, client_lr, batch_size, epochs, train, encode)
 
     params = np.array(initial, dtype=np.float64)
     jobs: list[JobRecord] | None = [] if record_jobs else None
@@ -341,20 +357,7 @@ def run_sync_fedavg(
         weight = 0
         for j in arrived:
             device = int(devices[j])
-            new, num, _ = model.local_train(
-                params,
-                fleet.xs[device],
-                fleet.ys[device],
-                epochs=epochs,
-                batch_size=batch_size,
-                lr=client_lr,
-                rng=train,
-            )
-            delta = new - params
-            if encode is None:
-                sent = default_bytes
-            else:
-                delta, sent = encode(device, delta)
+            delta, num, sent = job(device, params)
             acc += num * delta
             weight += num
             nbytes += sent

@@ -155,7 +155,10 @@ async def run_fleet(
                     latest = gm
                     report.last_version = gm.version
 
+    claimed = 0
+
     async def slot() -> None:
+        nonlocal claimed
         while not done.is_set():
             i = idle.pop(int(sched.random() * len(idle)))
             base = latest
@@ -169,6 +172,13 @@ async def run_fleet(
                 if lost:
                     report.dropped += 1
                     continue
+                if cfg.max_uploads is not None:
+                    # Claim the upload before training: the slots in flight when the last one
+                    # lands must not each add one more.
+                    if claimed >= cfg.max_uploads:
+                        done.set()
+                        return
+                    claimed += 1
                 new, n, metrics = model.local_train(
                     base.weights,
                     fleet.xs[i],

@@ -130,6 +130,11 @@ class Transport(abc.ABC):
         """Latest global model: retained (MQTT) or keyed by model on a compacted topic."""
 
     @abc.abstractmethod
+    async def publish_model_diff(self, model: str, payload: bytes, version: int) -> None:
+        """A keyframe or a compressed difference on the diffs channel: never retained or
+        compacted (the model channel holds the latest full model)."""
+
+    @abc.abstractmethod
     async def publish_event(self, model: str, payload: bytes) -> None:
         """Analytics event (CloudEvents JSON bytes)."""
 
@@ -149,3 +154,8 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     def follow_models(self, model: str) -> AsyncIterator[bytes]:
         """The latest model (if any), then every new one as it is published."""
+
+    @abc.abstractmethod
+    def follow_model_diffs(self, model: str) -> AsyncIterator[bytes]:
+        """The diffs channel from now on: keyframes and the differences between them
+        (``fedbus.downlink.Reconstruction`` reads both)."""

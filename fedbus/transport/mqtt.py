@@ -169,6 +169,8 @@ class MqttTransport(Transport):
         self._subscriptions: dict[str, int] = {}
         self._closing = False
         self._connected_once = False
+        self._fetcher: aiomqtt.Client | None = None  # one reader kept for model fetches
+        self._fetch_lock = asyncio.Lock()
         self.reconnects = 0
         self.stale_acks = 0
         # The broker's Maximum Packet Size from the last CONNACK (None: it announced none).
@@ -352,6 +354,9 @@ class MqttTransport(Transport):
     async def close(self) -> None:
         self._closing = True
         self._up.clear()
+        fetcher, self._fetcher = self._fetcher, None
+        if fetcher is not None:
+            await _force_close(fetcher, graceful=True)
         client, self._client = self._client, None
         if client is not None:
             if self.config.status_topic:
@@ -403,7 +408,9 @@ class MqttTransport(Transport):
         while True:
             client, generation = await self._ready()
             try:
-                async for m in client.messages:
+                while True:
+                    queued = _queued(client)
+                    m = queued if queued is not None else await anext(client.messages)
                     payload = m.payload if isinstance(m.payload, bytes) else bytes(m.payload or b"")
                     yield Message(
                         topic=m.topic.value,
@@ -495,6 +502,9 @@ class MqttTransport(Transport):
             properties.UserProperty = (VERSION_PROPERTY, str(version))
         await self._publish(topics.mqtt_model(model), payload, retain=True, properties=properties)
 
+    async def publish_model_diff(self, model: str, payload: bytes, version: int) -> None:
+        await self._publish(topics.mqtt_model_diffs(model), payload)
+
     async def publish_event(self, model: str, payload: bytes) -> None:
         await self._publish(topics.mqtt_events(model), payload)
 
@@ -541,7 +551,15 @@ class MqttTransport(Transport):
     @contextlib.asynccontextmanager
     async def _reader(self, topic: str) -> AsyncIterator[aiomqtt.Client]:
         """A clean, non-persistent connection subscribed to ``topic`` (auto-ack)."""
-        identifier = f"{self.identifier[:40]}-m-{uuid.uuid4().hex[:8]}"
+        client = await self._clean_client("m")
+        try:
+            await self._subscribe(client, topic, 1)
+            yield client
+        finally:
+            await _force_close(client, graceful=True)
+
+    async def _clean_client(self, tag: str) -> aiomqtt.Client:
+        identifier = f"{self.identifier[:40]}-{tag}-{uuid.uuid4().hex[:8]}"
         opened: list[aiomqtt.Client] = []
 
         async def connect() -> None:
@@ -550,24 +568,35 @@ class MqttTransport(Transport):
             opened.append(candidate)
 
         await self._with_backoff(connect, "connect (model reader)", self.config.connect_timeout)
-        client = opened[0]
-        try:
-            await self._subscribe(client, topic, 1)
-            yield client
-        finally:
-            await _force_close(client, graceful=True)
+        # A reader kept between fetches may lose its connection while nobody awaits it (a
+        # broker restart): the next fetch reconnects, so the loss is not news, and asyncio
+        # would otherwise log the unretrieved exception as plain text when it is collected.
+        opened[0]._disconnected.add_done_callback(_retrieve)
+        return opened[0]
 
     async def latest_model(self, model: str, timeout: float = 5.0) -> bytes | None:
         """The retained model; ``None`` after ``timeout`` if nothing is retained (MQTT has no
-        "nothing retained" answer). A model published during the wait is returned too."""
+        "nothing retained" answer). A model published during the wait is returned too.
+
+        Every fetch reuses one connection: the transport's own under ``single_connection``,
+        otherwise one clean reader this transport keeps (opened on the first fetch). It
+        subscribes, takes the retained message and unsubscribes, so a device that fetches when
+        it starts a job receives one model per job, not every version."""
+        topic = topics.mqtt_model(model)
         if self.config.single_connection:
-            return await self._latest_on_main(topics.mqtt_model(model), timeout)
-        async with self._reader(topics.mqtt_model(model)) as client:
+            return await self._latest_on_main(topic, timeout)
+        async with self._fetch_lock:
             try:
                 async with asyncio.timeout(timeout):
-                    async for m in client.messages:
-                        if m.payload:  # an empty retained payload is a deletion
-                            return bytes(m.payload)
+                    for attempt in (1, 2):
+                        try:
+                            return await self._fetch_retained(topic)
+                        except aiomqtt.MqttError:
+                            fetcher, self._fetcher = self._fetcher, None
+                            if fetcher is not None:
+                                await _force_close(fetcher)
+                            if attempt == 2 or self._closing:
+                                raise
             except TimeoutError:
                 return None
         return None
@@ -589,10 +618,37 @@ class MqttTransport(Transport):
                 await client.unsubscribe(topic, timeout=self.config.timeout)
         return None
 
+    async def _fetch_retained(self, topic: str) -> bytes:
+        if self._fetcher is None:
+            self._fetcher = await self._clean_client("f")
+        client = self._fetcher
+        while len(client.messages):  # left over from a fetch that unsubscribed
+            await anext(client.messages)
+        await client.subscribe(topic, qos=1)
+        try:
+            async for m in client.messages:
+                if m.topic.matches(topic) and m.payload:  # empty retained: a deletion
+                    return bytes(m.payload)
+        finally:
+            try:
+                await asyncio.shield(client.unsubscribe(topic))
+            except (aiomqtt.MqttError, asyncio.CancelledError):
+                self._fetcher = None  # the next fetch connects afresh
+                await _force_close(client)
+        raise aiomqtt.MqttError("model reader closed")
+
     async def follow_models(self, model: str) -> AsyncIterator[bytes]:
+        async for raw in self._follow(topics.mqtt_model(model)):
+            yield raw
+
+    async def follow_model_diffs(self, model: str) -> AsyncIterator[bytes]:
+        async for raw in self._follow(topics.mqtt_model_diffs(model)):
+            yield raw
+
+    async def _follow(self, topic: str) -> AsyncIterator[bytes]:
         while not self._closing:
             try:
-                async with self._reader(topics.mqtt_model(model)) as client:
+                async with self._reader(topic) as client:
                     async for m in client.messages:
                         if m.payload:
                             yield bytes(m.payload)
@@ -601,6 +657,17 @@ class MqttTransport(Transport):
                     return
                 log.warning("mqtt model follower lost its connection: %s", exc)
                 await asyncio.sleep(self.config.reconnect_initial_delay)
+
+
+def _queued(client: aiomqtt.Client) -> aiomqtt.Message | None:
+    """A message already waiting in aiomqtt's queue, taken without its iterator's per-message
+    task and ``asyncio.wait`` (the iterator is what waits when the queue is empty, and what
+    reports a lost connection). Under load most messages are already there."""
+    queue = client._queue
+    if queue.empty() or client._disconnected.done():
+        return None
+    m: aiomqtt.Message = queue.get_nowait()
+    return m
 
 
 def _no_delay(client: aiomqtt.Client) -> None:
@@ -627,6 +694,11 @@ def status_record(
     if instance is not None:
         record["instance"] = instance
     return json.dumps(record, separators=(",", ":")).encode()
+
+
+def _retrieve(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 async def _unless_disconnected(client: aiomqtt.Client, operation: Awaitable[None]) -> None:

@@ -21,6 +21,7 @@ __all__ = [
     "kafka_deadletter",
     "kafka_events",
     "kafka_keys",
+    "kafka_model_diffs",
     "kafka_models",
     "kafka_secure",
     "kafka_secure_topics",
@@ -30,6 +31,7 @@ __all__ = [
     "mqtt_events",
     "mqtt_keys",
     "mqtt_model",
+    "mqtt_model_diffs",
     "mqtt_partials",
     "mqtt_partials_filter",
     "mqtt_partition_filter",
@@ -121,6 +123,12 @@ def mqtt_model(model: str) -> str:
     return f"{MQTT_PREFIX}/{validate_id(model, 'model')}/model"
 
 
+def mqtt_model_diffs(model: str) -> str:
+    """Compressed differences between published models; never retained (the keyframes on
+    :func:`mqtt_model` are)."""
+    return f"{MQTT_PREFIX}/{validate_id(model, 'model')}/diffs"
+
+
 def mqtt_events(model: str) -> str:
     return f"{MQTT_PREFIX}/{validate_id(model, 'model')}/events"
 
@@ -210,6 +218,12 @@ def kafka_models(model: str) -> str:
     return f"{KAFKA_PREFIX}.{validate_id(model, 'model')}.models"
 
 
+def kafka_model_diffs(model: str) -> str:
+    """Differences between published models: a plain (deleting) topic, keyframes live on
+    the compacted :func:`kafka_models`."""
+    return f"{KAFKA_PREFIX}.{validate_id(model, 'model')}.diffs"
+
+
 def kafka_events(model: str) -> str:
     return f"{KAFKA_PREFIX}.{validate_id(model, 'model')}.events"
 
@@ -237,6 +251,7 @@ def kafka_topics(model: str) -> dict[str, str]:
     return {
         "updates": kafka_updates(model),
         "models": kafka_models(model),
+        "diffs": kafka_model_diffs(model),
         "events": kafka_events(model),
         "deadletter": kafka_deadletter(model),
     }

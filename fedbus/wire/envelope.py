@@ -53,7 +53,7 @@ _FINGERPRINT_RE = re.compile(r"[0-9a-f]{32}")
 _REASON_RE = re.compile(r"[a-z][a-z0-9_]{0,63}")
 
 MESSAGE_TYPES = (
-    "update", "model", "event", "deadletter",
+    "update", "model", "model_diff", "event", "deadletter",
     "secure_update", "secure_key", "secure_receipt", "secure_manifest", "secure_sum",
     "partial", "watermark",
 )  # fmt: skip
@@ -353,6 +353,45 @@ class ModelEnvelope(_Envelope):
 
     def tensor_layout(self) -> Layout:
         return Layout.from_wire(self.layout)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelDiffEnvelope(_Envelope):
+    """Global model ``version`` as a compressed difference: a device holding exactly
+    ``base_version`` of the chain that began at keyframe ``keyframe_version`` adds the
+    decoded ``payload`` to its weights (``fedbus.downlink``); any other device waits for a
+    keyframe. Never retained or compacted: only the keyframes are."""
+
+    type: ClassVar[str] = "model_diff"
+    _required: ClassVar[tuple[str, ...]] = (
+        "model", "version", "base_version", "keyframe_version", "fingerprint", "codec",
+        "payload", "created_at",
+    )  # fmt: skip
+
+    version: int
+    base_version: int
+    keyframe_version: int
+    fingerprint: str
+    codec: dict[str, str | int | float | bool | None]
+    payload: bytes = field(repr=False)
+    created_at: float
+
+    def __post_init__(self) -> None:
+        _common(self)
+        _int("version", self.version)
+        _int("base_version", self.base_version)
+        _int("keyframe_version", self.keyframe_version)
+        if not self.keyframe_version <= self.base_version < self.version:
+            raise WireError(
+                Reason.MALFORMED,
+                f"difference to version {self.version} from {self.base_version} "
+                f"(keyframe {self.keyframe_version}) does not go forward",
+            )
+        if not _FINGERPRINT_RE.fullmatch(_str("fingerprint", self.fingerprint, 32)):
+            raise WireError(Reason.WRONG_TYPE, "fingerprint must be 32 lowercase hex digits")
+        self._set("codec", _codec(self.codec))
+        self._set("payload", _bytes("payload", self.payload))
+        self._set("created_at", _float("created_at", self.created_at))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -774,14 +813,15 @@ SecureEnvelope = (
     | SecureSumEnvelope
 )  # fmt: skip
 Envelope = (
-    UpdateEnvelope | ModelEnvelope | EventEnvelope | DeadLetterEnvelope | SecureEnvelope
-    | PartialEnvelope | WatermarkEnvelope
+    UpdateEnvelope | ModelEnvelope | ModelDiffEnvelope | EventEnvelope | DeadLetterEnvelope
+    | SecureEnvelope | PartialEnvelope | WatermarkEnvelope
 )  # fmt: skip
 Signable = UpdateEnvelope | SecureEnvelope
 _CLASSES: dict[str, type[_Envelope]] = {
     c.type: c
     for c in (
-        UpdateEnvelope, ModelEnvelope, EventEnvelope, DeadLetterEnvelope, SecureUpdateEnvelope,
+        UpdateEnvelope, ModelEnvelope, ModelDiffEnvelope, EventEnvelope, DeadLetterEnvelope,
+        SecureUpdateEnvelope,
         SecureKeyEnvelope, SecureReceiptEnvelope, SecureManifestEnvelope, SecureSumEnvelope,
         PartialEnvelope, WatermarkEnvelope,
     )

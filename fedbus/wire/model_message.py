@@ -24,7 +24,7 @@ from fedbus.wire.codecs import CodecSpec, decode_dense, encode
 from fedbus.wire.errors import Reason, WireError
 from fedbus.wire.layout import Layout
 
-__all__ = ["decode_model_message", "encode_model_message"]
+__all__ = ["decode_model_message", "encode_model_message", "model_weights"]
 
 
 def encode_model_message(
@@ -58,6 +58,15 @@ def decode_model_message(
     allocation the header's sizes would drive (see the module doc)."""
     m = env.decode(raw, max_bytes=max_bytes, expect="model")
     assert isinstance(m, env.ModelEnvelope)
+    layout, weights = model_weights(m, max_bytes=max_bytes)
+    return m, layout, weights
+
+
+def model_weights(
+    m: env.ModelEnvelope, *, max_bytes: int = env.DEFAULT_MAX_BYTES
+) -> tuple[Layout, np.ndarray]:
+    """The layout and float64 weights of a decoded model envelope, its claimed size checked
+    before the dense vector is allocated."""
     layout = m.tensor_layout()
     spec = CodecSpec.from_wire(m.codec)
     if spec.name == "topk":
@@ -70,4 +79,4 @@ def decode_model_message(
             f"model layout claims {n} parameters ({decoded} bytes as {spec.name}), more than "
             f"the {max_bytes}-byte message limit",
         )
-    return m, layout, decode_dense(m.payload, spec, n)
+    return layout, decode_dense(m.payload, spec, n)

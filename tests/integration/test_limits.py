@@ -79,3 +79,41 @@ async def test_worker_announces_its_maximum_and_never_reads_an_oversized_update(
         await asyncio.sleep(0.5)
         assert worker.processed == 1  # the big one was never delivered
     np.testing.assert_allclose(worker.strategy.model, 0.5 * d, rtol=1e-9, atol=1e-12)
+
+
+async def test_kafka_refuses_an_oversized_update_before_sending(kafka_broker: Any) -> None:
+    from fedbus.transport.kafka import KafkaConfig, KafkaTransport
+
+    t = KafkaTransport(
+        KafkaConfig(bootstrap_servers=kafka_broker.bootstrap_servers, max_message_bytes=4_000)
+    )
+    async with t:
+        started = time.monotonic()
+        with pytest.raises(MessageTooLarge, match="more than allowed"):
+            await t.publish_update("m-big", "dev-1", b"x" * 10_000)
+        assert time.monotonic() - started < 10.0
+
+
+async def test_a_flood_from_one_device_keeps_the_worker_within_its_caps(
+    mosquitto: Any, tmp_path: Path, model_id: str
+) -> None:
+    """One device sends 60 updates while it is in the buffer (K = 10, nobody else sends):
+    one is in the buffer, two wait encoded (int8: n + 4 ceil(n / 256) bytes each, by hand),
+    the other 57 are refused client_busy and hold nothing."""
+    settings = h.settings_for(
+        "mqtt", mosquitto, model_id, tmp_path, algorithm="fedbuff", buffer_size=10
+    )
+    await h.init_model(settings, np.zeros(h.N))
+    rng = np.random.default_rng(6)
+    async with h.running_worker(settings) as worker:
+        async with make_transport(h.client_settings(settings), role="device") as dev:
+            for i in range(60):
+                raw, _ = h.update_bytes(model_id, "dev-1", 0, rng.normal(0, 0.01, h.N), seed=i)
+                await dev.publish_update(model_id, "dev-1", raw)
+        async with asyncio.timeout(30):
+            while worker.processed < 60:
+                await asyncio.sleep(0.05)
+        fb = worker.strategy
+        assert (fb.pending, fb.deferred) == (1, 2)
+        assert fb.deferred_bytes == 2 * (h.N + 4 * -(-h.N // 256))
+        assert worker.book.tally.rejects == {"client_busy": 57}

@@ -43,10 +43,11 @@ async def test_budget_stops_versions_and_leaves_updates_on_the_broker(
     eps = [_rdp_epsilon(z, s, delta) for s in range(1, 5)]
 
     def settings_with(budget: float) -> Any:
+        # DP counts one contribution per device: the worker trusts these devices' keys
         return h.settings_for(
             "mqtt", mosquitto, model_id, tmp_path, algorithm="fedbuff", buffer_size=2,
             staleness="constant", clip_norm=1.0, dp_noise_multiplier=z, dp_delta=delta,
-            privacy_budget=budget,
+            privacy_budget=budget, signed_by=[f"dev-{i}" for i in range(8)],
         )  # fmt: skip
 
     settings = settings_with((eps[1] + eps[2]) / 2)  # two versions fit
@@ -60,7 +61,9 @@ async def test_budget_stops_versions_and_leaves_updates_on_the_broker(
     async with h.running_worker(settings) as worker:
         async with make_transport(h.client_settings(settings), role="device") as dev:
             for i in range(8):
-                raw, _ = h.update_bytes(model_id, f"dev-{i}", 0, rng.normal(0, 0.01, h.N))
+                raw, _ = h.update_bytes(
+                    model_id, f"dev-{i}", 0, rng.normal(0, 0.01, h.N), signed=True
+                )
                 await dev.publish_update(model_id, f"dev-{i}", raw)
         raws = await events_task
         async with asyncio.timeout(30):

@@ -95,6 +95,8 @@ async def test_replay_rebuilds_the_state_bit_for_bit(
         server_lr=1.5,
         momentum=0.5,
         buffer_timeout_s=2.0,
+        # DP needs signed updates
+        signed_by=[f"dev-{i}" for i in range(7)] + [f"dev-b{i}" for i in range(13)] if dp else None,
         **({"clip_norm": 1.0, "dp_noise_multiplier": 0.5} if dp else {}),
     ).model_copy(
         update={
@@ -117,7 +119,7 @@ async def test_replay_rebuilds_the_state_bit_for_bit(
             # the timeout drains three partial buffers (7, then 7 re-folded, then 1).
             for i in range(15):
                 c = f"dev-{i % 7}"
-                raw, _ = h.update_bytes(model_id, c, 0, rng.normal(0, 0.01, h.N), seed=i)
+                raw, _ = h.update_bytes(model_id, c, 0, rng.normal(0, 0.01, h.N), seed=i, signed=dp)
                 await dev.publish_update(model_id, c, raw)
             await _until(
                 lambda: worker.strategy.version == 3 and worker.strategy.pending == 0, "drains"
@@ -125,7 +127,9 @@ async def test_replay_rebuilds_the_state_bit_for_bit(
             # 13 distinct clients, stale by up to 3: one full buffer, then 3 staged int8 rows
             for i in range(13):
                 c = f"dev-b{i}"
-                raw, _ = h.update_bytes(model_id, c, i % 4, rng.normal(0, 0.01, h.N), seed=99 + i)
+                raw, _ = h.update_bytes(
+                    model_id, c, i % 4, rng.normal(0, 0.01, h.N), seed=99 + i, signed=dp
+                )
                 await dev.publish_update(model_id, c, raw)
         await _until(lambda: worker.processed == 28 and _idle(worker), "the last commit")
         assert worker.strategy.version == 4 and worker.strategy.pending == 3

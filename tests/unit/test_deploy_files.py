@@ -52,6 +52,7 @@ TARGET_LABELS = {"instance", "job", "worker"}
 SCHEMA_FILES = {
     "update.schema.json",
     "model.schema.json",
+    "model_diff.schema.json",
     "event.schema.json",
     "deadletter.schema.json",
     "secure_update.schema.json",
@@ -308,7 +309,7 @@ def _created_topics(services: dict[str, Any]) -> dict[str, dict[str, str]]:
     return topics
 
 
-def test_topics_init_creates_the_four_topics(services: dict[str, Any]) -> None:
+def test_topics_init_creates_the_five_topics(services: dict[str, Any]) -> None:
     """Models compacted, events delete+retention, big records allowed, partitions match config."""
     svc = services["topics-init"]
     assert svc["depends_on"]["kafka"]["condition"] == "service_healthy"
@@ -316,8 +317,11 @@ def test_topics_init_creates_the_four_topics(services: dict[str, Any]) -> None:
     assert "--if-not-exists" in script  # runs on every `up`
     topics = _created_topics(services)
     m = DEMO_MODEL
-    assert set(topics) == {f"fedbus.{m}.{k}" for k in ("updates", "models", "events", "deadletter")}
+    assert set(topics) == {
+        f"fedbus.{m}.{k}" for k in ("updates", "models", "diffs", "events", "deadletter")
+    }
     assert topics[f"fedbus.{m}.models"]["cleanup.policy"] == "compact"
+    assert topics[f"fedbus.{m}.diffs"]["cleanup.policy"] == "delete"
     assert topics[f"fedbus.{m}.events"]["cleanup.policy"] == "delete"
     assert int(topics[f"fedbus.{m}.events"]["retention.ms"]) > 0
     for kind in ("updates", "models"):
@@ -480,9 +484,10 @@ def test_acl_behaviour() -> None:
     assert not _allowed("dev-7", "write", f"fedbus/v1/{m}/updates/dev-8")
     assert not _allowed("dev-7", "read", f"fedbus/v1/{m}/updates/dev-8")
     assert _allowed("dev-7", "read", f"fedbus/v1/{m}/model")
+    assert _allowed("dev-7", "read", f"fedbus/v1/{m}/diffs")
     assert _allowed("dev-7", "write", f"fedbus/v1/{m}/status/dev-7")
     assert not _allowed("dev-7", "write", f"fedbus/v1/{m}/status/dev-8")
-    for kind in ("model", "events", "deadletter"):
+    for kind in ("model", "diffs", "events", "deadletter"):
         assert not _allowed("dev-7", "write", f"fedbus/v1/{m}/{kind}")
         assert _allowed("fedbus-worker", "write", f"fedbus/v1/{m}/{kind}")
         assert not _allowed("fedbus-analytics", "write", f"fedbus/v1/{m}/{kind}")
@@ -652,6 +657,7 @@ def test_dashboard_is_a_grafana_dashboard(dashboard: dict[str, Any]) -> None:
 MQTT_ADDRESSES = {
     "fedbus/v1/{model}/updates/{client}",
     "fedbus/v1/{model}/model",
+    "fedbus/v1/{model}/diffs",
     "fedbus/v1/{model}/events",
     "fedbus/v1/{model}/deadletter",
     "fedbus/v1/{model}/status/{client}",
@@ -662,13 +668,13 @@ MQTT_ADDRESSES = {
 }
 KAFKA_ADDRESSES = {
     f"fedbus.{{model}}.{k}"
-    for k in ("updates", "models", "events", "deadletter", "keys", "secure.receipts",
+    for k in ("updates", "models", "diffs", "events", "deadletter", "keys", "secure.receipts",
               "secure.manifests", "secure.sums")
 }  # fmt: skip
 TOPIC_GRAMMAR = re.compile(
-    r"fedbus/v1/\{model\}/(?:updates/\{client\}|model|events|deadletter|status/\{client\}"
+    r"fedbus/v1/\{model\}/(?:updates/\{client\}|model|diffs|events|deadletter|status/\{client\}"
     r"|keys/\{role\}|secure/(?:receipts|manifests|sums))"
-    r"|fedbus\.\{model\}\.(?:updates|models|events|deadletter|keys"
+    r"|fedbus\.\{model\}\.(?:updates|models|diffs|events|deadletter|keys"
     r"|secure\.(?:receipts|manifests|sums))"
 )
 

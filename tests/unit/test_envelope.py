@@ -50,6 +50,21 @@ def model(**over: Any) -> env.ModelEnvelope:
     return env.ModelEnvelope(**fields)
 
 
+def model_diff(**over: Any) -> env.ModelDiffEnvelope:
+    fields: dict[str, Any] = dict(
+        model="digits",
+        version=6,
+        base_version=5,
+        keyframe_version=4,
+        fingerprint=LAYOUT.fingerprint,
+        codec={"name": "int8", "block": 256, "rounding": "nearest"},
+        payload=bytes(10),
+        created_at=1700000001.0,
+    )
+    fields.update(over)
+    return env.ModelDiffEnvelope(**fields)
+
+
 def event(**over: Any) -> env.EventEnvelope:
     ce = {
         "specversion": "1.0",
@@ -145,7 +160,8 @@ def watermark(**over: Any) -> env.WatermarkEnvelope:
     return env.WatermarkEnvelope(**fields)
 
 
-MAKERS = {"update": update, "model": model, "event": event, "deadletter": deadletter,
+MAKERS = {"update": update, "model": model, "model_diff": model_diff, "event": event,
+          "deadletter": deadletter,
           "secure_update": secure_update, "secure_key": secure_key,
           "secure_receipt": secure_receipt, "secure_manifest": secure_manifest,
           "secure_sum": secure_sum, "partial": partial, "watermark": watermark}  # fmt: skip
@@ -380,6 +396,8 @@ REQUIRED = {
                "num_examples", "codec", "layout", "payload"],
     "model": ["schema", "type", "model", "version", "layout", "fingerprint", "codec",
               "payload", "created_at", "updates_folded"],
+    "model_diff": ["schema", "type", "model", "version", "base_version", "keyframe_version",
+                   "fingerprint", "codec", "payload", "created_at"],
     "event": ["schema", "type", "model", "event"],
     "deadletter": ["schema", "type", "model", "reason", "detail", "received_at", "source",
                    "original", "original_size"],
@@ -502,7 +520,7 @@ def test_invalid_ids(key: str, bad: str) -> None:
 def test_valid_ids() -> None:
     for good in ["a", "0", "dev-1", "a" * 64, "x-y-z", new_update_id()]:
         assert validate_id(good, "id") == good
-    assert len(new_update_id()) == 32 and new_update_id() != new_update_id()
+    assert len(new_update_id()) == 20 and new_update_id() != new_update_id()
 
 
 def test_oversized_checked_before_parsing() -> None:

@@ -483,6 +483,8 @@ def test_privacy_budget_stops_new_versions() -> None:
     assert fb.budget_spent and fb.version == 3 and fb.dp_steps == 3
     assert fb.epsilon() == pytest.approx(eps(3), rel=1e-9) and fb.epsilon() <= budget
     assert fb.drain() is False
+    partial = PartialBuffer(np.ones(4), 1, 1.0, frozenset({"r"}), fb.version)
+    assert fb.take_partial(partial, [("r", "p1")])[0].reason is Reason.PRIVACY_BUDGET
     dp = DPConfig(2.0, 1.0, delta=1e-6, budget=budget)
     restored = FedBuff(np.zeros(4), buffer_size=1, dp=dp)
     restored.load_state_dict(loads(dumps(fb.state_dict())))

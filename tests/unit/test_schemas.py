@@ -19,6 +19,7 @@ from tests.unit.test_envelope import (
     deadletter,
     event,
     model,
+    model_diff,
     partial,
     secure_key,
     secure_manifest,
@@ -30,7 +31,7 @@ from tests.unit.test_envelope import (
 )
 
 SCHEMAS = Path(__file__).resolve().parents[2] / "schemas"
-KINDS = ("update", "model", "event", "deadletter", "secure_update", "secure_key",
+KINDS = ("update", "model", "model_diff", "event", "deadletter", "secure_update", "secure_key",
          "secure_receipt", "secure_manifest", "secure_sum", "partial", "watermark")  # fmt: skip
 
 
@@ -69,6 +70,7 @@ def messages(kind: str) -> list[env.Envelope]:
             update(codec={"name": "int4", "block": 64, "rounding": "nearest", "zstd": True}),
         ],
         "model": [model(), model(metrics={"accuracy": 0.9}, version=0, updates_folded=0)],
+        "model_diff": [model_diff(), model_diff(base_version=4, codec={"name": "fp16"})],
         "event": [event()],
         "deadletter": [
             deadletter(),

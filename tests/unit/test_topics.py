@@ -26,6 +26,7 @@ def test_kafka_topics_are_dot_separated_only() -> None:
     assert topics.kafka_topics("digits") == {
         "updates": "fedbus.digits.updates",
         "models": "fedbus.digits.models",
+        "diffs": "fedbus.digits.diffs",
         "events": "fedbus.digits.events",
         "deadletter": "fedbus.digits.deadletter",
     }
