@@ -126,6 +126,7 @@ async def run_fleet(
     t0 = time.monotonic()
     deadline = t0 + cfg.duration_s
     done = asyncio.Event()
+    claimed = [0]  # uploads started: never more than cfg.max_uploads
 
     def accuracy(gm: GlobalModel) -> float:
         return model.accuracy(gm.weights, fleet.x_test, fleet.y_test)
@@ -169,6 +170,13 @@ async def run_fleet(
                 if lost:
                     report.dropped += 1
                     continue
+                if cfg.max_uploads is not None:
+                    # claim the upload before its first await: slots finishing together
+                    # would otherwise all pass the check and overshoot max_uploads
+                    if claimed[0] >= cfg.max_uploads:
+                        done.set()
+                        return
+                    claimed[0] += 1
                 new, n, metrics = model.local_train(
                     base.weights,
                     fleet.xs[i],
