@@ -38,7 +38,8 @@ from fedbus.transport.base import Transport
 from fedbus.wire import envelope as env
 from fedbus.wire.codecs import CodecSpec, ErrorFeedback, decode_dense
 from fedbus.wire.layout import Layout
-from workers.main import make_transport, model_message
+from fedbus.wire.model_message import encode_model_message
+from workers.main import make_transport
 from workers.settings import WorkerSettings, load
 
 CODECS = {"fp32": "fp32", "int8": "int8", "topk+int8": "topk:fraction=0.05"}
@@ -250,7 +251,7 @@ async def _async_run(
         make_transport(device_settings, role="fleet") as device,
         make_transport(s) as wt,
     ):
-        await init.publish_model(model_id, model_message(model_id, 0, layout, x0, "fp32"), 0)
+        await init.publish_model(model_id, encode_model_message(model_id, 0, layout, x0, "fp32"), 0)
         worker = AggregatorWorker(s, wt)
         stop = asyncio.Event()
         task = asyncio.create_task(worker.run(stop))
@@ -383,7 +384,7 @@ async def run_demo(
             if kind == "mqtt":
                 overrides["mqtt"] = {"port": broker.port}
             else:
-                overrides["kafka"] = {"bootstrap_servers": broker.bootstrap_servers}
+                overrides["kafka"] = broker.kafka_settings()
             settings = load(None, **overrides)
             for algorithm in cfg.algorithms:
                 for codec in cfg.codecs:

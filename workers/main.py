@@ -7,7 +7,6 @@ import errno
 import os
 import signal
 import socket
-import time
 import uuid
 from pathlib import Path
 
@@ -18,9 +17,8 @@ from fedbus.cli.errors import UserError
 from fedbus.store.lock import DirectoryLock, LockHeld
 from fedbus.transport import topics
 from fedbus.transport.base import Transport, TransportError
-from fedbus.wire import envelope as env
-from fedbus.wire.codecs import CodecSpec, encode
 from fedbus.wire.layout import Layout
+from fedbus.wire.model_message import encode_model_message
 from workers.settings import WorkerSettings
 
 INSTANCE = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
@@ -173,27 +171,11 @@ def initial_weights(example: str, npz: Path | None, seed: int) -> tuple[Layout, 
     return model.wire_layout(), model.init_params(seed)
 
 
-def model_message(
-    model: str, version: int, layout: Layout, weights: np.ndarray, codec: str
-) -> bytes:
-    spec = CodecSpec.parse(codec)
-    return env.encode(
-        env.ModelEnvelope(
-            model=model,
-            version=version,
-            layout=layout.to_wire(),
-            codec=spec.to_wire(),
-            payload=encode(weights.astype(np.float32), spec),
-            created_at=time.time(),
-        )
-    )
-
-
 def publish_initial_model(
     settings: WorkerSettings, *, example: str = "softmax", npz: Path | None = None, seed: int = 0
 ) -> int:
     layout, weights = initial_weights(example, npz, seed)
-    raw = model_message(settings.model, 0, layout, weights, settings.model_codec)
+    raw = encode_model_message(settings.model, 0, layout, weights, settings.model_codec)
 
     async def main() -> None:
         async with make_transport(settings, role="init") as transport:

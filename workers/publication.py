@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -34,9 +33,9 @@ from typing import Any
 import numpy as np
 
 from fedbus.transport.base import Transport
-from fedbus.wire import envelope as env
-from fedbus.wire.codecs import CodecSpec, encode
+from fedbus.wire.codecs import CodecSpec
 from fedbus.wire.layout import Layout
+from fedbus.wire.model_message import encode_model_message
 from workers.crashpoints import CrashPoints
 
 MAX_BACKLOG = 4  # interval 0 only: versions waiting for publication before the loop waits
@@ -162,14 +161,7 @@ class ModelPublisher:
         self.on_published(w.version)
 
     def message(self, w: Weights) -> bytes:
-        return env.encode(
-            env.ModelEnvelope(
-                model=self.model,
-                version=w.version,
-                layout=self.layout.to_wire(),
-                codec={**self.codec.to_wire()},
-                payload=encode(w.weights, self.codec),
-                created_at=time.time(),
-                updates_folded=w.updates_folded,
-            )
-        )
+        return encode_model_message(
+            self.model, w.version, self.layout, w.weights, self.codec,
+            updates_folded=w.updates_folded,
+        )  # fmt: skip

@@ -69,7 +69,9 @@ class KafkaSettings(_Section):
     session_timeout_ms: int = 10000  # how long a dead worker holds its partitions
     heartbeat_interval_ms: int = 3000
     max_message_bytes: int = 64 * 1024 * 1024
-    fetch_max_wait_ms: int = Field(10, ge=0)  # latency at low rates (aiokafka's default: 500)
+    # How long a fetch that finds nothing waits: latency at low rates (aiokafka's default: 500).
+    # At least 1: 0 turns an idle consumer into a busy loop.
+    fetch_max_wait_ms: int = Field(10, ge=1)
 
 
 class AggregationSettings(_Section):

@@ -19,7 +19,8 @@ from fedbus.wire import envelope as env
 from fedbus.wire.codecs import CodecSpec, decode_dense, encode
 from fedbus.wire.ids import new_update_id
 from fedbus.wire.layout import Layout
-from workers.main import make_transport, model_message
+from fedbus.wire.model_message import encode_model_message
+from workers.main import make_transport
 from workers.settings import WorkerSettings, load
 
 LAYOUT = Layout.from_wire([["w", [40, 10], "float32"], ["b", [10], "float32"]])
@@ -47,11 +48,7 @@ def settings_for(
         overrides["mqtt"] = {"hostname": "127.0.0.1", "port": broker.port}
     else:
         # A killed worker's group membership expires after the session timeout: keep it short.
-        overrides["kafka"] = {
-            "bootstrap_servers": broker.bootstrap_servers,
-            "session_timeout_ms": 2000,
-            "heartbeat_interval_ms": 500,
-        }
+        overrides["kafka"] = broker.kafka_settings()
     return load(None, **overrides)
 
 
@@ -72,6 +69,7 @@ def env_for(settings: WorkerSettings) -> dict[str, str]:
         FEDBUS_KAFKA__BOOTSTRAP_SERVERS=settings.kafka.bootstrap_servers,
         FEDBUS_KAFKA__SESSION_TIMEOUT_MS=str(settings.kafka.session_timeout_ms),
         FEDBUS_KAFKA__HEARTBEAT_INTERVAL_MS=str(settings.kafka.heartbeat_interval_ms),
+        FEDBUS_KAFKA__FETCH_MAX_WAIT_MS=str(settings.kafka.fetch_max_wait_ms),
         FEDBUS_AGGREGATION__ALGORITHM=settings.aggregation.algorithm,
         FEDBUS_AGGREGATION__STALENESS=settings.aggregation.staleness,
         FEDBUS_AGGREGATION__ALPHA=str(settings.aggregation.alpha),
@@ -122,7 +120,7 @@ def client_settings(settings: WorkerSettings) -> WorkerSettings:
 async def init_model(settings: WorkerSettings, weights: np.ndarray) -> None:
     async with make_transport(client_settings(settings), role="init") as t:
         await t.publish_model(
-            settings.model, model_message(settings.model, 0, LAYOUT, weights, "fp32"), 0
+            settings.model, encode_model_message(settings.model, 0, LAYOUT, weights, "fp32"), 0
         )
 
 

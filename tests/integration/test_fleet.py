@@ -13,8 +13,9 @@ from fedbus.sim.data import digits_fleet
 from fedbus.sim.fleet import FleetConfig, LayoutMismatchError, run_fleet
 from fedbus.sim.models import SoftmaxRegression
 from fedbus.sim.timing import FleetTiming
+from fedbus.wire.model_message import encode_model_message
 from tests.integration import harness as h
-from workers.main import make_transport, model_message
+from workers.main import make_transport
 from workers.settings import WorkerSettings
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -25,7 +26,7 @@ LAYOUT = NET.wire_layout()
 
 async def _init_softmax(settings: WorkerSettings) -> None:
     async with make_transport(h.client_settings(settings), role="init") as t:
-        raw = model_message(settings.model, 0, LAYOUT, NET.init_params(0), "fp32")
+        raw = encode_model_message(settings.model, 0, LAYOUT, NET.init_params(0), "fp32")
         await t.publish_model(settings.model, raw, 0)
 
 

@@ -24,8 +24,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 
 ROOT = Path(__file__).resolve().parents[2]
 WAIT = 30.0  # upper bound on any single wait; a group join on Tansu takes about 1 s here
-# Tansu holds a JoinGroup for about half the session timeout: keep it short in tests.
-GROUP_TIMEOUTS = {"session_timeout_ms": 2000, "heartbeat_interval_ms": 500}
+GROUP_TIMEOUTS = TansuBroker.LATENCY_SETTINGS
 
 
 def config(broker: TansuBroker, **overrides: Any) -> KafkaConfig:
@@ -146,11 +145,12 @@ async def test_explicit_offsets_over_several_partitions(
 # the group: it reads ``n`` updates, commits the first ``commit`` through ack(), reports.
 CHILD = """
 import asyncio, sys
+from fedbus.testing.brokers import TansuBroker
 from fedbus.transport.kafka import KafkaConfig, KafkaTransport
 
 async def main(servers, group, model, n, commit):
     t = KafkaTransport(KafkaConfig(bootstrap_servers=servers, group_id=group,
-                                   session_timeout_ms=2000, heartbeat_interval_ms=500))
+                                   **TansuBroker.LATENCY_SETTINGS))
     await t.start()
     await t.subscribe_updates(model)
     got = []

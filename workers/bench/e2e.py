@@ -484,8 +484,9 @@ async def _worker_case(
     seed: int,
 ) -> _WorkerResult:
     """Updates per second through an ``AggregatorWorker``, then paced commit latencies."""
+    from fedbus.wire.model_message import encode_model_message
     from workers.aggregator import AggregatorWorker
-    from workers.main import make_transport, model_message
+    from workers.main import make_transport
 
     model = f"bench-w-{uuid.uuid4().hex[:10]}"
     settings = where.settings(model)
@@ -497,7 +498,8 @@ async def _worker_case(
         async with where.publisher(model) as pub:
             await _prepare_topics(pub, model)
             initial = np.zeros(n_params, dtype=np.float32)
-            await pub.publish_model(model, model_message(model, 0, layout, initial, MODEL_CODEC), 0)
+            first = encode_model_message(model, 0, layout, initial, MODEL_CODEC)
+            await pub.publish_model(model, first, 0)
             stop = asyncio.Event()
             async with make_transport(settings) as transport:
                 worker = AggregatorWorker(settings, transport)
