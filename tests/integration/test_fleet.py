@@ -104,7 +104,9 @@ async def test_fleet_stops_at_exactly_max_uploads(
     fleet, timing = digits_fleet(60, 0.3, 0), FleetTiming(60, dropout=0.0, seed=0)
     cfg = FleetConfig(model=model_id, concurrency=40, duration_s=20.0, speed=200.0,
                       max_uploads=25, settle_s=0.2)  # fmt: skip
-    async with h.running_worker(settings):
-        async with make_transport(h.client_settings(settings), role="fleet") as t:
-            report = await run_fleet(t, fleet, NET, timing, cfg)
+    async with (
+        h.running_worker(settings),
+        make_transport(h.client_settings(settings), role="fleet") as t,
+    ):
+        report = await run_fleet(t, fleet, NET, timing, cfg)
     assert report.uploads == 25

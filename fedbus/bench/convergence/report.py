@@ -86,10 +86,12 @@ DRIFT_ROW = replace(STANDARD, name="drift_5_epochs_100_devices", devices=100, co
                     epochs=5)  # fmt: skip
 """More local work: 100 devices hold ~14 examples each and run 5 epochs (a third of the
 fleet in flight, as in the standard setting)."""
-PAPER_ROW = replace(STANDARD, name="paper_regime", devices=5000, concurrency=1000,
+PAPER_ROW = replace(STANDARD, name="paper_regime", devices=3000, concurrency=300,
                     data="synthetic", examples_per_device=20, duration_s=300.0)  # fmt: skip
-"""The FedBuff paper's regime: 1,000 in flight over 5,000 devices, a larger problem
-(synthetic, 100 features, 20 classes, 100,000 examples)."""
+"""Towards the FedBuff paper's regime: 300 in flight over 3,000 devices, a larger problem
+(synthetic, 100 features, 20 classes, 60,000 examples). The paper's own figure is at about
+1,000 in flight; this is the low end of its range, sized for a 2-core machine."""
+PAPER_SEEDS = 2
 SLOW_LABELS_ROW = replace(STANDARD, name="slow_devices_own_labels_8_9", slow_labels=(8, 9))
 SENSITIVITY: tuple[Setting, ...] = (
     replace(STANDARD, name="sigma_0.5", sigma=0.5),
@@ -485,21 +487,28 @@ def _rows(std: Study, seeds: tuple[int, ...], runner: Runner,
           log: Callable[[str], None], records: list[dict[str, Any]]) -> dict[str, Any]:  # fmt: skip
     """The rows beyond the headline, each tuned by the same rule on fewer seeds."""
     start = {spec: _neighbourhood(grid(*spec), std.choice(spec, "time").value) for spec in PLAIN}
-    out: dict[str, Any] = {"row_seeds": len(seeds)}
+    low = (0.5, 1.0, 2.0)  # the MLP and the synthetic problem diverge at the standard's rates
+    out: dict[str, Any] = {"row_seeds": len(seeds), "paper_regime_seeds": PAPER_SEEDS}
     edges: list[str] = []
     sens: list[dict[str, Any]] = []
-    rows: list[tuple[str, Setting, dict[Spec, tuple[float, ...]]]] = [
-        ("mlp", MLP_ROW, start),
-        ("drift", DRIFT_ROW, start),
-        ("high_concurrency", PAPER_ROW, {
-            **start,
-            ("sync_fedavg", "momentum"): _neighbourhood(
-                LR_GRID, std.choice(("sync_fedavg", "plain"), "time").value),
-        }),
-        ("slow_labels", SLOW_LABELS_ROW, start),
-    ] + [(f"sensitivity_{x.name}", x, start) for x in SENSITIVITY]  # fmt: skip
-    for key, setting, starts in rows:
-        st = Study(setting, seeds, runner)
+    paper: dict[Spec, tuple[float, ...]] = {
+        ("sync_fedavg", "plain"): low,
+        ("sync_fedavg", "momentum"): low,
+        ("fedbuff", "plain"): low,
+    }
+    mlp: dict[Spec, tuple[float, ...]] = {
+        **start,
+        ("sync_fedavg", "plain"): low,
+        ("fedbuff", "plain"): low,
+    }
+    rows: list[tuple[str, Setting, dict[Spec, tuple[float, ...]], tuple[int, ...]]] = [
+        ("mlp", MLP_ROW, mlp, seeds),
+        ("drift", DRIFT_ROW, start, seeds),
+        ("high_concurrency", PAPER_ROW, paper, seeds[:PAPER_SEEDS]),
+        ("slow_labels", SLOW_LABELS_ROW, start, seeds),
+    ] + [(f"sensitivity_{x.name}", x, start, seeds) for x in SENSITIVITY]  # fmt: skip
+    for key, setting, starts, row_seeds in rows:
+        st = Study(setting, row_seeds, runner)
         search(st, starts, log)
         specs = list(starts)
         for spec in specs:

@@ -49,6 +49,7 @@ from fedbus.sim import (
 from fedbus.wire import envelope as env
 from fedbus.wire.codecs import CodecSpec, ErrorFeedback, decode_dense, encode
 from fedbus.wire.ids import new_update_id
+from fedbus.wire.model_message import encode_model_message
 
 # -- the standard setting (kept as module constants: other benchmarks import them) ---------
 DEVICES = 300
@@ -279,19 +280,12 @@ def update_overhead(spec: CodecSpec, n_params: int) -> int:
 
 @lru_cache(maxsize=32)
 def model_overhead(spec: CodecSpec, model_name: str, n_features: int, n_classes: int) -> int:
-    """Bytes a whole model message adds to its payload (as the worker publishes it)."""
+    """Bytes a whole model message adds to its payload (the worker's own encoder)."""
     model = make_model(model_name, n_features, n_classes)
-    payload = encode(model.init_params(0), spec)
-    msg = env.ModelEnvelope(
-        model="digits-softmax",
-        version=123_456,
-        layout=model.wire_layout().to_wire(),
-        codec={**spec.to_wire()},
-        payload=payload,
-        created_at=1_764_000_000.123456,
-        updates_folded=1_234_560,
-    )
-    return len(env.encode(msg)) - len(payload)
+    weights = model.init_params(0)
+    msg = encode_model_message("digits-softmax", 123_456, model.wire_layout(), weights, spec,
+                               updates_folded=1_234_560)  # fmt: skip
+    return len(msg) - len(encode(weights.astype(np.float32), spec))
 
 
 # -- one run -------------------------------------------------------------------------------
