@@ -221,7 +221,7 @@ def test_quick_report_shape(report: cv.Report) -> None:
     assert s["sync_plateaued"] is False
     assert s["fedbuff_speedup_vs_sync"] is None and s["optima_inside_grid"] is False
     codecs = {(r["algorithm"], r["codec"], r["down_codec"]) for r in records}
-    assert ("fedbuff", "topk", "int8") in codecs and ("sync_fedavg", "int8", "fp32") in codecs
+    assert ("fedbuff", "topk", "int8") in codecs and ("fedbuff", "int8", "fp32") in codecs
     for r in records:
         assert r["total_bytes"] == r["bytes_uploaded"] + r["downlink_bytes"] or r["seeds"] > 1
         assert r["message_bytes_uploaded"] > r["bytes_uploaded"]

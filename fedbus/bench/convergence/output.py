@@ -77,7 +77,7 @@ def markdown(report: Report) -> str:
         f"accuracy instead {_n(s['fedbuff_speedup_vs_sync_final_tuned'], '.2f')}x. Uploads to "
         f"target: sync / FedBuff {_n(s['fedbuff_uploads_vs_sync'], '.2f')}x, FedAsync / FedBuff "
         f"{_n(s['fedbuff_uploads_vs_fedasync'], '.2f')}x.",
-    ]  # fmt: skip
+    ]
     return "\n".join(out)
 
 
@@ -170,8 +170,15 @@ def plot(report: Report, path: str | os.PathLike[str]) -> None:
         g = grid(algorithm, optimiser)
         # Adam's grid is in other units: plot it against its index on its own grid
         xs = [v if optimiser != "adam" else 2.0 ** (g.index(v) - 1) for v, _ in pts]
-        ax_lr.plot(xs, [t for _, t in pts], marker="o", ms=3, ls=dashes[optimiser],
-                   color=colour[algorithm], label=name)  # fmt: skip
+        ax_lr.plot(
+            xs,
+            [t for _, t in pts],
+            marker="o",
+            ms=3,
+            ls=dashes[optimiser],
+            color=colour[algorithm],
+            label=name,
+        )
     ax_lr.set_xscale("log")
     ax_lr.set_yscale("log")
     ax_lr.set_xlabel("server lr / FedAsync alpha (Adam: grid position)")
@@ -185,8 +192,15 @@ def plot(report: Report, path: str | os.PathLike[str]) -> None:
         if rule != "time":
             continue
         ls = ":" if len(parts) > 3 else dashes[optimiser]
-        ax_t.plot(c["time_s"], c["accuracy"], ls=ls, lw=1.1, color=colour[algorithm],
-                  alpha=0.6 if len(parts) > 3 else 1.0, label=key)  # fmt: skip
+        ax_t.plot(
+            c["time_s"],
+            c["accuracy"],
+            ls=ls,
+            lw=1.1,
+            color=colour[algorithm],
+            alpha=0.6 if len(parts) > 3 else 1.0,
+            label=key,
+        )
     target = report.summary["target_accuracy"]
     ax_t.axhline(target, color="grey", lw=0.8, ls="-.", label="target")
     ax_t.set_ylim(max(0.0, target - 0.15), 1.0)

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -70,6 +70,9 @@ from fedbus.bench.convergence.study import (
 )
 
 HEADLINE_SEEDS = 10
+OPTIMISER_SEEDS = 5
+"""Momentum and Adam are searched on the first 5 seeds (the 2-core budget); the optimiser
+each algorithm does best with is then run on all the headline's seeds."""
 ROW_SEEDS = 3
 PLAIN: tuple[Spec, ...] = tuple((a, "plain") for a in ALGORITHMS)
 ADAM_STARTS = {
@@ -82,12 +85,20 @@ than synchronous FedAvg, and Adam's step is per version. The search moves from t
 
 # the extra rows: each changes one thing of the standard setting (or a few, named)
 MLP_ROW = replace(STANDARD, name="mlp", model="mlp")
-DRIFT_ROW = replace(STANDARD, name="drift_5_epochs_100_devices", devices=100, concurrency=33,
-                    epochs=5)  # fmt: skip
+DRIFT_ROW = replace(
+    STANDARD, name="drift_5_epochs_100_devices", devices=100, concurrency=33, epochs=5
+)
 """More local work: 100 devices hold ~14 examples each and run 5 epochs (a third of the
 fleet in flight, as in the standard setting)."""
-PAPER_ROW = replace(STANDARD, name="paper_regime", devices=3000, concurrency=300,
-                    data="synthetic", examples_per_device=20, duration_s=300.0)  # fmt: skip
+PAPER_ROW = replace(
+    STANDARD,
+    name="paper_regime",
+    devices=3000,
+    concurrency=300,
+    data="synthetic",
+    examples_per_device=20,
+    duration_s=300.0,
+)
 """Towards the FedBuff paper's regime: 300 in flight over 3,000 devices, a larger problem
 (synthetic, 100 features, 20 classes, 60,000 examples). The paper's own figure is at about
 1,000 in flight; this is the low end of its range, sized for a 2-core machine."""
@@ -202,22 +213,28 @@ def _median_curve(traces: list[Trace]) -> dict[str, list[float]]:
 
 
 # -- the pieces of the summary -------------------------------------------------------------
-def _best(study: Study, algorithm: str, optimisers: Sequence[str], metric: str
-          ) -> tuple[Spec, sel.Choice] | None:  # fmt: skip
+def _best(
+    study: Study, algorithm: str, optimisers: Sequence[str], metric: str
+) -> tuple[Spec, sel.Choice] | None:
     """The fastest optimiser of ``algorithm`` (each at its choice on ``metric``)."""
     options = [((algorithm, o), study.choice((algorithm, o), metric)) for o in optimisers]
     options = [(s, c) for s, c in options if c.value is not None]
     return min(options, key=lambda sc: sc[1].median) if options else None
 
 
-def _ratio(study: Study, num: tuple[Spec, float], den: tuple[Spec, float], metric: str
-           ) -> tuple[float | None, float | None]:  # fmt: skip
+def _ratio(
+    study: Study, num: tuple[Spec, float], den: tuple[Spec, float], metric: str
+) -> tuple[float | None, float | None]:
     return paired(study.per_seed(*num, metric), study.per_seed(*den, metric))
 
 
-def _speedup(study: Study, optimisers: Sequence[str], metric: str = "time",
-             num_alg: str = "sync_fedavg", den_alg: str = "fedbuff"
-             ) -> tuple[float | None, float | None, list[Spec]]:  # fmt: skip
+def _speedup(
+    study: Study,
+    optimisers: Sequence[str],
+    metric: str = "time",
+    num_alg: str = "sync_fedavg",
+    den_alg: str = "fedbuff",
+) -> tuple[float | None, float | None, list[Spec]]:
     """Best ``num_alg`` over best ``den_alg`` on ``metric`` (paired), and the specs used."""
     a = _best(study, num_alg, optimisers, metric)
     b = _best(study, den_alg, optimisers, metric)
@@ -255,8 +272,11 @@ def _codec_runs(
             if c.value is not None:
                 values.setdefault(spec, set()).add(c.value)
     keys = [(spec, v, c, d) for spec, vs in values.items() for v in sorted(vs) for c, d in extra]
-    tasks = [Task(s[0], s[1], v, c, seed, study.setting, d)
-             for s, v, c, d in keys for seed in study.seeds]  # fmt: skip
+    tasks = [
+        Task(s[0], s[1], v, c, seed, study.setting, d)
+        for s, v, c, d in keys
+        for seed in study.seeds
+    ]
     out = runner(tasks)
     n = len(study.seeds)
     return {k: out[i * n : (i + 1) * n] for i, k in enumerate(keys)}
@@ -280,6 +300,7 @@ def run(
     cache: str | None = None,
     rows: bool = True,
     row_seeds: int = ROW_SEEDS,
+    only: Collection[str] | None = None,
 ) -> Report:
     """Tune, compare, run the codecs and the extra rows; summarise.
 
@@ -287,7 +308,7 @@ def run(
     optimisers at one grid value each, no extra rows) for tests and CI: its figures are not the
     report's. ``workers`` = 0 uses up to 2 processes; results do not depend on it.
     ``cache``: a directory where each run's trace is kept and reused (a run is a pure
-    function of its task).
+    function of its task). ``only``: run just these extra rows (by key).
     """
     if seeds < 1:
         raise ValueError("need at least one seed")
@@ -299,71 +320,115 @@ def run(
     pool = ProcessPoolExecutor(max_workers=workers) if workers > 1 else None
     try:
         runner = _runner(pool, cache)
-        return _report(setting, tuple(range(n_seeds)), quick, rows and not quick,
-                       tuple(range(min(row_seeds, n_seeds))), runner, log, started)  # fmt: skip
+        return _report(
+            setting,
+            tuple(range(n_seeds)),
+            quick,
+            rows and not quick,
+            tuple(range(min(row_seeds, n_seeds))),
+            runner,
+            log,
+            started,
+            only,
+        )
     finally:
         if pool is not None:
             pool.shutdown()
 
 
-def _report(setting: Setting, seeds: tuple[int, ...], quick: bool, rows: bool,
-            row_seeds: tuple[int, ...], runner: Runner,
-            log: Callable[[str], None], started: float) -> Report:  # fmt: skip
+def _report(
+    setting: Setting,
+    seeds: tuple[int, ...],
+    quick: bool,
+    rows: bool,
+    row_seeds: tuple[int, ...],
+    runner: Runner,
+    log: Callable[[str], None],
+    started: float,
+    only: Collection[str] | None,
+) -> Report:
     std = Study(setting, seeds, runner)
     optimisers: tuple[str, ...] = ("plain",) if quick else ("plain", "momentum", "adam")
+    opt = Study(setting, seeds[:OPTIMISER_SEEDS], runner)
     if quick:
-        starts = {("sync_fedavg", "plain"): (16.0,), ("fedbuff", "plain"): (8.0,),
-                  ("fedasync", "plain"): (0.6,)}  # fmt: skip
+        starts = {
+            ("sync_fedavg", "plain"): (16.0,),
+            ("fedbuff", "plain"): (8.0,),
+            ("fedasync", "plain"): (0.6,),
+        }
         std.ensure((*s, v) for s, vs in starts.items() for v in vs)
     else:
         log(f"convergence: standard setting, plain optimisers, full grids, {len(seeds)} seeds")
         search(std, {s: grid(*s) for s in PLAIN}, log)
+    specs = [(a, o) for a in ALGORITHMS for o in optimisers]
+
+    # codecs (FedBuff, plain) at the time- and final-chosen values; the downlink
+    log("convergence: codec and downlink runs")
+    extra = [("int8", "fp32"), ("topk", "fp32"), ("topk", "int8")]
+    codec = _codec_runs(std, [("fedbuff", "plain")], runner, extra)
+
+    if not quick:
+        # momentum and Adam: searched on the first seeds, the winners then run on all
+        for k, trs in std.traces.items():
+            opt.traces[k] = trs[: len(opt.seeds)]
         later: dict[Spec, tuple[float, ...]] = {}
         for a in ALGORITHMS:
-            chosen = std.choice((a, "plain"), "time").value
-            later[(a, "momentum")] = _neighbourhood(grid(a, "momentum"), chosen)
+            later[(a, "momentum")] = _neighbourhood(
+                grid(a, "momentum"), _chosen(std, (a, "plain"))[0]
+            )
             later[(a, "adam")] = ADAM_STARTS[a]
-        search(std, later, log)
-    specs = [(a, o) for a in ALGORITHMS for o in optimisers]
+        log(f"convergence: momentum and Adam on {len(opt.seeds)} seeds")
+        search(opt, later, log)
+        confirm = set()
+        for a in ALGORITHMS:
+            for m in ("time", "uploads"):
+                best = _best(opt, a, optimisers, m)
+                if best is not None and best[0][1] != "plain" and best[1].value is not None:
+                    confirm.add((*best[0], best[1].value))
+        log(f"convergence: the best optimisers on all {len(seeds)} seeds: {sorted(confirm)}")
+        std.ensure(sorted(confirm))
 
     records: list[dict[str, Any]] = []
     lr_table: dict[str, dict[float, float | None]] = {}
     for spec in specs:
+        study = std if spec[1] == "plain" else opt
         col: dict[float, float | None] = {}
-        for v in std.values(spec):
-            trs = std.traces[(*spec, v)]
-            r = _record(std, spec, v, trs, "grid", "fp32", "fp32")
+        for v in study.values(spec):
+            trs = study.traces[(*spec, v)]
+            r = _record(study, spec, v, trs, "grid", "fp32", "fp32")
             records.append(r)
             col[v] = r["time_to_target_s"] if 2 * r["seeds_reaching_target"] > len(trs) else None
         lr_table[f"{spec[0]}/{spec[1]}"] = col
     curves: dict[str, dict[str, list[float]]] = {}
     for spec in specs:
+        study = std if spec[1] == "plain" else opt
         choices = (
-            ("time", std.choice(spec, "time")),
-            ("uploads", std.choice(spec, "uploads")),
-            ("final", std.final_choice(spec)),
+            ("time", study.choice(spec, "time")),
+            ("uploads", study.choice(spec, "uploads")),
+            ("final", study.final_choice(spec)),
         )
         for rule, c in choices:
             if c.value is None:
                 continue
-            trs = std.traces[(*spec, c.value)]
-            records.append(_record(std, spec, c.value, trs, rule, "fp32", "fp32"))
-            if rule != "uploads":
-                curves[f"{spec[0]}/{spec[1]}/{rule}"] = _median_curve(trs)
-
-    # codecs (plain optimisers) at the time- and final-chosen values; the downlink
-    log("convergence: codec and downlink runs")
-    extra = [("int8", "fp32"), ("topk", "fp32"), ("topk", "int8")]
-    codec = _codec_runs(std, PLAIN, runner, extra)
+            trs = study.traces[(*spec, c.value)]
+            records.append(_record(study, spec, c.value, trs, rule, "fp32", "fp32"))
+        if spec[1] != "plain":
+            for v in std.values(spec):  # the winners, confirmed on every seed
+                trs = std.traces[(*spec, v)]
+                records.append(_record(std, spec, v, trs, "confirmed", "fp32", "fp32"))
+        for v in std.values(spec):
+            c = std.choice(spec, "time")
+            if c.value == v:
+                curves[f"{spec[0]}/{spec[1]}/time"] = _median_curve(std.traces[(*spec, v)])
     for (spec, v, up, down), trs in codec.items():
         rule = "time" if v == std.choice(spec, "time").value else "final"
         records.append(_record(std, spec, v, trs, rule, up, down))
-        if rule == "time" and spec[0] == "fedbuff":
+        if rule == "time":
             curves[f"fedbuff/plain/time/{up}+down_{down}"] = _median_curve(trs)
 
-    summary = _summary(std, seeds, quick, codec, specs, optimisers)
+    summary = _summary(std, opt, seeds, quick, codec, specs, optimisers)
     if rows:
-        summary.update(_rows(std, row_seeds, runner, log, records))
+        summary.update(_rows(std, row_seeds, runner, log, records, only))
     summary["optima_inside_grid_standard"] = not summary["chosen_on_grid_edge"]
     summary["optima_inside_grid"] = not (
         summary["chosen_on_grid_edge"] or summary.get("chosen_on_grid_edge_rows")
@@ -373,9 +438,15 @@ def _report(setting: Setting, seeds: tuple[int, ...], quick: bool, rows: bool,
     return Report(records, summary, curves, lr_table)
 
 
-def _summary(std: Study, seeds: tuple[int, ...], quick: bool,
-             codec: CodecRuns,
-             specs: list[Spec], optimisers: Sequence[str]) -> dict[str, Any]:  # fmt: skip
+def _summary(
+    std: Study,
+    opt: Study,
+    seeds: tuple[int, ...],
+    quick: bool,
+    codec: CodecRuns,
+    specs: list[Spec],
+    optimisers: Sequence[str],
+) -> dict[str, Any]:
     s = std.setting
     tg = std.targets()
     ref = std.reference()
@@ -386,8 +457,9 @@ def _summary(std: Study, seeds: tuple[int, ...], quick: bool,
     fs, ff = std.final_choice(("sync_fedavg", "plain")), std.final_choice(("fedbuff", "plain"))
     final_tuned = None
     if fs.value is not None and ff.value is not None:
-        final_tuned = _ratio(std, (("sync_fedavg", "plain"), fs.value),
-                             (("fedbuff", "plain"), ff.value), "time")[0]  # fmt: skip
+        final_tuned = _ratio(
+            std, (("sync_fedavg", "plain"), fs.value), (("fedbuff", "plain"), ff.value), "time"
+        )[0]
     up_async, _, _ = _speedup(std, optimisers, "uploads", "fedasync", "fedbuff")
     up_sync, _, _ = _speedup(std, optimisers, "uploads", "sync_fedavg", "fedbuff")
     up_sync_plain, _, _ = _speedup(std, ("plain",), "uploads", "sync_fedavg", "fedbuff")
@@ -423,13 +495,15 @@ def _summary(std: Study, seeds: tuple[int, ...], quick: bool,
         "sync_plateaued": all(c < sel.PLATEAU_TOLERANCE for c in changes),
         "chosen": {
             f"{a}/{o}": {
-                "time": std.choice((a, o), "time").value,
-                "uploads": std.choice((a, o), "uploads").value,
-                "final": std.final_choice((a, o)).value,
+                "time": (std if o == "plain" else opt).choice((a, o), "time").value,
+                "uploads": (std if o == "plain" else opt).choice((a, o), "uploads").value,
+                "final": (std if o == "plain" else opt).final_choice((a, o)).value,
             }
             for a, o in specs
         },
-        "chosen_on_grid_edge": _choices_inside(std, specs),
+        "optimiser_seeds": len(opt.seeds),
+        "chosen_on_grid_edge": _choices_inside(std, [x for x in specs if x[1] == "plain"])
+        + _choices_inside(opt, [x for x in specs if x[1] != "plain"]),
         "fedbuff_speedup_vs_sync": speed,
         "fedbuff_speedup_min_seed": speed_min,
         "fedbuff_speedup_compares": [f"{a}/{o}" for a, o in used],
@@ -483,9 +557,25 @@ def _summary(std: Study, seeds: tuple[int, ...], quick: bool,
     return out
 
 
-def _rows(std: Study, seeds: tuple[int, ...], runner: Runner,
-          log: Callable[[str], None], records: list[dict[str, Any]]) -> dict[str, Any]:  # fmt: skip
-    """The rows beyond the headline, each tuned by the same rule on fewer seeds."""
+def _chosen(std: Study, spec: Spec) -> tuple[float, ...]:
+    """The value the standard setting chose on time (the grid's middle when none)."""
+    v = std.choice(spec, "time").value
+    g = grid(*spec)
+    return (g[len(g) // 2],) if v is None else (v,)
+
+
+def _rows(
+    std: Study,
+    seeds: tuple[int, ...],
+    runner: Runner,
+    log: Callable[[str], None],
+    records: list[dict[str, Any]],
+    only: Collection[str] | None,
+) -> dict[str, Any]:
+    """The rows beyond the headline. The MLP, drift and paper-regime rows are tuned by the
+    same rule on fewer seeds; the label-ownership and sensitivity rows run each algorithm
+    at the value the standard setting chose on time (labelled ``tuned: false``): they ask
+    how the ranking moves when the world does, at a fraction of the cost."""
     start = {spec: _neighbourhood(grid(*spec), std.choice(spec, "time").value) for spec in PLAIN}
     low = (0.5, 1.0, 2.0)  # the MLP and the synthetic problem diverge at the standard's rates
     out: dict[str, Any] = {"row_seeds": len(seeds), "paper_regime_seeds": PAPER_SEEDS}
@@ -496,37 +586,47 @@ def _rows(std: Study, seeds: tuple[int, ...], runner: Runner,
         ("sync_fedavg", "momentum"): low,
         ("fedbuff", "plain"): low,
     }
-    mlp: dict[Spec, tuple[float, ...]] = {
-        **start,
-        ("sync_fedavg", "plain"): low,
-        ("fedbuff", "plain"): low,
-    }
-    rows: list[tuple[str, Setting, dict[Spec, tuple[float, ...]], tuple[int, ...]]] = [
-        ("mlp", MLP_ROW, mlp, seeds),
-        ("drift", DRIFT_ROW, start, seeds),
-        ("high_concurrency", PAPER_ROW, paper, seeds[:PAPER_SEEDS]),
-        ("slow_labels", SLOW_LABELS_ROW, start, seeds),
-    ] + [(f"sensitivity_{x.name}", x, start, seeds) for x in SENSITIVITY]  # fmt: skip
-    for key, setting, starts, row_seeds in rows:
+    mlp: dict[Spec, tuple[float, ...]] = {("sync_fedavg", "plain"): low, ("fedbuff", "plain"): low}
+    drift = {spec: start[spec] for spec in (("sync_fedavg", "plain"), ("fedbuff", "plain"))}
+    fixed = {spec: _chosen(std, spec) for spec in PLAIN}
+    rows: list[tuple[str, Setting, dict[Spec, tuple[float, ...]], tuple[int, ...], bool]] = [
+        ("high_concurrency", PAPER_ROW, paper, seeds[:PAPER_SEEDS], True),
+        ("mlp", MLP_ROW, mlp, seeds, True),
+        ("drift", DRIFT_ROW, drift, seeds, True),
+        ("slow_labels", SLOW_LABELS_ROW, fixed, seeds, False),
+    ] + [(f"sensitivity_{x.name}", x, fixed, seeds, False) for x in SENSITIVITY]
+    for key, setting, starts, row_seeds, tuned in rows:
+        if only is not None and key not in only:
+            continue
         st = Study(setting, row_seeds, runner)
-        search(st, starts, log)
+        if tuned:
+            search(st, starts, log)
+        else:
+            log(f"convergence: {setting.name} at the standard setting's choices")
+            st.ensure((*spec, v) for spec, vs in starts.items() for v in vs)
         specs = list(starts)
         for spec in specs:
             for rule, c in (("time", st.choice(spec, "time")), ("final", st.final_choice(spec))):
                 if c.value is not None:
                     trs = st.traces[(*spec, c.value)]
                     records.append(_record(st, spec, c.value, trs, rule, "fp32", "fp32"))
-        edges += _choices_inside(st, specs)
+        if tuned:
+            edges += _choices_inside(st, specs)
         opts = ("plain", "momentum") if key == "high_concurrency" else ("plain",)
         sp, sp_min, used = _speedup(st, opts)
         ups, _, _ = _speedup(st, opts, "uploads")
         asy, _, _ = _speedup(st, ("plain",), "time", "fedasync", "fedbuff")
         times = {a: st.choice((a, "plain"), "time") for a in ALGORITHMS}
-        winner = min((c.median, a) for a, c in times.items())[1] if any(
-            c.value is not None for c in times.values()) else None  # fmt: skip
+        winner = (
+            min((c.median, a) for a, c in times.items())[1]
+            if any(c.value is not None for c in times.values())
+            else None
+        )
         row = {
             "row": key,
             "setting": setting.name,
+            "tuned": tuned,
+            "seeds": len(row_seeds),
             "fedbuff_speedup_vs_sync": sp,
             "fedbuff_speedup_min_seed": sp_min,
             "fedbuff_uploads_vs_sync": ups,
@@ -539,8 +639,9 @@ def _rows(std: Study, seeds: tuple[int, ...], runner: Runner,
         if key == "slow_labels":
             row["worst_class_accuracy"] = {
                 a: median(worst_class(t) for t in st.traces[(a, "plain", c.value)])
-                for a, c in times.items() if c.value is not None
-            }  # fmt: skip
+                for a, c in times.items()
+                if c.value is not None
+            }
         if key.startswith("sensitivity_"):
             sens.append(row)
         else:

@@ -283,8 +283,9 @@ def model_overhead(spec: CodecSpec, model_name: str, n_features: int, n_classes:
     """Bytes a whole model message adds to its payload (the worker's own encoder)."""
     model = make_model(model_name, n_features, n_classes)
     weights = model.init_params(0)
-    msg = encode_model_message("digits-softmax", 123_456, model.wire_layout(), weights, spec,
-                               updates_folded=1_234_560)  # fmt: skip
+    msg = encode_model_message(
+        "digits-softmax", 123_456, model.wire_layout(), weights, spec, updates_folded=1_234_560
+    )
     return len(msg) - len(encode(weights.astype(np.float32), spec))
 
 
@@ -300,8 +301,14 @@ def make_model(name: str, n_features: int, n_classes: int) -> FlatModel:
 @lru_cache(maxsize=4)
 def world(s: Setting, seed: int) -> tuple[FleetData, FlatModel, FleetTiming, np.ndarray]:
     """Data, model, timing and initial parameters of ``s`` for one seed."""
-    timing = FleetTiming(s.devices, sigma=s.sigma, job_sigma=0.25, net_delay_fraction=0.1,
-                         dropout=s.dropout, seed=seed)  # fmt: skip
+    timing = FleetTiming(
+        s.devices,
+        sigma=s.sigma,
+        job_sigma=0.25,
+        net_delay_fraction=0.1,
+        dropout=s.dropout,
+        seed=seed,
+    )
     if s.data == "digits":
         data = load_digits_split(0.2, seed)
     elif s.data == "synthetic":
@@ -344,14 +351,21 @@ def run_one(task: Task) -> Trace:
     result: SimResult
     if task.algorithm == "sync_fedavg":
         result = run_sync_fedavg(
-            init, fleet, model, timing, cohort=s.concurrency, over_selection=s.over_selection,
-            server_optimizer=opt, **common,
-        )  # fmt: skip
+            init,
+            fleet,
+            model,
+            timing,
+            cohort=s.concurrency,
+            over_selection=s.over_selection,
+            server_optimizer=opt,
+            **common,
+        )
     else:
         policy: FedBuff | FedAsync
         if task.algorithm == "fedbuff":
-            policy = FedBuff(init, buffer_size=s.buffer_k, staleness=Polynomial(0.5),
-                             server_optimizer=opt)  # fmt: skip
+            policy = FedBuff(
+                init, buffer_size=s.buffer_k, staleness=Polynomial(0.5), server_optimizer=opt
+            )
         elif task.algorithm == "fedasync" and task.optimiser == "plain":
             policy = FedAsync(init, alpha=task.hyper, staleness=Polynomial(0.5))
         elif task.algorithm == "fedasync":
@@ -389,13 +403,29 @@ def cached_run(task: Task, cache: str | None) -> Trace:
     path = Path(cache) / f"{task.key()}.npz"
     if path.exists():
         z = np.load(path)
-        return Trace(task, z["time"], z["accuracy"], z["uploads"], z["bytes"], z["down_bytes"],
-                     int(z["jobs"]), z["class_accuracy"])  # fmt: skip
+        return Trace(
+            task,
+            z["time"],
+            z["accuracy"],
+            z["uploads"],
+            z["bytes"],
+            z["down_bytes"],
+            int(z["jobs"]),
+            z["class_accuracy"],
+        )
     tr = run_one(task)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
-    np.savez(tmp, time=tr.time, accuracy=tr.accuracy, uploads=tr.uploads, bytes=tr.bytes,
-             down_bytes=tr.down_bytes, jobs=tr.jobs, class_accuracy=tr.class_accuracy)  # fmt: skip
+    np.savez(
+        tmp,
+        time=tr.time,
+        accuracy=tr.accuracy,
+        uploads=tr.uploads,
+        bytes=tr.bytes,
+        down_bytes=tr.down_bytes,
+        jobs=tr.jobs,
+        class_accuracy=tr.class_accuracy,
+    )
     os.replace(tmp, path)
     return tr
 

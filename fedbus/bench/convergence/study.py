@@ -129,8 +129,10 @@ def search(
         new = [k for k in keys if k not in study.traces]
         if not new:
             return
-        log(f"convergence: {study.setting.name} round {r + 1}: {len(new)} values x "
-            f"{len(study.seeds)} seeds")  # fmt: skip
+        log(
+            f"convergence: {study.setting.name} round {r + 1}: {len(new)} values x "
+            f"{len(study.seeds)} seeds"
+        )
         study.ensure(keys)
         for spec in want:
             g = grid(*spec)
