@@ -14,6 +14,14 @@ principal the broker authenticated where a transport reports one. A sender the t
 names that is not a valid id is refused, never skipped: otherwise a topic level such as
 ``..`` would let a validly signed update pass as whatever client its envelope claims.
 
+**Replays and redeliveries.** Each accepted update carries the SHA-256 of what its sender
+signed and its ``seq``, for the policy's dedup record: the same id with the same digest is a
+redelivery (``duplicate``, which the worker acknowledges quietly), the same id with another
+digest is refused as ``id_reused``, and a ``seq`` not above the client's highest is refused
+as ``replayed``, long after the dedup window forgot the id. With signatures required an
+update without ``seq`` is refused (``missing_field``); without signatures, older devices that
+send no ``seq`` still work, and nothing stops a replay once the window has moved on.
+
 **Nothing raises.** :func:`judge` answers every input with :class:`Folded` or
 :class:`Refusal`. An exception other than :class:`~fedbus.wire.errors.WireError`, from the
 checks or from the policy, becomes a refusal with reason ``internal_error`` carrying the
@@ -26,6 +34,7 @@ itself (a bug the traceback then shows).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -134,10 +143,21 @@ class Ingest:
                 raise WireError(
                     Reason.LAYOUT_MISMATCH, f"layout {upd.layout} is not {self.layout.fingerprint}"
                 )
+            signed = env.signing_bytes(upd)
             if verify:
-                self.verifier.verify(upd)
+                self.verifier.verify(upd, signed)
+            if upd.seq is None and self.verifier.required:
+                raise WireError(Reason.MISSING_FIELD, "update lacks seq (required with signatures)")
             delta = decode(upd.payload, CodecSpec.from_wire(upd.codec), self.layout.n_params)
-            update = Update(upd.client, upd.update_id, upd.base_version, upd.num_examples, delta)
+            update = Update(
+                upd.client,
+                upd.update_id,
+                upd.base_version,
+                upd.num_examples,
+                delta,
+                seq=upd.seq,
+                digest=hashlib.sha256(signed).digest(),
+            )
             return Accepted(upd, update)
         except WireError as exc:
             return _refusal(exc.reason, exc.detail, upd, source)

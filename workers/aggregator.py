@@ -38,6 +38,7 @@ from fedbus.store.keys import load_public_keys
 from fedbus.transport.base import Message, Transport
 from fedbus.wire import envelope as env
 from fedbus.wire.codecs import CodecSpec
+from fedbus.wire.errors import Reason
 from fedbus.wire.layout import Layout
 from fedbus.wire.signing import Verifier
 from workers import events, recovery
@@ -90,6 +91,7 @@ class AggregatorWorker:
         self._m_received = self.metrics.received.labels(m, t)
         self._m_bytes = self.metrics.bytes_received.labels(m)
         self._m_accepted = self.metrics.accepted.labels(m)
+        self._m_redelivered = self.metrics.redelivered.labels(m)
         self._m_staleness = self.metrics.staleness.labels(m)
         self._m_aggregate = self.metrics.aggregate_seconds.labels(m)
         self._m_lag = self.metrics.consumer_lag.labels(m)
@@ -212,7 +214,12 @@ class AggregatorWorker:
         if msg.partition is not None and msg.offset is not None:
             self.book.offsets[msg.partition] = msg.offset + 1
         self.committer.received(msg)
-        if isinstance(verdict, Refusal):
+        if isinstance(verdict, Refusal) and verdict.reason is Reason.DUPLICATE:
+            # Same id, same signed content, already folded in: not an attack, nothing to
+            # dead-letter (a different content under the id is refused as id_reused).
+            self._m_redelivered.inc()
+            self.log.debug("redelivery acknowledged", client=verdict.client, id=verdict.update_id)
+        elif isinstance(verdict, Refusal):
             await self._refuse(msg, verdict)
         else:
             self.committer.log_message(msg)

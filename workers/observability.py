@@ -48,6 +48,13 @@ class Metrics:
             ["model", "reason"],
             registry=r,
         )
+        self.redelivered = Counter(
+            "fedbus_updates_redelivered",
+            "Exact repeats of updates already folded in (a broker redelivery or a device "
+            "resend after a lost acknowledgement), acknowledged without a dead letter.",
+            ["model"],
+            registry=r,
+        )
         self.bytes_received = Counter(
             "fedbus_update_bytes_received",
             "Bytes of update messages received.",

@@ -102,6 +102,9 @@ class AggregationSettings(_Section):
     # FedBuff: a buffer non-empty for this long without reaching K is applied as it is
     # (still divided by K), so a fleet with fewer than K active clients still makes progress.
     buffer_timeout_s: float | None = Field(None, gt=0)
+    # (client, update id) pairs remembered to tell redeliveries apart; replays older than
+    # this are still refused by the device's seq (signed updates).
+    dedup_window: int = Field(100_000, ge=1)
 
     @model_validator(mode="after")
     def _consistent(self) -> AggregationSettings:
@@ -149,6 +152,30 @@ class WorkerSettings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # One INFO "progress" line this often (per-version lines are DEBUG); 0 turns it off.
     log_summary_interval_s: float = Field(60.0, ge=0)
+
+    @model_validator(mode="after")
+    def _signed_when_it_matters(self) -> WorkerSettings:
+        """Robust aggregation and DP bound what one device can do by counting one
+        contribution per client id; without signatures anyone who can publish can be any
+        number of clients (on Kafka any producer can set any key)."""
+        a = self.aggregation
+        uses = [
+            name
+            for name, on in (("robust", a.robust), ("dp_noise_multiplier", a.dp_noise_multiplier))
+            if on is not None
+        ]
+        if uses and not self.require_signatures:
+            raise ValueError(
+                f"aggregation.{' and aggregation.'.join(uses)} needs require_signatures = true "
+                "(and public_keys_dir): it counts one contribution per device, which only "
+                "signatures enforce"
+            )
+        if self.require_signatures and self.public_keys_dir is None:
+            raise ValueError(
+                "require_signatures = true needs public_keys_dir (the registered device keys; "
+                "`fedbus keys register`)"
+            )
+        return self
 
     @field_validator("log_level", "log_format", "transport", mode="before")
     @classmethod

@@ -49,6 +49,7 @@ def build(cfg: AggregationSettings, initial: np.ndarray, version: int) -> Strate
             direction=cfg.direction,
             ring_depth=cfg.ring_depth,
             clip_norm=cfg.clip_norm,
+            dedup_window=cfg.dedup_window,
             version=version,
         )
     else:
@@ -71,5 +72,6 @@ def build(cfg: AggregationSettings, initial: np.ndarray, version: int) -> Strate
             dp=dp,
             version=version,
             max_deferred=cfg.max_deferred,
+            dedup_window=cfg.dedup_window,
         )
     return strategy

@@ -87,7 +87,7 @@ class FedAsync:
             target = self.ring[update.base_version].copy()
             update.delta.fold_into(target, c)
             optim.mix_step(self._x, target, a)
-        self.seen.add((update.client_id, update.update_id))
+        self.seen.add((update.client_id, update.update_id), update.digest, update.seq)
         self.version += 1
         if self.direction == "paper":
             self.ring[self.version] = self._x.copy()

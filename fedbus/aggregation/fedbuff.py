@@ -218,12 +218,12 @@ class FedBuff:
         if repeat:
             weighted = update.delta.to_dense()
             weighted *= factor
-            self.seen.add((update.client_id, update.update_id))
+            self.seen.add((update.client_id, update.update_id), update.digest, update.seq)
             self._deferred.append(_Deferred(update.client_id, update.update_id, tau, w, weighted))
             return Outcome(True, staleness=tau, weight=factor, deferred=True)
         before = self.version
         self._fold(update.client_id, w, update.delta, factor)
-        self.seen.add((update.client_id, update.update_id))
+        self.seen.add((update.client_id, update.update_id), update.digest, update.seq)
         self._flush_while_full()
         new = self.version if self.version != before else None
         return Outcome(True, staleness=tau, weight=factor, new_version=new)

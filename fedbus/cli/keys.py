@@ -18,7 +18,8 @@ import typer
 from fedbus.cli.errors import UserError
 
 app = typer.Typer(
-    help="Device key pairs (Ed25519) for signed updates: create, register, revoke, list.",
+    help="Device key pairs (Ed25519) for signed updates: create, register, revoke, list; "
+    "a development CA for TLS listeners.",
     no_args_is_help=True,
     rich_markup_mode=None,
 )
@@ -128,3 +129,36 @@ def list_keys(keys_dir: KeysDirOpt) -> None:
         raise UserError(str(exc)) from None
     for client, raw in sorted(keys.items()):
         sys.stdout.write(f"{client} {raw.hex()}\n")
+
+
+@app.command("ca")
+def ca(
+    out: Annotated[Path, typer.Option(help="Folder for ca.crt, ca.key, server.crt, server.key.")],
+    host: Annotated[
+        list[str] | None,
+        typer.Option(help="A name the server certificate is valid for (repeat the option)."),
+    ] = None,
+    days: Annotated[int, typer.Option(min=1, help="Validity of both certificates.")] = 365,
+) -> None:
+    """Create a development CA and a server certificate for a TLS broker listener.
+
+    ca.crt goes to every client (worker: mqtt.tls_ca_certs or kafka.ssl_cafile); server.crt
+    and server.key to the broker (Mosquitto's 8883 listener in compose/mosquitto). For
+    development and staging only: production uses the organisation's CA.
+
+    \b
+    Example: fedbus keys ca --out compose/certs --host broker.example.org
+    """
+    from fedbus.store.tls import DEFAULT_HOSTS, create_dev_ca
+
+    hosts = host or list(DEFAULT_HOSTS)
+    try:
+        made = create_dev_ca(out, hosts, days)
+    except FileExistsError as exc:
+        raise UserError(f"{exc}; choose another --out or remove it first") from None
+    print(
+        f"CA certificate:     {made.ca_cert}  (to every client)\n"
+        f"CA key:             {made.ca_key}  (keep offline; signs server certificates)\n"
+        f"server certificate: {made.server_cert}  (valid for {', '.join(hosts)})\n"
+        f"server key:         {made.server_key}"
+    )

@@ -70,6 +70,16 @@ class UpdateEncoder:
         self.private_key = private_key
         self.rng = np.random.default_rng(seed)
         self.feedback = ErrorFeedback(layout.n_params, self.codec) if error_feedback else None
+        self.last_seq = 0
+
+    def next_seq(self) -> int:
+        """The device's monotonic counter: microseconds of its clock, or one more than the
+        last when the clock has not moved (or went back). A clock needs no storage that
+        survives a reboot; a device without one keeps a counter on disk instead. Workers
+        refuse an update whose ``seq`` is not above the highest they accepted from this
+        client, so send in ``seq`` order (the spool does)."""
+        self.last_seq = max(self.last_seq + 1, time.time_ns() // 1000)
+        return self.last_seq
 
     def encode_delta(self, delta: np.ndarray) -> bytes:
         delta = clip(np.asarray(delta, dtype=np.float64), self.clip_norm)
@@ -85,6 +95,7 @@ class UpdateEncoder:
         num_examples: int,
         metrics: dict[str, float | int] | None = None,
         update_id: str | None = None,
+        seq: int | None = None,
     ) -> env.UpdateEnvelope:
         """The envelope for one finished training job from model ``base_version``."""
         payload = self.encode_delta(np.asarray(end, np.float64) - np.asarray(start, np.float64))
@@ -99,6 +110,7 @@ class UpdateEncoder:
             payload=payload,
             metrics=metrics,
             sent_at=time.time(),
+            seq=self.next_seq() if seq is None else seq,
         )
         if self.private_key is not None:
             update = sign_update(update, self.private_key)

@@ -95,6 +95,11 @@ class MqttConfig:
     # Names this process in its presence records, so a second process that uses the same
     # client id (a copy-pasted config) is told apart from this one.
     instance: str | None = None
+    # Read the model over the one persistent connection instead of a short second one: for
+    # a device on a listener that makes its username its client id (Mosquitto's
+    # use_username_as_clientid), where a second connection takes the first one's session
+    # over (and fires its Last Will). Not for workers, which consume updates on it.
+    single_connection: bool = False
 
     @property
     def is_v5(self) -> bool:
@@ -490,6 +495,8 @@ class MqttTransport(Transport):
     async def latest_model(self, model: str, timeout: float = 5.0) -> bytes | None:
         """The retained model; ``None`` after ``timeout`` if nothing is retained (MQTT has no
         "nothing retained" answer). A model published during the wait is returned too."""
+        if self.config.single_connection:
+            return await self._latest_on_main(topics.mqtt_model(model), timeout)
         async with self._reader(topics.mqtt_model(model)) as client:
             try:
                 async with asyncio.timeout(timeout):
@@ -498,6 +505,23 @@ class MqttTransport(Transport):
                             return bytes(m.payload)
             except TimeoutError:
                 return None
+        return None
+
+    async def _latest_on_main(self, topic: str, timeout: float) -> bytes | None:
+        """Subscribe at QoS 0 on the persistent connection (nothing to acknowledge under the
+        manual acknowledgement it runs with), take the retained message, unsubscribe."""
+        client, _ = await self._ready()
+        await self._subscribe(client, topic, 0)
+        try:
+            async with asyncio.timeout(timeout):
+                async for m in client.messages:
+                    if m.topic.value == topic and m.payload:
+                        return bytes(m.payload)
+        except TimeoutError:
+            return None
+        finally:
+            with contextlib.suppress(aiomqtt.MqttError):
+                await client.unsubscribe(topic, timeout=self.config.timeout)
         return None
 
     async def follow_models(self, model: str) -> AsyncIterator[bytes]:

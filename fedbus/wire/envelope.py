@@ -261,8 +261,11 @@ class UpdateEnvelope(_Envelope):
     """A device's encoded model delta against global model ``base_version``.
 
     ``update_id`` is the idempotency key: (client, update_id) is folded in at most once, so
-    a device may resend after a lost acknowledgement. ``signature`` (key ``sig``) covers
-    :func:`signing_bytes`, which excludes ``metrics`` and ``sent_at``.
+    a device may resend after a lost acknowledgement. ``seq`` is the device's monotonic
+    counter: a worker refuses a new update whose ``seq`` is not above the highest it
+    accepted from that client (``replayed``), however long ago, so a recorded update cannot
+    be replayed once the dedup window has forgotten its id. ``signature`` (key ``sig``)
+    covers :func:`signing_bytes`, which excludes ``metrics`` and ``sent_at``.
     """
 
     type: ClassVar[str] = "update"
@@ -282,6 +285,7 @@ class UpdateEnvelope(_Envelope):
     signature: bytes | None = None
     metrics: dict[str, float | int] | None = None
     sent_at: float | None = None
+    seq: int | None = None
 
     def __post_init__(self) -> None:
         _common(self)
@@ -289,6 +293,8 @@ class UpdateEnvelope(_Envelope):
         validate_id(self.update_id, "update_id")
         _int("base_version", self.base_version)
         _int("num_examples", self.num_examples)
+        if self.seq is not None:
+            _int("seq", self.seq)
         self._set("codec", _codec(self.codec))
         if not isinstance(self.layout, str) or not _FINGERPRINT_RE.fullmatch(self.layout):
             raise WireError(Reason.WRONG_TYPE, "layout must be a fingerprint of 32 hex chars")
@@ -763,8 +769,10 @@ def signing_bytes(update: Signable) -> bytes:
     Plain updates:
     ``SIGNING_DOMAIN`` followed by the msgpack array ``[schema, model, client, update_id,
     base_version, num_examples, [[key, value], ...] (codec, keys sorted), layout,
-    sha256(payload)]``. The domain tag keeps these signatures from being valid for any other
-    fedbus message; hashing the payload lets a device sign without a second copy of it.
+    sha256(payload)]``, with ``seq`` appended as a tenth element when the update has one
+    (so signatures made before ``seq`` existed still verify). The domain tag keeps these
+    signatures from being valid for any other fedbus message; hashing the payload lets a
+    device sign without a second copy of it.
     """
     if not isinstance(update, UpdateEnvelope):
         signed: bytes = msgpack.packb(update._signed(), use_bin_type=True)
@@ -780,6 +788,8 @@ def signing_bytes(update: Signable) -> bytes:
         update.layout,
         hashlib.sha256(update.payload).digest(),
     ]
+    if update.seq is not None:
+        body.append(update.seq)
     packed: bytes = msgpack.packb(body, use_bin_type=True)
     return SIGNING_DOMAIN + packed
 

@@ -27,12 +27,14 @@ class Reason(StrEnum):
     DECOMPRESSION_BOMB = "decompression_bomb"  # zstd stage would expand past its bound
     UNSIGNED = "unsigned"  # a signature is required and none was sent
     BAD_SIGNATURE = "bad_signature"  # signature does not verify, or the key is unknown
-    DUPLICATE = "duplicate"  # (client id, update id) already folded in: a replay or redelivery
+    DUPLICATE = "duplicate"  # (client id, update id) already folded in, same content: redelivery
+    ID_REUSED = "id_reused"  # (client id, update id) already folded in with different content
+    REPLAYED = "replayed"  # seq not above the highest accepted from this client
     FUTURE_VERSION = "future_version"  # base version newer than the server's: negative staleness
     STALE = "stale"  # staleness beyond the configured maximum
     TOO_OLD_FOR_RING = "too_old_for_ring"  # paper-direction FedAsync lacks that base model
     BAD_TYPE = "bad_type"  # message type not expected on this channel
-    CLIENT_MISMATCH = "client_mismatch"  # envelope client differs from the topic's client level
+    CLIENT_MISMATCH = "client_mismatch"  # envelope client != the sender the transport names
     CLIENT_BUSY = "client_busy"  # FedBuff: client already in the buffer and the deferral queue full
     INTERNAL_ERROR = "internal_error"  # checking or folding it raised: a fedbus bug, logged in full
     # Secure aggregation (fedbus.secure):

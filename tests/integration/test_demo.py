@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -45,3 +46,21 @@ def test_demo_command_writes_plot_and_json(tmp_path: Path) -> None:
     )
     fp32 = next(r for r in data["runs"] if r["codec"] == "fp32" and r["algorithm"] == "fedbuff")
     assert fp32["bytes_uploaded"] / topk["bytes_uploaded"] > 15  # same uploads, ~20x fewer bytes
+
+
+def test_demo_on_tansu_stays_within_a_multiple_of_mosquitto() -> None:
+    """The embedded fallback must stay usable: the same short demo over Tansu (Kafka protocol)
+    within 8x of its wall time over Mosquitto, learning the same model. Uploads and accuracy are
+    equal because simulated time, not the broker, decides what each device trains on."""
+    base = {"devices": 60, "concurrency": 20, "duration": 25.0, "codecs": ("int8",),
+            "algorithms": ("fedbuff", "fedasync")}  # fmt: skip
+    walls: dict[str, float] = {}
+    runs: dict[str, list[tuple[str, int, float]]] = {}
+    for broker in ("mosquitto", "tansu"):
+        t0 = time.perf_counter()
+        results = asyncio.run(run_demo(DemoConfig(**base, broker=broker)))  # type: ignore[arg-type]
+        walls[broker] = time.perf_counter() - t0
+        runs[broker] = [(r.algorithm, r.uploads, round(r.final_accuracy, 6)) for r in results]
+        assert {r.transport for r in results} == {"mqtt" if broker == "mosquitto" else "kafka"}
+    assert runs["tansu"] == runs["mosquitto"]
+    assert walls["tansu"] < 8 * walls["mosquitto"], walls

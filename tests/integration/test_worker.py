@@ -134,6 +134,7 @@ def _version(raw: bytes) -> int:
 def _bad_inputs(model: str, client: str) -> dict[str, bytes]:
     """One message per kind of bad input, keyed by the reason the worker must give."""
     good, _ = h.update_bytes(model, client, 0, np.ones(h.N) * 0.01)
+    other, _ = h.update_bytes(model, client, 0, np.ones(h.N) * 0.02)
     m = msgpack.unpackb(good)
 
     def variant(**kw: Any) -> bytes:
@@ -148,7 +149,9 @@ def _bad_inputs(model: str, client: str) -> dict[str, bytes]:
         "non_finite": variant(codec=CodecSpec("fp32").to_wire(), payload=nan_payload),
         "oversized": variant(payload=b"\0" * (2 << 20)),
         "future_version": variant(base_version=10_000, update_id="future-1"),
-        "duplicate": good,  # sent twice: the second copy
+        "duplicate": good,  # sent twice: the second copy, acknowledged without a dead letter
+        # the first copy's id with another payload: not a redelivery
+        "id_reused": variant(payload=msgpack.unpackb(other)["payload"]),
         "stale": variant(base_version=0, update_id="stale-1"),
         # sent as another client: MQTT topic level / Kafka record key != envelope client
         "client_mismatch": variant(update_id="liar-1"),
@@ -166,7 +169,7 @@ async def test_bad_input_goes_to_dead_letter(
     settings = settings.model_copy(update={"max_message_bytes": 1 << 20})
     await h.init_model(settings, np.zeros(h.N))
     bad = _bad_inputs(model_id, "dev-bad")
-    expected = sorted(bad)
+    expected = sorted(r for r in bad if r != "duplicate")  # a redelivery is no dead letter
     async with h.running_worker(settings) as worker:
         subscribed = asyncio.Event()
         reader = asyncio.create_task(
@@ -193,8 +196,8 @@ async def test_bad_input_goes_to_dead_letter(
             ok, _ = h.update_bytes(model_id, "dev-good", 7, rng.normal(0, 0.01, h.N))
             await dev.publish_update(model_id, "dev-good", ok)
         records = await reader
-        for _ in range(200):  # the first copy, 10 bad, 6 pushes and the last good one
-            if worker.processed >= 18:
+        for _ in range(200):  # the first copy, 11 bad, 6 pushes and the last good one
+            if worker.processed >= 19:
                 break
             await asyncio.sleep(0.05)
         reasons = sorted(env.decode(r, expect="deadletter").reason for r in records)  # type: ignore[union-attr]
@@ -207,6 +210,7 @@ async def test_bad_input_goes_to_dead_letter(
             if s.name.endswith("_total")
         }
         assert rejected == dict.fromkeys(expected, 1.0)
+        assert worker.metrics.redelivered.labels(model_id)._value.get() == 1.0
         # folded around the bad ones: the first copy of "duplicate", 6 pushes, the last one
         assert worker.total_folded == 8
         assert worker.health.live

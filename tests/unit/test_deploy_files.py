@@ -33,6 +33,7 @@ COUNTERS = {
     "fedbus_updates_received_total": {"model", "transport"},
     "fedbus_updates_accepted_total": {"model"},
     "fedbus_updates_rejected_total": {"model", "reason"},
+    "fedbus_updates_redelivered_total": {"model"},
     "fedbus_update_bytes_received_total": {"model"},
     "fedbus_models_published_total": {"model"},
 }
@@ -70,6 +71,8 @@ TOML_KEYS: dict[str, set[str] | None] = {
     "metrics_host": None,
     "metrics_port": None,
     "log_format": None,
+    "require_signatures": None,
+    "public_keys_dir": None,
     "mqtt": {"hostname", "port", "username", "identifier", "shared_group"},
     "kafka": {"bootstrap_servers", "security_protocol", "group_id", "update_partitions"},
     "aggregation": {
@@ -393,12 +396,15 @@ def test_mosquitto_service_wires_conf_auth_and_health(services: dict[str, Any]) 
     assert health[health.index("-p") + 1] in loopback_ports
 
 
-def _acl() -> tuple[list[tuple[str, str]], dict[str | None, list[tuple[str, str]]]]:
-    """(pattern rules, {user or None for anonymous: topic rules}) as (access, topic) pairs."""
+def _acl(
+    name: str = "acl",
+) -> tuple[list[tuple[str, str]], dict[str | None, list[tuple[str, str]]]]:
+    """(pattern rules, {user or None for anonymous: topic rules}) as (access, topic) pairs,
+    of one ACL file: ``acl`` (device listeners), ``acl-services``, ``acl-health``."""
     patterns: list[tuple[str, str]] = []
     users: dict[str | None, list[tuple[str, str]]] = {None: []}
     user: str | None = None
-    for key, *args in _conf_lines(COMPOSE / "mosquitto/acl"):
+    for key, *args in _conf_lines(COMPOSE / "mosquitto" / name):
         if key == "user":
             user = args[0]
             users.setdefault(user, [])
@@ -422,8 +428,9 @@ def _matches(filter_: str, topic: str) -> bool:
 
 
 def _allowed(username: str, access: str, topic: str) -> bool:
-    """Mosquitto's decision: deny rules win, otherwise any matching grant allows."""
-    patterns, users = _acl()
+    """Mosquitto's decision: deny rules win, otherwise any matching grant allows. Service
+    users log in on the services listener (acl-services), devices on the device listener."""
+    patterns, users = _acl("acl-services" if username.startswith("fedbus-") else "acl")
     rules = [(a, p.replace("%u", username)) for a, p in patterns] + users.get(username, [])
     if any(a == "deny" and _matches(p, topic) for a, p in rules):
         return False
@@ -440,8 +447,28 @@ def test_acl_lines() -> None:
     for _, topic in patterns:
         if "%u" in topic:
             assert topic.split("/")[-1] == "%u", topic
-    assert "fedbus-worker" in users and "fedbus-analytics" in users
-    assert not any("$share" in t for rules in users.values() for _, t in rules)
+    assert users == {None: []}  # devices only: every rule is a per-device pattern
+    _, services = _acl("acl-services")
+    assert "fedbus-worker" in services and "fedbus-analytics" in services
+    assert not any("$share" in t for rules in services.values() for _, t in rules)
+    health_patterns, health = _acl("acl-health")
+    assert health_patterns == [] and health == {None: [("read", "$SYS/broker/uptime")]}
+
+
+def test_listeners_bind_identity() -> None:
+    """Devices' client id is their username (no device can take the worker's session); the
+    services listener has its own password file and ACL; the worker uses it."""
+    _, listeners = _mosquitto()
+    device, services = listeners["1883"], listeners["1885"]
+    assert device["use_username_as_clientid"] == ["true"]
+    assert device["acl_file"] == ["/mosquitto/config/acl"]
+    assert services["acl_file"] == ["/mosquitto/config/acl-services"]
+    assert services["password_file"] != device["password_file"]
+    assert "use_username_as_clientid" not in services  # a worker opens several connections
+    health = next(opts for name, opts in listeners.items() if name.endswith("127.0.0.1"))
+    assert health["acl_file"] == ["/mosquitto/config/acl-health"]
+    assert _toml("mqtt")["mqtt"]["port"] == 1885
+    assert not _toml("mqtt")["mqtt"]["identifier"].startswith("dev-")
 
 
 def test_acl_behaviour() -> None:
@@ -466,7 +493,7 @@ def test_acl_behaviour() -> None:
 
 def test_worker_mqtt_username_is_in_acl(services: dict[str, Any]) -> None:
     """The worker logs in as the ACL's worker user, in env and TOML alike."""
-    _, users = _acl()
+    _, users = _acl("acl-services")
     env_user = _env(services["worker-mqtt"])["FEDBUS_MQTT__USERNAME"]
     assert env_user == _toml("mqtt")["mqtt"]["username"]
     assert env_user in users
@@ -820,3 +847,43 @@ def test_no_machine_paths() -> None:
     for path in files:
         text = path.read_text(encoding="utf-8")
         assert not re.search(r"(?:/home/|/Users/|/work/)", text), path
+
+
+def test_kafka_authenticates_and_authorizes(services: dict[str, Any]) -> None:
+    """Every Kafka listener wants SASL, nothing is allowed without an ACL, the workers log in
+    as a user the broker knows, and devices may only write updates and read models."""
+    env = _env(services["kafka"])
+    protocols = dict(p.split(":") for p in env["KAFKA_LISTENER_SECURITY_PROTOCOL_MAP"].split(","))
+    assert set(protocols.values()) <= {"SASL_PLAINTEXT", "SASL_SSL"}
+    names = {u.split("://")[0] for u in env["KAFKA_LISTENERS"].split(",")}
+    assert names == set(protocols)
+    assert env["KAFKA_ALLOW_EVERYONE_IF_NO_ACL_FOUND"] == "false"
+    assert env["KAFKA_AUTHORIZER_CLASS_NAME"].endswith("StandardAuthorizer")
+    users = {}
+    for name in names:
+        jaas = env[f"KAFKA_LISTENER_NAME_{name}_PLAIN_SASL_JAAS_CONFIG"]
+        users[name] = set(re.findall(r"user_([a-z0-9-]+)=", jaas))
+    assert all(u == users["INTERNAL"] for u in users.values())
+    for name in ("worker-kafka", "model-init-kafka"):
+        worker = _env(services[name])
+        assert worker["FEDBUS_KAFKA__SECURITY_PROTOCOL"] == protocols["INTERNAL"]
+        assert worker["FEDBUS_KAFKA__SASL_PLAIN_USERNAME"] in users["INTERNAL"]
+    grants = [
+        shlex.split(line)[1:]
+        for line in _script(services["topics-init"]).splitlines()
+        if line.startswith("acl ")
+    ]
+    ops: set[tuple[str, str]] = set()  # (topic, operation) granted to devices
+    for g in grants:
+        flags = list(zip(g[::2], g[1::2], strict=False))
+        if ("--allow-principal", "User:fedbus-device") not in flags:
+            continue
+        topic = dict(flags)["--topic"]
+        ops |= {(topic, value) for flag, value in flags if flag == "--operation"}
+    m = DEMO_MODEL
+    assert ops == {
+        (f"fedbus.{m}.updates", "Write"),
+        (f"fedbus.{m}.updates", "Describe"),
+        (f"fedbus.{m}.models", "Read"),
+        (f"fedbus.{m}.models", "Describe"),
+    }

@@ -18,7 +18,8 @@ def test_toml_then_environment_then_overrides(
 ) -> None:
     cfg = tmp_path / "fedbus.toml"
     cfg.write_text(
-        'model = "cardio"\n[aggregation]\nalgorithm = "fedbuff"\nbuffer_size = 7\n'
+        'model = "cardio"\nrequire_signatures = true\npublic_keys_dir = "keys"\n'
+        '[aggregation]\nalgorithm = "fedbuff"\nbuffer_size = 7\n'
         'robust = "trimmed_mean"\n[mqtt]\nport = 1999\n'
     )
     monkeypatch.setenv("FEDBUS_AGGREGATION__BUFFER_SIZE", "9")
@@ -31,6 +32,8 @@ def test_toml_then_environment_then_overrides(
 def test_every_policy_knob_reaches_the_policy_object() -> None:
     s = load(
         None,
+        require_signatures=True,
+        public_keys_dir=Path("keys"),
         aggregation={
             "algorithm": "fedbuff",
             "buffer_size": 4,
@@ -70,3 +73,25 @@ def test_inconsistent_policies_are_refused_at_start(aggregation: dict, message: 
         load(None, aggregation=aggregation)
     assert "\n" not in str(refused.value)  # one line, naming the setting
     assert "aggregation" in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"aggregation": {"robust": "median"}}, "aggregation.robust needs require_signatures"),
+        (
+            {"aggregation": {"dp_noise_multiplier": 1.0, "clip_norm": 1.0, "robust": "median"}},
+            "aggregation.robust and aggregation.dp_noise_multiplier needs require_signatures",
+        ),
+        ({"require_signatures": True}, "needs public_keys_dir"),
+    ],
+)
+def test_robust_and_dp_need_signatures(overrides: dict, message: str) -> None:
+    """One contribution per device is what robust aggregation and DP rely on; without
+    signatures nothing enforces it, so such a configuration does not start."""
+    with pytest.raises(UserError, match=message) as refused:
+        load(None, **overrides)
+    assert "\n" not in str(refused.value)
+    keys = {"require_signatures": True, "public_keys_dir": Path("keys")}
+    if "aggregation" in overrides:
+        assert load(None, **overrides, **keys).require_signatures
