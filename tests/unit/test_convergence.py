@@ -14,8 +14,7 @@ from fedbus.aggregation import FedBuff, ServerSGD
 from fedbus.bench import convergence as cv
 from fedbus.bench.convergence import selection as sel
 from fedbus.bench.convergence.study import Study, search
-from fedbus.wire import envelope as env
-from fedbus.wire.codecs import CodecSpec, ErrorFeedback, decode_dense, encode
+from fedbus.wire.codecs import CodecSpec, ErrorFeedback, decode_dense
 
 
 # -- the selection rule, on hand-made tables and curves ------------------------------------
@@ -175,18 +174,16 @@ def test_download_hook_is_the_model_codec() -> None:
     np.testing.assert_array_equal(same, w.astype(np.float32).astype(np.float64))
 
 
-def test_envelope_overhead_is_a_real_message_minus_its_payload() -> None:
-    from fedbus.bench.convergence.setting import update_overhead
+def test_envelope_overhead_is_the_sdk_message_minus_its_payload() -> None:
+    from fedbus.bench.convergence.setting import model_overhead, update_overhead
 
-    spec = cv.CODECS["topk"]
-    payload = encode(np.ones(650), spec)
-    msg = env.UpdateEnvelope(
-        model="digits-softmax", client="sim-0042", update_id="0" * 32, base_version=123_456,
-        num_examples=5, codec=spec.to_wire(), layout="f" * 32, payload=payload,
-        metrics={"loss": 0.4567891}, sent_at=1_764_000_000.123456,
-    )  # fmt: skip
-    assert update_overhead(spec, 650) == len(env.encode(msg)) - len(payload)
-    assert 200 < update_overhead(spec, 650) < 400
+    # measured on the message the device SDK builds (ids, seq, codec map, metrics, timestamp)
+    for name, spec in cv.CODECS.items():
+        ovh = update_overhead(spec, 650)
+        assert 200 < ovh < 400, name
+        # per message, not per parameter: 10x the parameters moves it by a header's bytes
+        assert abs(update_overhead(spec, 6500) - ovh) <= 4
+    assert 150 < model_overhead(cv.DOWN_CODECS["fp32"], "softmax", 64, 10) < 400
 
 
 def test_run_one_is_deterministic_and_pays_the_downlink() -> None:

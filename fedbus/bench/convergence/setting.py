@@ -30,6 +30,7 @@ from fedbus.aggregation import (
     Update,
 )
 from fedbus.aggregation.optimizers import ServerOptimizer
+from fedbus.client.updates import UpdateEncoder
 from fedbus.sim import (
     MLP,
     FlatModel,
@@ -48,7 +49,7 @@ from fedbus.sim import (
 )
 from fedbus.wire import envelope as env
 from fedbus.wire.codecs import CodecSpec, ErrorFeedback, decode_dense, encode
-from fedbus.wire.ids import new_update_id
+from fedbus.wire.layout import Layout
 from fedbus.wire.model_message import encode_model_message
 
 # -- the standard setting (kept as module constants: other benchmarks import them) ---------
@@ -260,22 +261,15 @@ def server_optimizer(optimiser: str, hyper: float) -> ServerOptimizer:
 # -- envelope overhead: encode real messages ------------------------------------------------
 @lru_cache(maxsize=32)
 def update_overhead(spec: CodecSpec, n_params: int) -> int:
-    """Bytes a whole update message adds to its payload: a real envelope as a device sends it
-    (ids, codec map, layout fingerprint, loss metric, timestamp; unsigned)."""
-    payload = encode(np.random.default_rng(0).normal(0, 0.01, n_params), spec)
-    msg = env.UpdateEnvelope(
-        model="digits-softmax",
-        client="sim-0042",
-        update_id=new_update_id(),
-        base_version=123_456,
-        num_examples=5,
-        codec=spec.to_wire(),
-        layout=SoftmaxRegression(64, 10).wire_layout().fingerprint,
-        payload=payload,
-        metrics={"loss": 0.4567891},
-        sent_at=1_764_000_000.123456,
-    )
-    return len(env.encode(msg)) - len(payload)
+    """Bytes a whole update message adds to its payload: built by the device SDK's own
+    encoder (ids, sequence number, codec map, layout fingerprint, loss metric, timestamp;
+    unsigned), so the figure follows the wire as it changes."""
+    layout = Layout.from_wire([["w", [n_params], "float64"]])
+    enc = UpdateEncoder("digits-softmax", "sim-0042", layout, spec, seed=0)
+    start = np.zeros(n_params)
+    end = np.random.default_rng(0).normal(0, 0.01, n_params)
+    msg = enc.build(123_456, start, end, 5, {"loss": 0.4567891})
+    return len(env.encode(msg)) - len(msg.payload)
 
 
 @lru_cache(maxsize=32)
