@@ -40,8 +40,8 @@ def test_plateau_is_checked_per_seed() -> None:
     rising = 0.96 + 0.01 * np.clip((t - 600) / 200, 0, 2)
     assert sel.plateau(t, flat) == pytest.approx(0.97)
     assert sel.has_plateaued(t, flat)
-    late = rising[t >= 950].mean()
-    early = rising[(t >= 750) & (t <= 800)].mean()
+    late = rising[t >= 900].mean()
+    early = rising[(t >= 700) & (t <= 800)].mean()
     assert sel.plateau_change(t, rising) == pytest.approx(late - early)
     assert late - early > 0.005
     assert not sel.has_plateaued(t, rising)
@@ -132,10 +132,10 @@ def test_search_finds_the_interior_optimum_without_running_the_whole_grid() -> N
 
 
 def test_search_flags_an_optimum_on_the_grid_edge() -> None:
-    study = Study(cv.STANDARD, (0, 1, 2), _curve_runner({"sync_fedavg": 64.0}, []))
-    search(study, {("sync_fedavg", "plain"): (16.0,)}, log=str)
+    study = Study(cv.STANDARD, (0, 1, 2), _curve_runner({"sync_fedavg": 128.0}, []))
+    search(study, {("sync_fedavg", "plain"): (32.0,)}, log=str)
     c = study.choice(("sync_fedavg", "plain"), "time")
-    assert c.value == 64.0 and not c.inside_grid
+    assert c.value == 128.0 and not c.inside_grid
 
 
 # -- the simulator hooks ---------------------------------------------------------------------

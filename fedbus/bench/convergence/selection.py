@@ -73,13 +73,15 @@ def plateau(time: np.ndarray, accuracy: np.ndarray, tail: float = TAIL_FRACTION)
 
 
 def plateau_change(time: np.ndarray, accuracy: np.ndarray, tail: float = TAIL_FRACTION) -> float:
-    """How much one seed still moves over the last ``tail``: the mean over the final quarter
-    of that tail minus the mean over the quarter that ends where the tail begins."""
+    """How much one seed still moves over the last ``tail``: the mean over the final half
+    of that tail minus the mean over the same span just before the tail begins (windows
+    of a tenth of the run: wide enough that a flat seed's evaluation noise averages out)."""
     t = np.asarray(time, dtype=np.float64)
     a = np.asarray(accuracy, dtype=np.float64)
-    end, q = t[-1], tail / 4.0
-    late = a[t >= (1.0 - q) * end]
-    early = a[(t >= (1.0 - tail - q) * end) & (t <= (1.0 - tail) * end)]
+    end, q = t[-1], tail / 2.0
+    eps = 1e-9 * end  # window edges that fall on an evaluation include it
+    late = a[t >= (1.0 - q) * end - eps]
+    early = a[(t >= (1.0 - tail - q) * end - eps) & (t <= (1.0 - tail) * end + eps)]
     if late.size == 0 or early.size == 0:
         raise ValueError("too few evaluations to measure a plateau")
     return float(late.mean() - early.mean())
