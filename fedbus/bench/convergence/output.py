@@ -36,25 +36,44 @@ def _t(x: float | None) -> str:
     return "not reached" if x is None else f"{x:.0f}"
 
 
+def _choice(r: dict[str, Any] | None, metric: str) -> str:
+    if r is None:
+        return "none qualifies"
+    return (
+        f"{r['value']:g}: {_t(r['time_to_target_s'])} ({_t(r['time_to_target_min_s'])}-"
+        f"{_t(r['time_to_target_max_s'])})"
+    )
+
+
 def markdown(report: Report) -> str:
     """README-ready tables: the choices, time to target against the grid, codecs, rows."""
     s = report.summary
-    recs = [r for r in report.records if r["setting"] == s["setting"]]
-    out = [
-        "| algorithm | optimiser | rule | value | time to target, s (min-max) | uploads to "
-        "target | plateau accuracy | seeds reaching |",
-        "|---|---|---|---|---|---|---|---|",
+    recs = [
+        r
+        for r in report.records
+        if r["setting"] == s["setting"] and r["codec"] == "fp32" and r["down_codec"] == "fp32"
     ]
-    for r in recs:
-        if r["codec"] != "fp32" or r["down_codec"] != "fp32" or r["rule"] == "grid":
-            continue
-        up = r["uploads_to_target"]
-        out.append(
-            f"| {r['algorithm']} | {r['optimiser']} | {r['rule']} | {r['hyperparameter']} "
-            f"{r['value']:g} | {_t(r['time_to_target_s'])} ({_t(r['time_to_target_min_s'])}-"
-            f"{_t(r['time_to_target_max_s'])}) | {'-' if up is None else f'{up:.0f}'} | "
-            f"{r['plateau_accuracy']:.4f} | {r['seeds_reaching_target']}/{r['seeds']} |"
-        )
+    by = {(r["algorithm"], r["optimiser"], r["rule"]): r for r in recs}
+    out = [
+        "| algorithm | optimiser | seeds | tuned on time: value, time to target s (min-max) "
+        "| tuned on uploads: value, uploads to target | tuned on final accuracy: value, time "
+        "to target s | plateau accuracy (time-tuned) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for a in ALGORITHMS:
+        for o in OPTIMISERS:
+            t, u, f = (by.get((a, o, rule)) for rule in ("time", "uploads", "final"))
+            if t is None and f is None:
+                continue
+            c = by.get((a, o, "confirmed"))
+            seeds = str((t or f or {"seeds": 0})["seeds"])
+            cells = [
+                _choice(t, "time") + (f"; all seeds: {_choice(c, 'time')}" if c else ""),
+                "-" if u is None else f"{u['value']:g}: {_n(u['uploads_to_target'], '.0f')}",
+                _choice(f, "time"),
+                "-" if t is None else f"{t['plateau_accuracy']:.4f}",
+            ]
+            out.append(f"| {a} | {o} | {seeds} | " + " | ".join(cells) + " |")
     out += ["", lr_table_markdown(report), "", codec_markdown(report)]
     edges = s["chosen_on_grid_edge"] + s.get("chosen_on_grid_edge_rows", [])
     edge_note = f" (on an edge or none: {', '.join(edges)})" if edges else ""
@@ -82,22 +101,36 @@ def markdown(report: Report) -> str:
 
 
 def lr_table_markdown(report: Report) -> str:
-    """Median time to target (s) against the grid value; '-' not run, 'x' not reached in
-    most seeds."""
-    cols = [c for c in report.lr_table]
-    out = ["| grid value | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    values = sorted({v for col in report.lr_table.values() for v in col})
-    for v in values:
-        cells = []
-        for c in cols:
-            col = report.lr_table[c]
-            if v not in col:
-                cells.append("-")
-            else:
-                x = col[v]
-                cells.append("x" if x is None else f"{x:.0f}")
-        out.append(f"| {v:g} | " + " | ".join(cells) + " |")
-    return "\n".join(out)
+    """Median time to target (s) against the grid value, one table per grid; '-' not run,
+    'x' not reached (plateau below the target, or not plateaued) in most seeds."""
+    tables = []
+    titles = (
+        "server lr (momentum: effective lr)",
+        "FedAsync alpha (momentum: effective alpha)",
+        "Adam lr",
+    )
+    for title in titles:
+        cols = [c for c in report.lr_table if titles[_grid_kind(c)] == title]
+        if not cols:
+            continue
+        out = [f"| {title} | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+        values = sorted({v for c in cols for v in report.lr_table[c]})
+        for v in values:
+            cells = []
+            for c in cols:
+                col = report.lr_table[c]
+                x = col.get(v, "-")
+                cells.append("x" if x is None else x if isinstance(x, str) else f"{x:.0f}")
+            out.append(f"| {v:g} | " + " | ".join(cells) + " |")
+        tables.append("\n".join(out))
+    return "\n\n".join(tables)
+
+
+def _grid_kind(column: str) -> int:
+    algorithm, optimiser = column.split("/")
+    if optimiser == "adam":
+        return 2
+    return 1 if algorithm == "fedasync" else 0
 
 
 def codec_markdown(report: Report) -> str:
