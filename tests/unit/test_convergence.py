@@ -132,10 +132,11 @@ def test_search_finds_the_interior_optimum_without_running_the_whole_grid() -> N
 
 
 def test_search_flags_an_optimum_on_the_grid_edge() -> None:
-    study = Study(cv.STANDARD, (0, 1, 2), _curve_runner({"sync_fedavg": 128.0}, []))
-    search(study, {("sync_fedavg", "plain"): (32.0,)}, log=str)
+    top = cv.LR_GRID[-1]
+    study = Study(cv.STANDARD, (0, 1, 2), _curve_runner({"sync_fedavg": top}, []))
+    search(study, {("sync_fedavg", "plain"): (cv.LR_GRID[-3],)}, log=str)
     c = study.choice(("sync_fedavg", "plain"), "time")
-    assert c.value == 128.0 and not c.inside_grid
+    assert c.value == top and not c.inside_grid
 
 
 # -- the simulator hooks ---------------------------------------------------------------------
@@ -242,4 +243,4 @@ def test_plot_and_markdown(report: cv.Report, tmp_path: Path) -> None:
     cv.plot(report, out)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = cv.markdown(report)
-    assert "Target accuracy" in table and "| grid value |" in table
+    assert "Target accuracy" in table and "| server lr (momentum: effective lr) |" in table
