@@ -25,6 +25,7 @@ import pytest
 from fedbus.client.updates import read_model
 from fedbus.testing.brokers import free_port
 from fedbus.transport.base import TransportError
+from fedbus.transport.mqtt import MqttTransport
 from tests.integration import harness as h
 from tests.integration.test_scale import LR, PARTITIONS, Fleet, scale_settings, wait_for_model
 from workers.crashpoints import ENV
@@ -252,17 +253,44 @@ async def _publish_until_acked(dev: Any, model: str, client: str, raw: bytes) ->
             await asyncio.sleep(0.1)
 
 
+LAST_ACKED_AT_RISK = 3
+"""How many of the updates a device had PUBACKed last from a broker that is then killed -9 may
+be lost: Mosquitto sends the PUBACK while it handles the PUBLISH and saves its database only
+at its next loop iteration (``autosave_on_changes true``, ``autosave_interval 1``, the
+tightest it offers). Measured on this test: each of 7 losses over 6 runs was the very last
+PUBACK the device had from the killed broker, and had not reached a worker's socket."""
+
+
+def _lost_in_window(
+    final: np.ndarray, x0: np.ndarray, total: np.ndarray, deltas: np.ndarray, missing: int
+) -> np.ndarray:
+    """Which of ``deltas`` (one row per candidate) the model lacks: the 0/1 combination whose
+    sum is the reference minus what the model holds. A lost update outside the candidates
+    leaves no such combination, and the assertions here fail."""
+    if missing == 0:
+        return np.zeros(len(deltas))
+    assert len(deltas) > 0, f"{missing} lost, none PUBACKed in a broker's durability window"
+    short = total - (final - x0) * K / LR
+    weights, *_ = np.linalg.lstsq(deltas.T, short, rcond=None)
+    chosen = np.round(weights)
+    assert np.all((chosen == 0) | (chosen == 1)), weights
+    np.testing.assert_allclose(weights, chosen, atol=0.05)
+    assert int(chosen.sum()) == missing, (chosen.sum(), missing)
+    return chosen
+
+
 @pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGKILL"])
 async def test_mosquitto_restarted_three_times_mid_stream_with_reducers_running(
     signal_name: str, mosquitto_factory: Any, tmp_path: Path, model_id: str
 ) -> None:
-    """Nothing may be counted twice, and the retained model must be the newest version.
+    """Nothing counted twice, the retained model the newest version, and nothing lost across
+    SIGTERM (Mosquitto saves its database on the way out).
 
-    Known loss, not the reducers': about one update per restart never reaches the consumer
-    (measured 2-3 of 450 over three restarts, SIGTERM or SIGKILL, with reducers and equally
-    with one ``all`` worker on this code's MQTT transport; a bare aiomqtt subscriber with
-    automatic PUBACK lost none in the same sequence). The device had its PUBACK. Until that
-    is found, a loss is reported as an expected failure once the assertions above pass."""
+    SIGKILL: Mosquitto PUBACKs a message before it has saved it, so an update PUBACKed in the
+    last moments before the kill, and not yet handed to a subscriber, is gone with the broker
+    (README, Delivery). The test names every lost update from the final model itself: each
+    must be among the last ``LAST_ACKED_AT_RISK`` the device had PUBACKed from a broker before it
+    was killed; an update lost any other way fails it."""
     broker = mosquitto_factory(persistence=True)
     committer = _role(broker, model_id, tmp_path / "c", "committer", "committer")
     reducers = [
@@ -277,48 +305,64 @@ async def test_mosquitto_restarted_three_times_mid_stream_with_reducers_running(
     procs = [await _start(committer, log, extra)]
     procs += [await _start(r, log, extra) for r in reducers]
     rng = np.random.default_rng(5)
-    total = np.zeros(h.N)
-    sent = 0
+    deltas: list[np.ndarray] = []
+    acked: dict[int, int] = {}  # update -> the device connection it was PUBACKed on, in order
+    killed: list[int] = []  # the device connection each SIGKILL ended
     try:
         async with make_transport(h.client_settings(committer), role="device") as dev:
+            assert isinstance(dev, MqttTransport)
             for _ in range(3):
                 frames = []
                 for _ in range(150):
-                    client = f"dev-{sent % 20}"
+                    client = f"dev-{len(deltas) % 20}"
                     raw, d = h.update_bytes(
-                        model_id, client, 0, rng.normal(0, 0.01, h.N), seed=sent
+                        model_id, client, 0, rng.normal(0, 0.01, h.N), seed=len(deltas)
                     )
-                    frames.append((client, raw))
-                    total += d
-                    sent += 1
+                    frames.append((len(deltas), client, raw))
+                    deltas.append(d)
                 gate = asyncio.Semaphore(10)
 
-                async def one(client: str, raw: bytes, gate: asyncio.Semaphore = gate) -> None:
+                async def one(
+                    i: int, client: str, raw: bytes, gate: asyncio.Semaphore = gate
+                ) -> None:
                     async with gate:
                         await _publish_until_acked(dev, model_id, client, raw)
+                    acked[i] = dev.reconnects
 
-                sending = asyncio.gather(*(one(c, r) for c, r in frames))
-                await asyncio.sleep(0.3)  # mid-stream
+                sending = asyncio.gather(*(one(i, c, r) for i, c, r in frames))
+                while len(acked) < len(deltas) - 75:  # mid-stream
+                    await asyncio.sleep(0.005)
                 if signal_name == "SIGKILL":
+                    killed.append(dev.reconnects)
                     broker.kill()
                 else:
                     broker.stop()
                 broker.start()  # same port, same persistence directory
                 await sending
-        expected = x0.astype(np.float32).astype(np.float64) + LR * total / K
+        sent = len(deltas)
+        total = np.sum(deltas, axis=0)
+        x0f = x0.astype(np.float32).astype(np.float64)
+        expected = x0f + LR * total / K
         final = await wait_for_model(committer, expected, sent, timeout=30)
         assert final.updates_folded <= sent  # never doubled
         async with make_transport(h.client_settings(committer), role="reader") as reader:
             raw = await reader.latest_model(model_id, timeout=10)
         assert raw is not None and read_model(raw).version == final.version  # the newest
-        if final.updates_folded < sent:
-            pytest.xfail(f"{sent - final.updates_folded} of {sent} never reached a consumer")
+        at_risk = [
+            i
+            for conn in killed
+            for i in [i for i, c in acked.items() if c == conn][-LAST_ACKED_AT_RISK:]
+        ]
+        risky = np.array([deltas[i] for i in at_risk]).reshape(len(at_risk), h.N)
+        weights = read_model_weights(final)
+        lost = _lost_in_window(weights, x0f, total, risky, sent - final.updates_folded)
         np.testing.assert_allclose(
-            read_model_weights(final),
-            expected,
+            weights,
+            x0f + LR * (total - lost @ risky) / K,
             rtol=1e-5,
             atol=1e-6,
             err_msg=log.read_text()[-3000:],
         )
+        print(f"{signal_name}: {int(lost.sum())} of {sent} lost, {len(at_risk)} at risk")
     finally:
         await _stop(procs)
