@@ -31,13 +31,14 @@ from typing import Any
 import numpy as np
 
 from fedbus import log as fedlog
+from fedbus.aggregation import dp as dpmod
+from fedbus.downlink import DownlinkEncoder
 from fedbus.ingest import Ingest, Refusal, Source, Verdict, judge
 from fedbus.store import wal
 from fedbus.store.checkpoint import CheckpointStore
 from fedbus.store.keys import load_public_keys
 from fedbus.transport.base import Message, Transport
 from fedbus.wire import envelope as env
-from fedbus.wire.codecs import CodecSpec
 from fedbus.wire.errors import Reason
 from fedbus.wire.layout import Layout
 from fedbus.wire.signing import Verifier
@@ -45,6 +46,7 @@ from workers import events, recovery
 from workers.book import Book, Tally
 from workers.committer import Committer
 from workers.crashpoints import CrashPoints
+from workers.inbox import Inbox
 from workers.observability import HealthServer, Metrics, ProgressLog
 from workers.publication import ModelPublisher, Weights
 from workers.settings import WorkerSettings
@@ -54,16 +56,76 @@ from workers.strategy import Strategy
 # the fold thread waits for the GIL behind the receive path.
 OFFLOAD_PARAMS = 2_000_000
 
+# Messages pulled from the transport ahead of the loop (also bounded in bytes: settings).
+INBOX_MESSAGES = 64
+
+
+async def dead_letter(
+    transport: Transport,
+    model: str,
+    worker_id: str,
+    msg: Message,
+    r: Refusal,
+    metrics: Metrics,
+    log: Any,
+    *,
+    keep_payload: bool = False,
+) -> None:
+    """A refused update: counted, logged, dead-lettered with its reason and announced (the
+    ``all`` worker and reducers alike). The record carries the message's size and digest; its
+    bytes only with ``keep_payload`` (data minimisation: ``deadletter_keep_payload``)."""
+    reason = r.reason.value
+    metrics.rejected.labels(model, reason).inc()
+    if r.internal:
+        log.error(
+            "internal error: message refused",
+            detail=r.detail[:200],
+            client=r.client,
+            update_id=r.update_id,
+            exc_info=r.error,
+        )
+    else:
+        log.warning(
+            "rejected", reason=reason, detail=r.detail[:200], client=r.client, update_id=r.update_id
+        )
+    record = env.DeadLetterEnvelope(
+        model=model,
+        reason=reason,
+        detail=r.detail,
+        received_at=time.time(),
+        source=msg.topic,
+        original=msg.payload,
+        client=r.client,
+        update_id=r.update_id,
+        max_original=None if keep_payload else 0,
+    )
+    await transport.publish_deadletter(model, env.encode(record))
+    event = events.update_rejected(model, worker_id, reason, r.client, r.update_id, r.detail[:500])
+    await transport.publish_event(model, events.to_json(event))
+
 
 class AggregatorWorker:
     """One model, one transport, one aggregation policy."""
 
-    def __init__(self, settings: WorkerSettings, transport: Transport) -> None:
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        transport: Transport,
+        *,
+        metrics: Metrics | None = None,
+        health: HealthServer | None = None,
+    ) -> None:
+        """``metrics`` and ``health``: shared by the models of one process (which then owns
+        the endpoints and their readiness)."""
         self.settings = settings
         self.transport = transport
         self.model = settings.model
-        self.metrics = Metrics()
-        self.health = HealthServer(self.metrics, settings.metrics_host, settings.metrics_port)
+        self.metrics = metrics or Metrics()
+        self._own_health = health is None
+        self.health = health or HealthServer(
+            self.metrics, settings.metrics_host, settings.metrics_port
+        )
+        self.ready = asyncio.Event()
         directory = settings.checkpoint_dir / settings.model
         self.store = CheckpointStore(
             directory, keep=settings.checkpoint_keep, fsync=settings.checkpoint_fsync
@@ -71,7 +133,6 @@ class AggregatorWorker:
         self.wal = wal.WriteAheadLog(directory, fsync=settings.checkpoint_fsync)
         keys = load_public_keys(settings.public_keys_dir) if settings.public_keys_dir else {}
         self.verifier = Verifier(keys, required=settings.require_signatures)
-        self.model_codec = CodecSpec.parse(settings.model_codec)
         self.crash = CrashPoints.from_env()
         self.log = fedlog.get("fedbus.worker").bind(
             model=self.model, worker=settings.worker_id, transport=settings.transport
@@ -86,6 +147,10 @@ class AggregatorWorker:
         self._announced = -1  # newest version that has its event
         self._buffer_since: tuple[int, float] | None = None  # (version, when) buffer non-empty
         self.replayed = 0  # log records replayed at start-up: for tests
+        self._republish = False  # the retained model fell behind: the next commit republishes
+        self._reconnects = 0  # transport reconnects seen (each one re-reads the retained model)
+        self._retained_check: asyncio.Task[None] | None = None
+        self.republished = 0  # for tests
         self.committed_version = -1  # newest version whose commit is durable
         m, t = self.model, settings.transport
         self._m_received = self.metrics.received.labels(m, t)
@@ -131,8 +196,13 @@ class AggregatorWorker:
         self.publisher = ModelPublisher(
             self.transport,
             self.model,
-            self.layout,
-            self.model_codec,
+            DownlinkEncoder(
+                self.model,
+                self.layout,
+                s.model_codec,
+                s.model_diff_codec or None,
+                s.model_keyframe_every,
+            ),
             s.model_publish_interval_s,
             confirmed=self.book.published_version,
             crash=self.crash,
@@ -159,8 +229,41 @@ class AggregatorWorker:
         self.publisher.start()
         if self.book.offsets:
             await self.transport.seek(self.book.offsets)
-        await self.transport.subscribe_updates(self.model)
+        await self._subscribe()
         await self._catch_up()
+        self._check_retained()
+
+    def _check_retained(self) -> None:
+        """After a start or a reconnect: a broker that crashed before saving can come back
+        with an older retained model than the newest one it confirmed; if so, the next
+        commit publishes the newest committed version again."""
+        self._reconnects = getattr(self.transport, "reconnects", 0)
+        if self._retained_check is None or self._retained_check.done():
+            self._retained_check = asyncio.create_task(self._read_retained())
+
+    async def _read_retained(self) -> None:
+        assert self.publisher is not None
+        try:
+            raw = await self.transport.latest_model(self.model, timeout=2.0)
+            retained = -1
+            if raw is not None:
+                model = env.decode(raw, expect="model", max_bytes=self.settings.max_message_bytes)
+                assert isinstance(model, env.ModelEnvelope)
+                retained = model.version
+        except Exception as exc:  # a check, not a duty: the next reconnect checks again
+            self.log.warning("could not read the retained model back", error=repr(exc))
+            return
+        if retained < self.publisher.confirmed:
+            self.log.warning(
+                "retained model is older than the newest published: publishing again",
+                retained=retained,
+                published=self.publisher.confirmed,
+            )
+            self._republish = True
+
+    async def _subscribe(self) -> None:
+        """What this role consumes: every update of the model (the committer role: partials)."""
+        await self.transport.subscribe_updates(self.model)
 
     async def _catch_up(self) -> None:
         """Send the events a crash left owed, and publish the restored version when its
@@ -223,6 +326,7 @@ class AggregatorWorker:
             await self._refuse(msg, verdict)
         else:
             self.committer.log_message(msg)
+            self.committer.log_noise_keys(self._noise_keys())
             outcome = verdict.outcome
             self._m_accepted.inc()
             if outcome.staleness is not None:
@@ -238,40 +342,17 @@ class AggregatorWorker:
             await self._commit()
 
     async def _refuse(self, msg: Message, r: Refusal) -> None:
-        reason = r.reason.value
-        self.metrics.rejected.labels(self.model, reason).inc()
-        self.book.tally.rejects[reason] += 1
-        if r.internal:
-            self.log.error(
-                "internal error: message refused",
-                detail=r.detail[:200],
-                client=r.client,
-                update_id=r.update_id,
-                exc_info=r.error,
-            )
-        else:
-            self.log.warning(
-                "rejected",
-                reason=reason,
-                detail=r.detail[:200],
-                client=r.client,
-                update_id=r.update_id,
-            )
-        record = env.DeadLetterEnvelope(
-            model=self.model,
-            reason=reason,
-            detail=r.detail,
-            received_at=time.time(),
-            source=msg.topic,
-            original=msg.payload,
-            client=r.client,
-            update_id=r.update_id,
+        self.book.tally.rejects[r.reason.value] += 1
+        await dead_letter(
+            self.transport,
+            self.model,
+            self.settings.worker_id,
+            msg,
+            r,
+            self.metrics,
+            self.log,
+            keep_payload=self.settings.deadletter_keep_payload,
         )
-        await self.transport.publish_deadletter(self.model, env.encode(record))
-        event = events.update_rejected(
-            self.model, self.settings.worker_id, reason, r.client, r.update_id, r.detail[:500]
-        )
-        await self.transport.publish_event(self.model, events.to_json(event))
 
     # -- versions and commits ------------------------------------------------------------
     def _versions_made(self) -> None:
@@ -280,6 +361,7 @@ class AggregatorWorker:
         version = self.strategy.version
         for v in range(self._announced + 1, version + 1):
             tally = self.book.tally if v == version else Tally()
+            privacy = self._privacy(v)
             event = events.model_published(
                 self.model,
                 self.settings.worker_id,
@@ -289,6 +371,7 @@ class AggregatorWorker:
                 bytes_received=tally.bytes,
                 rejects_by_reason=tally.rejects,
                 total_updates_folded=self.book.total_folded,
+                extra={"privacy": privacy} if privacy is not None else None,
             )
             self._fresh.append(event)
             self.book.owed_events.append(event)
@@ -303,16 +386,29 @@ class AggregatorWorker:
         version = self.strategy.version
         now = time.monotonic()
         weights = None
-        if self.publisher.wants(version, now, force=publish):
+        republish, self._republish = self._republish, False
+        if republish:
+            self.republished += 1
+        if republish or self.publisher.wants(version, now, force=publish):
             await self.publisher.room()
             model = self.strategy.model.astype(np.float32)  # detached: the loop moves on
             weights = Weights(version, model, self.book.total_folded)
             self.publisher.taken(version, now)
         self.book.published_version = self.publisher.confirmed
         self.committer.commit(
-            self.book.to_state(), version, announce=self._fresh, weights=weights, snapshot=snapshot
+            self.book.to_state(),
+            version,
+            announce=self._fresh,
+            weights=weights,
+            snapshot=snapshot,
+            notices=self._notices(version),
         )
         self._fresh = []
+
+    def _notices(self, version: int) -> list[tuple[str, bytes]]:
+        """Messages (topic, payload) a commit sends once durable, beside its events (the
+        committer role: watermarks to reducers)."""
+        return []
 
     def _drain_wait(self) -> float | None:
         """Seconds until the partial FedBuff buffer is due to be applied (0: now); None when
@@ -336,9 +432,54 @@ class AggregatorWorker:
         if not self.strategy.drain():
             return
         self.committer.log_drain()
+        self.committer.log_noise_keys(self._noise_keys())
         self.log.info("buffer timeout: partial buffer applied", updates=pending)
         self._versions_made()
         await self._commit(publish=True)
+
+    def _privacy(self, version: int) -> dict[str, Any] | None:
+        """What central DP has spent by ``version``: every noised flush counts one Gaussian
+        mechanism for any client that took part (no amplification claimed, see
+        fedbus.aggregation.dp); None without DP."""
+        dp = getattr(self.strategy, "dp", None)
+        steps_now = getattr(self.strategy, "dp_steps", 0)
+        if dp is None or dp.noise_multiplier == 0:
+            return None
+        steps = max(0, steps_now - (self.strategy.version - version))
+        eps = dpmod.Accountant(dp.noise_multiplier).epsilon(steps, dp.delta)
+        if version == self.strategy.version:
+            self.metrics.privacy_epsilon.labels(self.model).set(eps)
+        return {
+            "epsilon": eps,
+            "delta": dp.delta,
+            "accountant": dpmod.ACCOUNTANT,
+            "noise_multiplier": dp.noise_multiplier,
+            "steps": steps,
+            "budget": dp.budget,
+        }
+
+    @property
+    def budget_spent(self) -> bool:
+        return bool(getattr(self.strategy, "budget_spent", False))
+
+    async def _spent(self, stop: asyncio.Event) -> None:
+        """The privacy budget admits no further version: say so once, keep serving health
+        and the last model, consume nothing more (updates stay on the broker, unacknowledged,
+        for whoever raises the budget or starts a new model) until stopped."""
+        self.metrics.privacy_budget_spent.labels(self.model).set(1)
+        await self._commit(publish=True)  # the last version goes out now, not when due
+        strategy = self.strategy
+        self.log.warning(
+            "privacy budget spent: no further versions; updates are left on the broker",
+            version=strategy.version,
+            epsilon=getattr(strategy, "epsilon", lambda: None)(),
+            budget=getattr(getattr(strategy, "dp", None), "budget", None),
+        )
+        await stop.wait()
+
+    def _noise_keys(self) -> list[bytes]:
+        take = getattr(self.strategy, "take_noise_keys", None)  # FedBuff with DP only
+        return take() if take is not None else []
 
     def _durable(self, version: int) -> None:
         self.committed_version = version
@@ -354,17 +495,23 @@ class AggregatorWorker:
         """Run until ``stop`` is set (SIGTERM/SIGINT in the CLI), then commit, publish the
         newest version and return."""
         stop = stop or asyncio.Event()
-        if self.settings.metrics_port:
+        if self.settings.metrics_port and self._own_health:
             await self.health.start()
         try:
             await self._start(stop)
-            self.health.ready = True
+            self.ready.set()
+            if self._own_health:
+                self.health.ready = True
             self.log.info("ready", version=self.strategy.version, n_params=self.layout.n_params)
-            await self._consume(stop)
+            if not self.budget_spent:
+                await self._consume(stop)
+            if self.budget_spent:
+                await self._spent(stop)
         finally:
             self.health.ready = False
             await self._shutdown()
-            await self.health.stop()
+            if self._own_health:
+                await self.health.stop()
             c = self.committer
             snapshot = c.last_snapshot_path if c is not None else None
             self.log.info(
@@ -376,6 +523,9 @@ class AggregatorWorker:
             )
 
     async def _shutdown(self) -> None:
+        if self._retained_check is not None:
+            self._retained_check.cancel()
+            await asyncio.gather(self._retained_check, return_exceptions=True)
         c, p = self.committer, self.publisher
         if c is None or p is None or not c.started:
             if p is not None:
@@ -395,7 +545,7 @@ class AggregatorWorker:
     async def _consume(self, stop: asyncio.Event) -> None:
         assert self.committer is not None and self.publisher is not None
         committer, publisher = self.committer, self.publisher
-        queue: asyncio.Queue[Message] = asyncio.Queue(maxsize=64)
+        queue = Inbox(INBOX_MESSAGES, self.settings.max_inbox_bytes)
 
         async def pump() -> None:
             async for msg in self.transport.messages():
@@ -439,12 +589,20 @@ class AggregatorWorker:
                         break
                 if msg is not None:
                     await self._handle(msg)
+                    if self.budget_spent:  # its last version is committed: stop consuming
+                        break
                 committer.check()  # re-raise a failed write, ack, event or snapshot
                 publisher.check()  # or publication
                 self._m_lag.set(len(committer.unacked) + queue.qsize())
                 if self._drain_wait() == 0.0:
                     await self._drain()
+                    if self.budget_spent:
+                        break
                 now = time.monotonic()
+                if getattr(self.transport, "reconnects", 0) != self._reconnects:
+                    self._check_retained()
+                if self._republish:
+                    await self._commit()
                 summary.maybe(
                     now,
                     processed=self.processed,

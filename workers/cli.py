@@ -24,6 +24,7 @@ from fedbus.cli.options import (
     ModelOpt,
     MqttHostOpt,
     MqttPortOpt,
+    Role,
     TransportName,
     TransportOpt,
     broker_overrides,
@@ -58,6 +59,13 @@ def worker(
     mqtt_host: MqttHostOpt = None,
     mqtt_port: MqttPortOpt = None,
     kafka_bootstrap: KafkaBootstrapOpt = None,
+    role: Annotated[
+        Role | None,
+        typer.Option(
+            help="all: one process per model; reducer: fold a share of the updates; "
+            "committer: merge partials and commit (a second one waits as standby)."
+        ),
+    ] = None,
 ) -> None:
     """Run an aggregator worker until SIGTERM or SIGINT, then checkpoint and exit 0.
 
@@ -76,6 +84,7 @@ def worker(
         metrics_port=metrics_port,
         log_format=log_format.value if log_format else None,
         log_level=log_level.value if log_level else None,
+        role=role.value if role else None,
         **overrides,
     )
     raise typer.Exit(run_worker(settings))
@@ -296,16 +305,72 @@ def bench_e2e(
         int | None,
         typer.Option(min=1, help="Timed updates per case (default: ~200 MB of frames)."),
     ] = None,
+    intervals: Annotated[
+        str,
+        typer.Option(help="Comma-separated model_publish_interval_s values (0: every version)."),
+    ] = "0,1",
+    model_codec: Annotated[str, typer.Option(help="Full-model codec: fp32, fp16, int8.")] = "fp32",
+    model_diff_codec: Annotated[
+        str, typer.Option(help="Difference codec (int8, int4, topk:fraction=F); empty: none.")
+    ] = "int8",
 ) -> None:
     """Updates per second through one worker beside a bare subscriber on the same client
-    library and broker (started here on a free loopback port), plus commit latency.
+    library and broker (started here on a free loopback port), plus commit latency and the
+    bytes the worker publishes on the model channels.
 
     \b
     Example: fedbus bench e2e --transport kafka --sizes 1e5 --repeats 3
     """
     from workers.bench import e2e
 
+    try:
+        periods = [float(x) for x in intervals.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--intervals {intervals!r}: comma-separated seconds, e.g. 0,1") from None
     records = e2e.run(
-        transport.value, ints(sizes, "--sizes"), repeats=repeats, updates_per_run=updates, log=log
+        transport.value,
+        ints(sizes, "--sizes"),
+        repeats=repeats,
+        updates_per_run=updates,
+        log=log,
+        model_publish_interval_s=periods,
+        model_codec=model_codec,
+        model_diff_codec=model_diff_codec,
     )
     print(json.dumps(records, indent=1) if json_out else e2e.markdown(records))
+
+
+def bench_scale(
+    json_out: Annotated[bool, typer.Option("--json", help="Print a JSON list of records.")] = False,
+    sizes: Annotated[str, typer.Option(help="Comma-separated parameter counts.")] = "1e5,1e6",
+    repeats: Annotated[int, typer.Option(min=1, help="Repeats; medians are reported.")] = 1,
+    updates: Annotated[
+        int | None,
+        typer.Option(min=1, help="Timed updates per case (default: ~200 MB of frames)."),
+    ] = None,
+    reducers: Annotated[str, typer.Option(help="Comma-separated reducer counts.")] = "1,2",
+    inflight: Annotated[
+        int, typer.Option(min=1, help="Mosquitto max_inflight_messages (the shipped 20).")
+    ] = 20,
+    buffer_size: Annotated[
+        int, typer.Option(min=1, help="FedBuff K, also the reducers' flush size.")
+    ] = 10,
+) -> None:
+    """Updates per second through reducers plus a committer beside one `all` worker and a
+    bare subscriber (MQTT, a broker started here), and the standby committer's takeover.
+
+    \b
+    Example: fedbus bench scale --sizes 1e5 --reducers 1,2 --json
+    """
+    from workers.bench import scale
+
+    records = scale.run(
+        ints(sizes, "--sizes"),
+        repeats=repeats,
+        updates_per_run=updates,
+        reducer_counts=ints(reducers, "--reducers"),
+        log=log,
+        inflight=inflight,
+        buffer_size=buffer_size,
+    )
+    print(json.dumps(records, indent=1) if json_out else scale.markdown(records))

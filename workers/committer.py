@@ -77,6 +77,7 @@ class _Commit:
     taken_at: float
     events: list[dict[str, Any]]  # versions this commit made, oldest first
     weights: Weights | None
+    notices: list[tuple[str, bytes]]  # (topic, payload), sent with the acknowledgements
 
 
 class Committer:
@@ -160,6 +161,12 @@ class Committer:
     def log_drain(self) -> None:
         self._log(wal.drain_record())
 
+    def log_noise_keys(self, keys: list[bytes]) -> None:
+        """The DP noise keys of the flushes the record just logged caused (replay needs
+        them; they go with the segment, see fedbus.aggregation.dp)."""
+        for key in keys:
+            self._log(wal.noise_key_record(key))
+
     def _log(self, chunks: wal.Chunks) -> None:
         """Queue records; past ``STREAM_BYTES`` the writer thread takes them now (they count
         only once a commit record follows them)."""
@@ -204,6 +211,7 @@ class Committer:
         announce: list[dict[str, Any]],
         weights: Weights | None,
         snapshot: bool = False,
+        notices: list[tuple[str, bytes]] | None = None,
     ) -> None:
         """Take a commit now (call :meth:`room` first); it is written, acknowledged,
         announced and handed to the publisher in the background, in order."""
@@ -219,7 +227,16 @@ class Committer:
         self._log_bytes += wal.size(records)
         durable = writer.commit(self._segment, records)
         now = time.monotonic()
-        c = _Commit(version, self.unacked, _offsets(book), durable, now, list(announce), weights)
+        c = _Commit(
+            version,
+            self.unacked,
+            _offsets(book),
+            durable,
+            now,
+            list(announce),
+            weights,
+            list(notices or []),
+        )
         self._records, self._records_bytes, self._logged = [], 0, 0
         self.unacked = []
         self.last_commit = now
@@ -270,6 +287,8 @@ class Committer:
                 steps.append(self.transport.ack(c.messages, c.offsets))
             if c.events:
                 steps.append(self._announce(c.events))
+            for topic, payload in c.notices:
+                steps.append(self.transport.publish(topic, payload))
             # Both run to the end before a failure of either is raised.
             for result in await asyncio.gather(*steps, return_exceptions=True):
                 if isinstance(result, BaseException):

@@ -27,6 +27,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from fedbus.bench.convergence import codec_hook
+from fedbus.bench.convergence.output import algorithm_colours
 from fedbus.cli.errors import UserError
 from fedbus.client.updates import UpdateEncoder, read_model
 from fedbus.sim.data import FleetData, digits_fleet
@@ -36,7 +38,7 @@ from fedbus.sim.timing import FleetTiming
 from fedbus.testing.brokers import MosquittoBroker, TansuBroker, mosquitto_available
 from fedbus.transport.base import Transport
 from fedbus.wire import envelope as env
-from fedbus.wire.codecs import CodecSpec, ErrorFeedback, decode_dense
+from fedbus.wire.codecs import CodecSpec, decode_dense
 from fedbus.wire.layout import Layout
 from fedbus.wire.model_message import encode_model_message
 from workers.main import make_transport
@@ -192,17 +194,16 @@ async def _follow(transport: Transport, model_id: str, latest: dict[str, Any]) -
 def _encode_hook(
     codec: CodecSpec, n: int, seed: int, halt: threading.Event
 ) -> Callable[[int, np.ndarray], tuple[np.ndarray, int]]:
-    feedback: dict[int, ErrorFeedback] = {}
-    rng = np.random.default_rng(seed)
+    """The convergence benchmark's codec hook (per-device error feedback), stopping the run
+    at its next upload once ``halt`` is set."""
+    encode = codec_hook(codec, 1, n, np.random.default_rng(seed))
 
-    def encode(client: int, delta: np.ndarray) -> tuple[np.ndarray, int]:
+    def hook(client: int, delta: np.ndarray) -> tuple[np.ndarray, int]:
         if halt.is_set():
             raise DemoStopped
-        ef = feedback.setdefault(client, ErrorFeedback(n, codec))
-        payload = ef.encode(delta, rng)
-        return decode_dense(payload, codec, n), len(payload)
+        return encode(client, delta)
 
-    return encode
+    return hook
 
 
 def _result(alg: str, codec: str, transport: str, res: SimResult, wall: float) -> RunResult:
@@ -415,12 +416,12 @@ def plot(results: list[RunResult], cfg: DemoConfig, path: Path) -> None:
 
     fig, (ax_t, ax_b) = plt.subplots(1, 2, figsize=(12, 4.5))
     styles = {"fp32": "-", "int8": "--", "topk+int8": ":"}
-    colors = {"fedbuff": "tab:blue", "fedasync": "tab:orange", "sync-fedavg": "tab:green"}
+    colors = algorithm_colours()  # the convergence report's: one colour per algorithm
     for r in results:
         t, b, a = zip(*r.curve, strict=True)
         kw = {
             "ls": styles.get(r.codec, "-"),
-            "color": colors.get(r.algorithm),
+            "color": colors.get(r.algorithm.replace("-", "_")),
             "label": f"{r.algorithm} {r.codec}",
         }
         ax_t.plot(t, a, **kw)

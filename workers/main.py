@@ -9,11 +9,13 @@ import signal
 import socket
 import uuid
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from fedbus import log as fedlog
 from fedbus.cli.errors import UserError
+from fedbus.downlink import model_codec
 from fedbus.store.lock import DirectoryLock, LockHeld
 from fedbus.transport import topics
 from fedbus.transport.base import Transport, TransportError
@@ -24,6 +26,10 @@ from workers.settings import WorkerSettings
 INSTANCE = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 """This process, as its presence records and Kafka client id name it: two processes that
 share a worker id (a copied config) are still told apart."""
+
+
+# Fixed header, topic (at most 64 KiB) and properties of a PUBLISH around its payload.
+MQTT_HEADER_ROOM = 70_000
 
 
 def make_transport(settings: WorkerSettings, *, role: str = "worker") -> Transport:
@@ -76,22 +82,28 @@ def make_transport(settings: WorkerSettings, *, role: str = "worker") -> Transpo
             username=m.username,
             password=m.password.get_secret_value() if m.password else None,
             # Other roles must never share the worker's persistent session (it would be taken
-            # over, and its unacknowledged updates with it).
+            # over, and its unacknowledged updates with it). A committer and its standby share
+            # one (the standby connects only once the active one is gone); a reducer has its
+            # own, keyed by its worker id.
             identifier=(m.identifier or f"fedbus-{settings.model}-{settings.worker_id}")
-            + ("" if role == "worker" else f"-{role}"),
+            + ("" if role in ("worker", "committer") else f"-{role}"),
             keepalive=m.keepalive,
             connect_timeout=m.connect_timeout,
             status_topic=(
                 topics.mqtt_worker_status(settings.model, settings.worker_id)
-                if role == "worker"
+                if role in ("worker", "committer", "reducer")
                 else None
             ),
             instance=INSTANCE,
             session_expiry_interval=m.session_expiry_interval,
-            clean_start=role != "worker",
+            clean_start=role not in ("worker", "committer", "reducer"),
             shared_group=shared,
+            update_partitions=settings.scale.partitions,
             tls_params=tls,
             tls_insecure=m.tls_insecure or None,
+            # The broker sends us nothing larger than an update (or model) we would accept:
+            # an oversized packet is never read into memory only to be refused.
+            maximum_packet_size=settings.max_message_bytes + MQTT_HEADER_ROOM,
         )
     )
 
@@ -102,38 +114,62 @@ def _where(settings: WorkerSettings) -> str:
     return f"MQTT at {settings.mqtt.hostname}:{settings.mqtt.port} (--mqtt-host, --mqtt-port)"
 
 
-async def serve(settings: WorkerSettings, stop: asyncio.Event) -> None:
-    """Connect, then run the worker until ``stop``. A broker that cannot be reached at start
-    is the user's to fix (a wrong address, a broker not started): one line, not a crash."""
-    from workers.aggregator import AggregatorWorker  # the CLI's other verbs need no kernels
+def reach_error(settings: WorkerSettings, exc: TransportError) -> UserError:
+    return UserError(f"cannot reach the broker, {_where(settings)}: {exc}")
 
+
+def lock_state(settings: WorkerSettings) -> DirectoryLock:
     try:
-        lock = DirectoryLock(settings.checkpoint_dir / settings.model).acquire()
+        return DirectoryLock(settings.checkpoint_dir / settings.model).acquire()
     except LockHeld as exc:
         raise UserError(f"{exc}: one worker per model and state directory") from None
+
+
+def port_error(settings: WorkerSettings) -> UserError:
+    return UserError(
+        f"metrics port {settings.metrics_port} on {settings.metrics_host} is in use: "
+        "stop what holds it, or pass --metrics-port (0 turns the endpoints off)"
+    )
+
+
+async def serve_all(settings: WorkerSettings, stop: asyncio.Event, **shared: Any) -> None:
+    """Role ``all``: connect, then run the worker until ``stop``. A broker that cannot be
+    reached at start is the user's to fix (a wrong address, a broker not started): one line,
+    not a crash."""
+    on_worker = shared.pop("on_worker", None)
+    from workers.aggregator import AggregatorWorker  # the CLI's other verbs need no kernels
+
+    lock = lock_state(settings)
     transport = make_transport(settings)
     try:
         try:
             peers = await transport.peers(settings.model)
             await transport.start()
         except TransportError as exc:
-            raise UserError(f"cannot reach the broker, {_where(settings)}: {exc}") from None
+            raise reach_error(settings, exc) from None
         if peers:
             raise UserError(
                 f"model {settings.model!r} is already served by {peers[0]}: stop that worker "
                 "first (its lease ends when it exits), or start this one with another --model"
             )
-        await AggregatorWorker(settings, transport).run(stop)
+        worker = AggregatorWorker(settings, transport, **shared)
+        if on_worker is not None:
+            on_worker(worker)
+        await worker.run(stop)
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
-            raise UserError(
-                f"metrics port {settings.metrics_port} on {settings.metrics_host} is in use: "
-                "stop what holds it, or pass --metrics-port (0 turns the endpoints off)"
-            ) from None
+            raise port_error(settings) from None
         raise
     finally:
         await transport.close()
         lock.release()
+
+
+async def serve(settings: WorkerSettings, stop: asyncio.Event) -> None:
+    """Every model of the settings, in the settings' role (:mod:`workers.roles`)."""
+    from workers.roles import serve as serve_roles
+
+    await serve_roles(settings, stop)
 
 
 def run_worker(settings: WorkerSettings) -> int:
@@ -175,7 +211,9 @@ def publish_initial_model(
     settings: WorkerSettings, *, example: str = "softmax", npz: Path | None = None, seed: int = 0
 ) -> int:
     layout, weights = initial_weights(example, npz, seed)
-    raw = encode_model_message(settings.model, 0, layout, weights, settings.model_codec)
+    raw = encode_model_message(
+        settings.model, 0, layout, weights, model_codec(settings.model_codec)
+    )
 
     async def main() -> None:
         async with make_transport(settings, role="init") as transport:

@@ -69,6 +69,18 @@ class Metrics:
             registry=r,
         )
         self.version = Gauge("fedbus_model_version", "Latest model version.", ["model"], registry=r)
+        self.privacy_epsilon = Gauge(
+            "fedbus_privacy_epsilon",
+            "Central DP: epsilon spent by the newest version (at the configured delta).",
+            ["model"],
+            registry=r,
+        )
+        self.privacy_budget_spent = Gauge(
+            "fedbus_privacy_budget_spent",
+            "1 once the privacy budget admits no further version, else 0.",
+            ["model"],
+            registry=r,
+        )
         self.aggregate_seconds = Histogram(
             "fedbus_aggregate_duration_seconds",
             "Time to validate and fold one update.",

@@ -19,6 +19,11 @@ Two facts make a published model safe to show:
 
 A restart publishes the newest committed version when the last commit record does not
 show its publication confirmed; model messages are idempotent by version.
+
+What goes on the wire is :class:`fedbus.downlink.DownlinkEncoder`'s business: the full
+model in ``model_codec`` on the model channel (retained on MQTT, compacted on Kafka), and
+with ``model_diff_codec`` also the diffs channel's keyframe or compressed difference
+against the reconstruction following devices hold.
 """
 
 from __future__ import annotations
@@ -32,10 +37,8 @@ from typing import Any
 
 import numpy as np
 
+from fedbus.downlink import DownlinkEncoder
 from fedbus.transport.base import Transport
-from fedbus.wire.codecs import CodecSpec
-from fedbus.wire.layout import Layout
-from fedbus.wire.model_message import encode_model_message
 from workers.crashpoints import CrashPoints
 
 MAX_BACKLOG = 4  # interval 0 only: versions waiting for publication before the loop waits
@@ -55,8 +58,7 @@ class ModelPublisher:
         self,
         transport: Transport,
         model: str,
-        layout: Layout,
-        codec: CodecSpec,
+        downlink: DownlinkEncoder,
         interval_s: float,
         *,
         confirmed: int,
@@ -64,7 +66,8 @@ class ModelPublisher:
         log: Any,
         on_published: Callable[[int], None],
     ) -> None:
-        self.transport, self.model, self.layout, self.codec = transport, model, layout, codec
+        self.transport, self.model, self.downlink = transport, model, downlink
+        self.bytes_published = 0  # model channel bytes (full models, keyframes, differences)
         self.interval = interval_s
         self.confirmed = confirmed  # newest version the broker acknowledged
         self.handed = confirmed  # newest version whose weights the loop took for publication
@@ -153,15 +156,13 @@ class ModelPublisher:
         whose publication is not the window the ``publish-pending`` point names."""
         if crash_point:
             self.crash.hit("publish-pending", version=w.version, confirmed=self.confirmed)
-        payload = await asyncio.to_thread(self.message, w)
-        await self.transport.publish_model(self.model, payload, w.version)
+        out = await asyncio.to_thread(self.downlink.next, w.version, w.weights, w.updates_folded)
+        await self.transport.publish_model(self.model, out.model, w.version)
+        self.bytes_published += len(out.model)
+        if out.stream is not None:
+            await self.transport.publish_model_diff(self.model, out.stream, w.version)
+            self.bytes_published += len(out.stream)
         self.confirmed = max(self.confirmed, w.version)
         self.handed = max(self.handed, w.version)
         self.log.debug("published", version=w.version, total_updates_folded=w.updates_folded)
         self.on_published(w.version)
-
-    def message(self, w: Weights) -> bytes:
-        return encode_model_message(
-            self.model, w.version, self.layout, w.weights, self.codec,
-            updates_folded=w.updates_folded,
-        )  # fmt: skip

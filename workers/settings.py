@@ -82,6 +82,10 @@ class AggregationSettings(_Section):
     # FedBuff: updates held for the next buffer when their client is already in this one;
     # None = buffer_size. Past it a repeat client is refused with reason client_busy.
     max_deferred: int | None = Field(None, ge=0)
+    # ... of them at most this many from one client (one device cannot fill the queue) ...
+    max_deferred_per_client: int | None = Field(2, ge=0)
+    # ... and at most this many bytes held in all (deferred updates stay encoded).
+    max_deferred_bytes: int | None = Field(256 * 1024 * 1024, ge=0)
     staleness: Literal["constant", "polynomial", "hinge", "threshold"] = "polynomial"
     staleness_a: float = 0.5  # polynomial exponent, or hinge slope
     staleness_b: float = 4.0  # hinge knee, or threshold cutoff
@@ -98,7 +102,13 @@ class AggregationSettings(_Section):
     trim_beta: float = Field(0.2, ge=0, lt=0.5)
     # Central DP (FedBuff): Gaussian noise z * clip_norm / K per flush; needs clip_norm
     dp_noise_multiplier: float | None = Field(None, gt=0)
-    seed: int = 0
+    # INSECURE, simulations and benchmarks only: derives the DP noise from this public seed,
+    # so anyone who knows it can remove the noise. Unset (the default), every flush's noise
+    # comes from a fresh key from the operating system's CSPRNG that is never checkpointed.
+    dp_insecure_seed: int | None = None
+    dp_delta: float = Field(1e-5, gt=0, lt=1)  # every reported epsilon is at this delta
+    # Epsilon after which the model makes no further version (README, Privacy); needs DP.
+    privacy_budget: float | None = Field(None, gt=0)
     # FedBuff: a buffer non-empty for this long without reaching K is applied as it is
     # (still divided by K), so a fleet with fewer than K active clients still makes progress.
     buffer_timeout_s: float | None = Field(None, gt=0)
@@ -110,8 +120,38 @@ class AggregationSettings(_Section):
     def _consistent(self) -> AggregationSettings:
         if self.dp_noise_multiplier is not None and self.clip_norm is None:
             raise ValueError("dp_noise_multiplier needs clip_norm (the sensitivity bound)")
+        if self.privacy_budget is not None and self.dp_noise_multiplier is None:
+            raise ValueError("privacy_budget needs central DP (dp_noise_multiplier)")
         if self.algorithm == "fedasync" and (self.robust or self.dp_noise_multiplier):
             raise ValueError("robust aggregation and DP need a buffer: use algorithm fedbuff")
+        return self
+
+
+class ScaleSettings(_Section):
+    """Scale-out (``role = "reducer"`` / ``"committer"``; README, Scaling out)."""
+
+    # MQTT update partitions: devices publish to .../updates/<crc32(client) mod P>/<client>.
+    # 0 keeps the single topic level (one consumer per model). Devices need the same value.
+    partitions: int = Field(0, ge=0, le=4096)
+    # The partitions this reducer owns (static assignment); None: all of them.
+    reducer_partitions: list[int] | None = None
+    # A reducer hands its partial on at this many updates or after this long. Mosquitto
+    # delivers at most max_inflight_messages (default 20) unacknowledged updates per reducer,
+    # and a reducer acknowledges only once a commit holds its partial: keep it at most 20.
+    flush_updates: int = Field(10, ge=1)
+    flush_ms: float = Field(50.0, gt=0)
+    # Watermarks travel at QoS 0 (outside Mosquitto's in-flight limit), so one can be lost
+    # with a connection: a partial still unanswered after this long is sent again (the
+    # committer refuses a repeat as duplicates, and the reducer acknowledges them then).
+    resend_s: float = Field(10.0, gt=0)
+    # A standby committer checks the active one's presence this often.
+    standby_poll_s: float = Field(0.2, gt=0)
+
+    @model_validator(mode="after")
+    def _owned(self) -> ScaleSettings:
+        for p in self.reducer_partitions or []:
+            if not 0 <= p < max(self.partitions, 1):
+                raise ValueError(f"reducer partition {p} is not in 0..{self.partitions - 1}")
         return self
 
 
@@ -123,11 +163,19 @@ class WorkerSettings(BaseSettings):
     )
 
     model: str = "digits"
+    # Several models in one process (each with its own state directory and metrics label);
+    # None serves ``model`` alone.
+    models: list[str] | None = None
     transport: Literal["mqtt", "kafka"] = "mqtt"
+    # all: one process consumes, folds and commits (default); reducer: folds a share of the
+    # updates into partial sums; committer: merges partials, commits and publishes (a second
+    # one with the same worker_id waits as a standby).
+    role: Literal["all", "reducer", "committer"] = "all"
     worker_id: str = "worker-0"
     mqtt: MqttSettings = MqttSettings()
     kafka: KafkaSettings = KafkaSettings()
     aggregation: AggregationSettings = AggregationSettings()
+    scale: ScaleSettings = ScaleSettings()
     checkpoint_dir: Path = Path("fedbus-state")
     checkpoint_keep: int = 3
     checkpoint_fsync: bool = True
@@ -138,7 +186,20 @@ class WorkerSettings(BaseSettings):
     snapshot_interval_s: float = Field(30.0, gt=0)
     snapshot_log_bytes: int = Field(256 * 1024 * 1024, ge=1)
     max_message_bytes: int = 64 * 1024 * 1024
+    # Received messages waiting for the loop are held up to this many bytes (and 64
+    # messages); past it the transport leaves the rest at the broker.
+    max_inbox_bytes: int = Field(128 * 1024 * 1024, ge=1)
+    # Dead-letter records carry the reason, metadata and the message's SHA-256; with this
+    # on they also carry its first 64 KiB (data minimisation: off unless debugging needs it).
+    deadletter_keep_payload: bool = False
+    # The downlink (README, Model downlink): the model channel carries the newest full model
+    # in ``model_codec`` (fp32, fp16, int8); with ``model_diff_codec`` (int8, int4,
+    # topk:fraction=..., fp16; "" turns it off) the diffs channel that following devices
+    # read carries a keyframe every ``model_keyframe_every`` publications and compressed
+    # differences between them.
     model_codec: str = "fp32"
+    model_diff_codec: str = "int8"
+    model_keyframe_every: int = Field(10, ge=1)
     # Every version is committed and announced by its event; its weights are published at
     # most this often (always the newest committed version, and always after a buffer
     # drain and on shutdown). 0 publishes every version. The default keeps publication a
@@ -182,6 +243,29 @@ class WorkerSettings(BaseSettings):
     def _lower(cls, value: Any) -> Any:
         return value.lower() if isinstance(value, str) else value
 
+    @field_validator("model_codec")
+    @classmethod
+    def _model_codec(cls, value: str) -> str:
+        from fedbus.downlink import model_codec
+
+        try:
+            model_codec(value)
+        except (WireError, ValueError) as exc:
+            raise ValueError(getattr(exc, "detail", str(exc))) from exc
+        return value
+
+    @field_validator("model_diff_codec")
+    @classmethod
+    def _diff_codec(cls, value: str) -> str:
+        from fedbus.downlink import diff_codec
+
+        if value:
+            try:
+                diff_codec(value)
+            except (WireError, ValueError) as exc:
+                raise ValueError(getattr(exc, "detail", str(exc))) from exc
+        return value
+
     @field_validator("model", "worker_id")
     @classmethod
     def _ids(cls, value: str) -> str:
@@ -189,6 +273,30 @@ class WorkerSettings(BaseSettings):
             return validate_id(value, "id")
         except WireError as exc:
             raise ValueError(exc.detail) from exc
+
+    @field_validator("models")
+    @classmethod
+    def _model_ids(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        if not value or len(set(value)) != len(value):
+            raise ValueError("models must name at least one model, each once")
+        return [cls._ids(v) for v in value]
+
+    @model_validator(mode="after")
+    def _roles(self) -> WorkerSettings:
+        if self.role != "all" and self.aggregation.algorithm != "fedbuff":
+            raise ValueError(
+                f"role {self.role} needs algorithm fedbuff (FedAsync applies updates one by "
+                "one in order: it scales by model, with role all)"
+            )
+        if self.role != "all" and self.aggregation.robust is not None:
+            raise ValueError(f"role {self.role}: robust aggregation keeps every update, no sums")
+        return self
+
+    @property
+    def served_models(self) -> list[str]:
+        return list(self.models) if self.models else [self.model]
 
     @classmethod
     def settings_customise_sources(

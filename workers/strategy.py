@@ -55,7 +55,11 @@ def build(cfg: AggregationSettings, initial: np.ndarray, version: int) -> Strate
     else:
         dp = (
             DPConfig(
-                noise_multiplier=cfg.dp_noise_multiplier, clip_norm=cfg.clip_norm, seed=cfg.seed
+                noise_multiplier=cfg.dp_noise_multiplier,
+                clip_norm=cfg.clip_norm,
+                insecure_seed=cfg.dp_insecure_seed,
+                delta=cfg.dp_delta,
+                budget=cfg.privacy_budget,
             )
             if cfg.dp_noise_multiplier is not None and cfg.clip_norm is not None
             else None  # the settings refuse a noise multiplier without clip_norm
@@ -73,5 +77,7 @@ def build(cfg: AggregationSettings, initial: np.ndarray, version: int) -> Strate
             version=version,
             max_deferred=cfg.max_deferred,
             dedup_window=cfg.dedup_window,
+            max_deferred_per_client=cfg.max_deferred_per_client,
+            max_deferred_bytes=cfg.max_deferred_bytes,
         )
     return strategy

@@ -20,6 +20,11 @@ class Delta(Protocol):
         """Number of parameters."""
         ...
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes the delta keeps alive while it is held (deferred updates are capped by it)."""
+        ...
+
     def sq_norm(self) -> float:
         """Squared L2 norm of the decoded vector, without materialising it."""
         ...
@@ -44,6 +49,10 @@ class DenseDelta:
     @property
     def n(self) -> int:
         return int(self.values.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.values.nbytes)
 
     def sq_norm(self) -> float:
         with np.errstate(over="ignore"):  # an overflow gives inf, which the policy refuses

@@ -10,19 +10,27 @@ aggregation). A second update from a client already in the buffer is accepted bu
 *deferred*:
 
 - it enters the dedup window at once, and its staleness, weights and clip factor are fixed
-  on arrival (FLSim measures staleness on arrival too), so it is kept as a dense weighted
-  vector (8 bytes per parameter: deferral is meant to be rare);
+  on arrival (FLSim measures staleness on arrival too); it is kept *encoded*, as the codec
+  delta it arrived as (about 1 byte per parameter for int8, not 8 for a dense float64
+  copy), with its factor, and a checkpoint stores it as its decoded payload;
 - after every flush (at K, by ``drain`` or ``apply_partial``) the deferred updates are
   folded, oldest first, into the new buffer, skipping any whose client is already in it
   (they keep their place); a new buffer that reaches K flushes again, and so on;
 - so a deferred update's client is always in the current buffer, which keeps the order of
   a client's updates intact, and ``pending`` never counts deferred ones (``deferred`` does);
-- at most ``max_deferred`` updates wait (default K). Past that a repeat client's update is
-  refused with reason ``client_busy`` and stays out of the dedup window, so the device may
-  send it again later. Without the bound, a fleet with fewer than K active clients would
-  grow the queue without limit while the buffer never fills; with it, memory stays at
-  ``max_deferred`` dense vectors and the refusals show the operator that K is too large
-  for the fleet (the worker's ``buffer_timeout_s`` then applies partial buffers).
+- three bounds hold the queue: at most ``max_deferred`` updates (default K), at most
+  ``max_deferred_per_client`` of them from one client, and at most ``max_deferred_bytes``
+  held in all. Past any of them a repeat client's update is refused with reason
+  ``client_busy`` and stays out of the dedup window, so the device may send it again
+  later. Without them, a fleet with fewer than K active clients would grow the queue
+  without limit while the buffer never fills, and one device sending the same update
+  again and again would pin memory and crowd every other client out of the queue; the
+  refusals show the operator that K is too large for the fleet (the worker's
+  ``buffer_timeout_s`` then applies partial buffers).
+
+With central DP and a budget (:mod:`.dp`), every flush counts one Gaussian mechanism
+(``dp_steps``, in the state); once the budget's ``max_steps`` flushes are made, no further
+version is: updates are refused with reason ``privacy_budget`` and drains do nothing.
 
 The sum is linear, so partial buffers from several reducers merge exactly (:func:`merge`):
 FedBuff scales out by splitting the stream, and a committer applies the merged buffer.
@@ -30,8 +38,10 @@ FedBuff scales out by splitting the stream, and a committer applies the merged b
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -47,9 +57,12 @@ from fedbus.aggregation.optimizers import ServerOptimizer, ServerSGD, optimizer_
 from fedbus.aggregation.robust import robust_mean
 from fedbus.aggregation.state import array, expect, snapshot
 from fedbus.aggregation.update import DedupWindow, Outcome, Update, check, read_only
+from fedbus.wire.codecs import CodecSpec, decode
 from fedbus.wire.errors import Reason
 
 ExampleWeighting = Literal["equal", "linear", "sqrt", "log10"]
+
+
 def _log10_1p(m: float) -> float:
     return math.log10(1 + m)
 
@@ -104,7 +117,26 @@ class _Deferred:
     update_id: str
     staleness: int
     weight: float  # s(tau) e(n): counts toward the weight sum
-    weighted: np.ndarray  # weight * clip * u, dense
+    factor: float  # weight * clip factor, applied when it is folded
+    delta: Delta  # as it arrived (encoded: a codec delta over its payload)
+
+
+def _delta_state(delta: Delta) -> dict[str, Any]:
+    """A held delta for a checkpoint: a codec delta as its decoded payload and codec (so
+    restoring folds it through the same kernel, bit for bit), a dense one as its values."""
+    raw = getattr(delta, "raw", None)
+    spec = getattr(delta, "spec", None)
+    if isinstance(raw, bytes) and isinstance(spec, CodecSpec) and raw:
+        wire = dataclasses.replace(spec, zstd=False).to_wire()
+        return {"codec": wire, "raw": np.frombuffer(raw, dtype=np.uint8)}
+    return {"dense": delta.to_dense()}
+
+
+def _delta_from_state(d: dict[str, Any], n: int) -> Delta:
+    if "dense" in d:
+        return DenseDelta(array(d["dense"]))
+    raw = np.asarray(d["raw"], dtype=np.uint8).tobytes()
+    return decode(raw, CodecSpec.from_wire(d["codec"]), n)
 
 
 class FedBuff:
@@ -135,11 +167,17 @@ class FedBuff:
         dedup_window: int = 100_000,
         version: int = 0,
         max_deferred: int | None = None,
+        max_deferred_per_client: int | None = None,
+        max_deferred_bytes: int | None = None,
     ) -> None:
         if buffer_size < 1:
             raise ValueError("buffer_size must be at least 1")
         if max_deferred is not None and max_deferred < 0:
             raise ValueError("max_deferred must be >= 0 (or None for K)")
+        if max_deferred_per_client is not None and max_deferred_per_client < 0:
+            raise ValueError("max_deferred_per_client must be >= 0 (or None for no cap)")
+        if max_deferred_bytes is not None and max_deferred_bytes < 0:
+            raise ValueError("max_deferred_bytes must be >= 0 (or None for no cap)")
         if max_staleness is not None and max_staleness < 0:
             raise ValueError("max_staleness must be >= 0 (or None for unbounded)")
         if normalisation not in ("k", "weight_sum"):
@@ -168,6 +206,11 @@ class FedBuff:
             raise ValueError("the model is one flat float vector")
         self.k = buffer_size
         self.max_deferred = buffer_size if max_deferred is None else max_deferred
+        self.max_deferred_per_client = max_deferred_per_client
+        self.max_deferred_bytes = max_deferred_bytes
+        self._deferred_bytes = 0
+        self.dp_steps = 0  # noised flushes so far: what the privacy accountant counts
+        self.dp_max_steps = dpmod.max_steps(dp) if dp is not None else None
         self.max_staleness = max_staleness
         self.optimizer: ServerOptimizer = server_optimizer or ServerSGD(1.0)
         self.clip_norm, self.normalisation = clip_norm, normalisation
@@ -175,7 +218,10 @@ class FedBuff:
         self.robust, self.trim_beta, self.dp = robust, trim_beta, dp
         self.version = version
         self.seen = DedupWindow(dedup_window)
-        self.rng = np.random.default_rng(dp.seed if dp else 0)
+        # Noise keys (see fedbus.aggregation.dp): those drawn since the worker last took them
+        # for its log, and those the log handed back for replay. Never in the state.
+        self._noise_drawn: list[bytes] = []
+        self._noise_replay: deque[bytes] = deque()
         self._acc = np.zeros_like(self._x)
         self._queue = FoldQueue()
         self._count = 0
@@ -199,8 +245,29 @@ class FedBuff:
         """Accepted updates held for a later buffer (their client is in this one)."""
         return len(self._deferred)
 
+    @property
+    def deferred_bytes(self) -> int:
+        """Bytes the deferred updates keep alive (capped by ``max_deferred_bytes``)."""
+        return self._deferred_bytes
+
+    @property
+    def budget_spent(self) -> bool:
+        """DP with a budget, and no further flush fits in it: no more versions."""
+        return self.dp_max_steps is not None and self.dp_steps >= self.dp_max_steps
+
+    def epsilon(self, steps: int | None = None) -> float | None:
+        """Epsilon (at ``dp.delta``) after ``steps`` noised flushes (default: so far); None
+        without DP or with z = 0."""
+        if self.dp is None or self.dp.noise_multiplier == 0:
+            return None
+        return dpmod.Accountant(self.dp.noise_multiplier).epsilon(
+            self.dp_steps if steps is None else steps, self.dp.delta
+        )
+
     # -- feeding -------------------------------------------------------------------------
     def submit(self, update: Update) -> Outcome:
+        if self.budget_spent:
+            return Outcome(False, Reason.PRIVACY_BUDGET)
         refused, tau, sq = check(
             update, self.version, self.max_staleness, self.seen, self._x.shape[0]
         )
@@ -211,15 +278,18 @@ class FedBuff:
         )
         factor = w * clip_factor(sq, self.clip_norm)
         repeat = update.client_id in self._clients
-        if repeat and len(self._deferred) >= self.max_deferred:
+        if repeat and not self._room_for(update):
             return Outcome(False, Reason.CLIENT_BUSY, staleness=tau)
         # The dedup window takes the update only once it is held: an allocation that fails
         # leaves no trace of it (ingest then refuses it as internal_error).
         if repeat:
-            weighted = update.delta.to_dense()
-            weighted *= factor
+            held = update.delta
+            if isinstance(held, DenseDelta):  # the caller's array: keep a copy of it
+                held = DenseDelta(held.values.copy())
+            d = _Deferred(update.client_id, update.update_id, tau, w, factor, held)
+            self._deferred.append(d)
+            self._deferred_bytes += update.delta.nbytes
             self.seen.add((update.client_id, update.update_id), update.digest, update.seq)
-            self._deferred.append(_Deferred(update.client_id, update.update_id, tau, w, weighted))
             return Outcome(True, staleness=tau, weight=factor, deferred=True)
         before = self.version
         self._fold(update.client_id, w, update.delta, factor)
@@ -227,6 +297,16 @@ class FedBuff:
         self._flush_while_full()
         new = self.version if self.version != before else None
         return Outcome(True, staleness=tau, weight=factor, new_version=new)
+
+    def _room_for(self, update: Update) -> bool:
+        """Whether the deferral queue may take one more update from this client."""
+        if len(self._deferred) >= self.max_deferred:
+            return False
+        cap = self.max_deferred_per_client
+        if cap is not None and sum(d.client_id == update.client_id for d in self._deferred) >= cap:
+            return False
+        limit = self.max_deferred_bytes
+        return limit is None or self._deferred_bytes + update.delta.nbytes <= limit
 
     def _fold(self, client: str, w: float, delta: Delta, factor: float) -> None:
         if self.robust is not None:
@@ -240,7 +320,7 @@ class FedBuff:
         self._wsum += w
 
     def _flush_while_full(self) -> None:
-        while self._count >= self.k:
+        while self._count >= self.k and not self.budget_spent:
             self._flush()
             self._refold_deferred()
 
@@ -251,7 +331,8 @@ class FedBuff:
             if d.client_id in self._clients or self._count >= self.k:
                 self._deferred.append(d)
             else:
-                self._fold(d.client_id, d.weight, DenseDelta(d.weighted), 1.0)
+                self._deferred_bytes -= d.delta.nbytes
+                self._fold(d.client_id, d.weight, d.delta, d.factor)
 
     def drain(self) -> bool:
         """Apply a partial buffer now (shutdown), still dividing by K; True if applied.
@@ -259,7 +340,7 @@ class FedBuff:
         Deferred updates then open the next buffer, as after any flush (they stay in the
         state, so a checkpoint taken after ``drain`` keeps them).
         """
-        if self._count == 0:
+        if self._count == 0 or self.budget_spent:
             return False
         self._flush()
         self._refold_deferred()
@@ -275,13 +356,40 @@ class FedBuff:
         else:
             ubar = self._acc / (self._wsum if self._wsum > 0 else 1.0)
         if self.dp is not None:
-            ubar += self.rng.normal(0.0, self.dp.noise_std(self.k), ubar.shape)
+            key = self._noise_key()
+            ubar += self.dp.noise_std(self.k) * dpmod.gaussian(key, ubar.shape[0])
+            self.dp_steps += 1
         self.optimizer.step(self._x, ubar)
         self.version += 1
         self._acc[:] = 0.0
         self._count, self._wsum = 0, 0.0
         self._clients.clear()
         self._rows = []
+
+    def _noise_key(self) -> bytes:
+        assert self.dp is not None
+        if self._noise_replay:
+            key = self._noise_replay.popleft()
+        else:
+            key = dpmod.noise_key(self.dp, self.version + 1)
+        self._noise_drawn.append(key)
+        return key
+
+    def take_noise_keys(self) -> list[bytes]:
+        """The DP noise keys of the flushes since the last call, oldest first: the worker
+        writes them to its log right after the message (or drain) that caused them."""
+        keys, self._noise_drawn = self._noise_drawn, []
+        return keys
+
+    def replay_noise_keys(self, keys: list[bytes]) -> None:
+        """Keys read back from the log: the next flushes use them, in order, instead of
+        fresh ones, so that log replay rebuilds the noised models bit for bit."""
+        self._noise_replay.extend(keys)
+
+    @property
+    def noise_keys_unused(self) -> int:
+        """Replay keys not consumed yet (recovery checks this is 0 at the end)."""
+        return len(self._noise_replay)
 
     # -- scale-out -----------------------------------------------------------------------
     def partial(self, *, reset: bool = False) -> PartialBuffer:
@@ -329,6 +437,49 @@ class FedBuff:
         self._flush_while_full()
         return Outcome(True, new_version=self.version if self.version != before else None)
 
+    def take_partial(
+        self, p: PartialBuffer, keys: Sequence[tuple[str, str]]
+    ) -> tuple[Outcome, list[tuple[str, str]]]:
+        """Fold a reducer's partial in, a committer's job across processes; never partly.
+
+        Unlike :meth:`apply_partial` the partial may have been measured against an older
+        version: each update's staleness weight was fixed when the reducer accepted it (as
+        FedBuff fixes it on arrival). ``keys`` are the (client, update id) pairs it covers:
+        if any is already in the dedup window the whole partial is refused as DUPLICATE and
+        the overlap returned (the reducer acknowledges those and sends the rest again). A
+        partial that shares a client with the buffer or would fill it past K first applies
+        the buffer as it is (divided by K, as ``drain``), so no buffer ever holds a client
+        twice or more than K updates. Returns the outcome and the overlap.
+        """
+        if self.robust is not None:
+            raise ValueError("robust modes keep individual rows: cannot apply a partial sum")
+        if self.budget_spent:
+            return Outcome(False, Reason.PRIVACY_BUDGET), []
+        if p.sum.shape != self._acc.shape:
+            return Outcome(False, Reason.LAYOUT_MISMATCH), []
+        if p.version > self.version:
+            return Outcome(False, Reason.FUTURE_VERSION), []
+        if p.count > self.k or p.count != len(keys) or len(p.clients) != p.count:
+            return Outcome(False, Reason.WRONG_TYPE), []
+        if not np.isfinite(p.sum).all():
+            return Outcome(False, Reason.NON_FINITE), []
+        overlap = [k for k in keys if k in self.seen]
+        if overlap:
+            return Outcome(False, Reason.DUPLICATE), overlap
+        before = self.version
+        if self._count and (self._clients & p.clients or self._count + p.count > self.k):
+            self.drain()
+        self._queue.flush(self._acc)
+        self._acc += p.sum
+        self._count += p.count
+        self._wsum += p.weight_sum
+        self._clients |= p.clients
+        for key in keys:
+            self.seen.add(key)
+        self._flush_while_full()
+        new = self.version if self.version != before else None
+        return Outcome(True, staleness=self.version - p.version, new_version=new), []
+
     # -- checkpoints ---------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """A detached snapshot of plain types and arrays (see :mod:`.state`). No side
@@ -352,13 +503,14 @@ class FedBuff:
                         "update_id": d.update_id,
                         "staleness": d.staleness,
                         "weight": d.weight,
-                        "weighted": d.weighted,
+                        "factor": d.factor,
+                        "delta": _delta_state(d.delta),
                     }
                     for d in self._deferred
                 ],
+                "dp_steps": self.dp_steps,
                 "dedup": self.seen.state(),
                 "optimizer": self.optimizer.state_dict(),
-                "rng": self.rng.bit_generator.state,
             }
         )
         return state
@@ -375,16 +527,24 @@ class FedBuff:
         self._count, self._wsum = int(d["count"]), float(d["weight_sum"])
         self._clients = {str(c) for c in d["clients"]}
         self._rows = [array(r) for r in d["rows"]]
+        n = self._x.shape[0]
         self._deferred = [
             _Deferred(
                 str(x["client_id"]),
                 str(x["update_id"]),
                 int(x["staleness"]),
                 float(x["weight"]),
-                array(x["weighted"]),
+                # older states held the weighted dense vector, to be folded with factor 1
+                float(x.get("factor", 1.0)),
+                _delta_from_state(x["delta"], n)
+                if "delta" in x
+                else DenseDelta(array(x["weighted"])),
             )
             for x in d["deferred"]
         ]
+        self._deferred_bytes = sum(x.delta.nbytes for x in self._deferred)
+        # older states did not count: every version so far may have been noised
+        self.dp_steps = int(d.get("dp_steps", self.version if self.dp is not None else 0))
         self.seen.load(d["dedup"])
         self.optimizer = optimizer_from_state(d["optimizer"])
-        self.rng.bit_generator.state = d["rng"]
+        # Older states carried an "rng" (a seeded NumPy generator): ignored, never restored.

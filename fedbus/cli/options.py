@@ -20,6 +20,12 @@ class AlgorithmName(StrEnum):
     fedasync = "fedasync"
 
 
+class Role(StrEnum):
+    all = "all"
+    reducer = "reducer"
+    committer = "committer"
+
+
 class LogFormat(StrEnum):
     json = "json"
     console = "console"

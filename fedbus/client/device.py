@@ -9,6 +9,14 @@ Raspberry-Pi-class device. The user supplies one callback::
 and the device turns ``new - start`` into an update: clipped, error-feedback compressed,
 signed when a key is configured, spooled to disk, then published QoS 1 with retries and
 exponential backoff. An update survives a broker outage and a device restart in the spool.
+One larger than the broker takes (:class:`~fedbus.transport.base.MessageTooLarge`, known
+before sending on MQTT 5) is never retried: ``submit`` raises it, and the spool drops it.
+
+The model: by default a device fetches the latest one when it starts a job (one reused
+broker connection, one full model a job). With ``follow=True`` it also subscribes to the
+diffs channel (``fedbus.downlink``: keyframes and compressed differences), so a job starts
+from the newest version it reconstructed without a download; until its first keyframe, or
+after it missed a difference, it fetches the latest full model as before.
 """
 
 from __future__ import annotations
@@ -23,10 +31,12 @@ import numpy as np
 from fedbus import log as fedlog
 from fedbus.client.spool import Spool
 from fedbus.client.updates import GlobalModel, UpdateEncoder, read_model
-from fedbus.transport.base import Transport
+from fedbus.downlink import Reconstruction
+from fedbus.transport.base import MessageTooLarge, Transport
 from fedbus.transport.retry import backoff
 from fedbus.wire import envelope as env
 from fedbus.wire.codecs import CodecSpec
+from fedbus.wire.errors import WireError
 
 TrainFn = Callable[
     [dict[str, np.ndarray], int], tuple[Mapping[str, np.ndarray], int, Mapping[str, float] | None]
@@ -50,6 +60,7 @@ class Device:
         retry_initial: float = 0.5,
         retry_max: float = 30.0,
         seed: int | None = None,
+        follow: bool = False,
     ) -> None:
         self.transport = transport
         self.model = model
@@ -61,12 +72,15 @@ class Device:
         self.retry_initial, self.retry_max = retry_initial, retry_max
         self.seed = seed
         self._encoder: UpdateEncoder | None = None
+        self.reconstruction = Reconstruction(model) if follow else None
+        self._following: asyncio.Task[None] | None = None
         self.sent = 0
         self.log = fedlog.get("fedbus.device").bind(model=model, client=client)
 
     def encoder_for(self, gm: GlobalModel) -> UpdateEncoder:
         """The encoder keeps its error-feedback residual across rounds, per layout."""
         if self._encoder is None or self._encoder.layout != gm.layout:
+            last = self._encoder.last_seq if self._encoder is not None else 0
             self._encoder = UpdateEncoder(
                 self.model,
                 self.client,
@@ -76,11 +90,48 @@ class Device:
                 private_key=self.private_key,
                 seed=self.seed,
             )
+            # seq never goes back: not across a new layout, nor (with a spool) a reboot
+            stored = self.spool.last_seq() if self.spool is not None else 0
+            self._encoder.last_seq = max(last, stored)
         return self._encoder
 
     async def fetch_model(self, timeout: float = 10.0) -> GlobalModel | None:
+        """The model to start a job from: the followed reconstruction when it is current,
+        else the latest full model: ``None`` if none within ``timeout``, or when it is not a
+        valid model message (logged with its reason: the device trains on nothing it cannot
+        check, whoever published it)."""
+        rec = self.reconstruction
+        if rec is not None:
+            self._follow()
+            if rec.weights is not None and rec.layout is not None and not rec.behind:
+                return GlobalModel(self.model, rec.version, rec.layout, rec.weights.copy())
         raw = await self.transport.latest_model(self.model, timeout=timeout)
-        return read_model(raw) if raw is not None else None
+        if raw is None:
+            return None
+        try:
+            return read_model(raw)
+        except WireError as exc:
+            self.log.warning("model message refused", reason=exc.reason.value, detail=exc.detail)
+            return None
+
+    def _follow(self) -> None:
+        if self._following is None or self._following.done():
+            self._following = asyncio.create_task(self._follow_loop())
+
+    async def _follow_loop(self) -> None:
+        assert self.reconstruction is not None
+        async for raw in self.transport.follow_model_diffs(self.model):
+            try:
+                self.reconstruction.offer(raw)
+            except WireError as exc:  # a message this device cannot use: say so, keep going
+                self.log.warning("model message refused", reason=exc.reason.value, error=str(exc))
+
+    async def close(self) -> None:
+        """Stop following the model channel (the transport stays the caller's)."""
+        if self._following is not None:
+            self._following.cancel()
+            await asyncio.gather(self._following, return_exceptions=True)
+            self._following = None
 
     async def submit(
         self,
@@ -102,6 +153,8 @@ class Device:
         if self.spool is None:
             await self._send_with_retry(raw)
         else:
+            if update.seq is not None:
+                self.spool.record_seq(update.seq)
             self.spool.put(raw)
             await self.flush()
         return update
@@ -117,7 +170,8 @@ class Device:
             initial=self.retry_initial,
             maximum=self.retry_max,
             attempts=attempts,
-            retry_if=lambda exc: isinstance(exc, Exception),
+            # a message the broker will never take is not retried: it would loop forever
+            retry_if=_retryable,
             on_retry=note,
         ):
             with retry:
@@ -132,6 +186,10 @@ class Device:
         for path, raw in self.spool.pending():
             try:
                 await self._send_with_retry(raw, attempts=attempts)
+            except MessageTooLarge as exc:  # can never be sent: drop it, keep the rest moving
+                self.log.error("update dropped from the spool", error=str(exc)[:300])
+                self.spool.done(path)
+                continue
             except Exception:
                 return n
             self.spool.done(path)
@@ -153,6 +211,10 @@ class Device:
             await self.submit(gm, new, n, metrics)
             done += 1
         return done
+
+
+def _retryable(exc: BaseException) -> bool:
+    return isinstance(exc, Exception) and not isinstance(exc, MessageTooLarge)
 
 
 def spool_path(root: str | os.PathLike[str], model: str, client: str) -> Path:

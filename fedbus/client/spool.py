@@ -19,6 +19,7 @@ from pathlib import Path
 from fedbus.store.files import atomic_write
 
 _NAME = re.compile(r"^(\d{20})-(\d{6})\.update$")
+_SEQ_FILE = "last-seq"
 
 
 class Spool:
@@ -32,6 +33,20 @@ class Spool:
         self.max_items = max_items
         self.dropped = 0
         self._seq = 0
+
+    def last_seq(self) -> int:
+        """The highest ``seq`` this device has used (0 if none recorded): a device whose
+        clock is behind after a reboot continues above it instead of being refused as
+        ``replayed`` until its clock catches up."""
+        try:
+            return int((self.directory / _SEQ_FILE).read_text().strip() or 0)
+        except (FileNotFoundError, ValueError):
+            return 0
+
+    def record_seq(self, seq: int) -> None:
+        """Persist ``seq`` before the update carrying it is spooled (a crash in between
+        only skips a number)."""
+        atomic_write(self.directory / _SEQ_FILE, f"{seq}\n".encode())
 
     def _files(self) -> list[Path]:
         return sorted(p for p in self.directory.iterdir() if _NAME.match(p.name))

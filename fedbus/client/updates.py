@@ -14,10 +14,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedbus.aggregation.clipping import clip
+from fedbus.downlink import MODEL_CODECS, decode_model_channel, read_codec
 from fedbus.wire import envelope as env
-from fedbus.wire.codecs import CodecSpec, ErrorFeedback, decode_dense, encode
+from fedbus.wire.codecs import CodecSpec, ErrorFeedback, encode
+from fedbus.wire.errors import Reason, WireError
 from fedbus.wire.ids import new_update_id, validate_id
 from fedbus.wire.layout import Layout
+from fedbus.wire.model_message import model_weights
 from fedbus.wire.signing import sign_update
 
 
@@ -35,11 +38,16 @@ class GlobalModel:
 
 
 def read_model(raw: bytes, max_bytes: int = env.DEFAULT_MAX_BYTES) -> GlobalModel:
-    """Decode a model message (retained MQTT message or compacted Kafka record)."""
-    m = env.decode(raw, max_bytes=max_bytes, expect="model")
-    assert isinstance(m, env.ModelEnvelope)
-    layout = m.tensor_layout()
-    weights = decode_dense(m.payload, CodecSpec.from_wire(m.codec), layout.n_params)
+    """Decode a model message (retained MQTT message or compacted Kafka record): the weights
+    the device trains from and computes its delta against, exactly as decoded. Sizes in its
+    header are checked against ``max_bytes`` before anything is allocated
+    (:func:`~fedbus.wire.model_message.model_weights`); raises ``WireError``, with an
+    operator's sentence for a codec this device cannot read."""
+    m = decode_model_channel(raw, max_bytes)
+    if not isinstance(m, env.ModelEnvelope):
+        raise WireError(Reason.BAD_TYPE, "a model difference where a full model belongs")
+    read_codec(m.codec, MODEL_CODECS)
+    layout, weights = model_weights(m, max_bytes=max_bytes)
     return GlobalModel(m.model, m.version, layout, weights)
 
 

@@ -15,6 +15,7 @@ little-endian uint32.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
@@ -28,12 +29,22 @@ def new_seed() -> bytes:
     return os.urandom(SEED_BYTES)
 
 
-def keystream(seed: bytes, nbytes: int) -> bytes:
-    """``nbytes`` of the ChaCha20 keystream under ``seed``."""
+def stream(seed: bytes) -> Callable[[int], bytes]:
+    """The ChaCha20 keystream under ``seed``, read in successive pieces: each call returns
+    the next ``nbytes`` (so a long stream never has to be held at once)."""
     if len(seed) != SEED_BYTES:
         raise ValueError(f"a seed is {SEED_BYTES} bytes, not {len(seed)}")
     encryptor = Cipher(algorithms.ChaCha20(seed, _NONCE), mode=None).encryptor()
-    return encryptor.update(bytes(nbytes))
+
+    def read(nbytes: int) -> bytes:
+        return encryptor.update(bytes(nbytes))
+
+    return read
+
+
+def keystream(seed: bytes, nbytes: int) -> bytes:
+    """``nbytes`` of the ChaCha20 keystream under ``seed``."""
+    return stream(seed)(nbytes)
 
 
 def expand(seed: bytes, n: int) -> np.ndarray:

@@ -53,6 +53,36 @@ class ServerStep(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class _DeviceJob:
+    """One device's job, the same in every engine: train locally from ``base``, take the
+    delta, pass it through the codec hook. Returns (delta the server sees, examples, bytes)."""
+
+    model: FlatModel
+    fleet: FleetData
+    client_lr: float
+    batch_size: int
+    epochs: int
+    rng: np.random.Generator
+    encode: Encode | None
+
+    def __call__(self, device: int, base: np.ndarray) -> tuple[np.ndarray, int, int]:
+        new, num, _ = self.model.local_train(
+            base,
+            self.fleet.xs[device],
+            self.fleet.ys[device],
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            lr=self.client_lr,
+            rng=self.rng,
+        )
+        delta = new - base
+        if self.encode is None:
+            return delta, num, self.model.n_params * FP32_BYTES
+        delta, sent = self.encode(device, delta)
+        return delta, num, sent
+
+
 class AsyncServer(Protocol):
     """What :func:`run_async` needs from an aggregator (FedAsync, FedBuff, ...).
 
@@ -214,11 +244,10 @@ def run_async(
     ev = _Evaluator(model, fleet, eval_every)
     end_time = math.inf if duration is None else float(duration)
     upload_cap = math.inf if max_uploads is None else max_uploads
-    xs, ys = fleet.xs, fleet.ys
     job_duration, drops, rand = timing.job_duration, timing.drops, sched.random
-    local_train, submit = model.local_train, server.submit
-    default_bytes = model.n_params * FP32_BYTES
-    snap_bytes = default_bytes
+    submit = server.submit
+    job = _DeviceJob(model, fleet, client_lr, batch_size, epochs, train, encode)
+    snap_bytes = model.n_params * FP32_BYTES
 
     idle = list(range(n))
     heap: list[tuple[float, int, int, bool, int, np.ndarray]] = []
@@ -259,20 +288,7 @@ def run_async(
         if lost:
             dropped += 1
         else:
-            new, num, _ = local_train(
-                base,
-                xs[device],
-                ys[device],
-                epochs=epochs,
-                batch_size=batch_size,
-                lr=client_lr,
-                rng=train,
-            )
-            delta = new - base
-            if encode is None:
-                sent = default_bytes
-            else:
-                delta, sent = encode(device, delta)
+            delta, num, sent = job(device, base)
             staleness.append(server.version - base_version)
             submit(device, base_version, delta, num)
             uploads += 1
@@ -346,7 +362,7 @@ def run_sync_fedavg(
     end_time = math.inf if duration is None else float(duration)
     round_cap = math.inf if rounds is None else rounds
     upload_cap = math.inf if max_uploads is None else max_uploads
-    default_bytes = model.n_params * FP32_BYTES
+    job = _DeviceJob(model, fleet, client_lr, batch_size, epochs, train, encode)
     if server_optimizer is not None and server_lr != 1.0:
         raise ValueError("give server_lr or server_optimizer, not both")
 
@@ -370,7 +386,7 @@ def run_sync_fedavg(
                 for d, e, x in zip(devices, closed, lost, strict=True)
             )
         if download is None:
-            base, sent_down = params, default_bytes
+            base, sent_down = params, model.n_params * FP32_BYTES
         else:
             base, sent_down = download(params)
         ev.down += select * sent_down
@@ -380,20 +396,7 @@ def run_sync_fedavg(
         weight = 0
         for j in arrived:
             device = int(devices[j])
-            new, num, _ = model.local_train(
-                base,
-                fleet.xs[device],
-                fleet.ys[device],
-                epochs=epochs,
-                batch_size=batch_size,
-                lr=client_lr,
-                rng=train,
-            )
-            delta = new - base
-            if encode is None:
-                sent = default_bytes
-            else:
-                delta, sent = encode(device, delta)
+            delta, num, sent = job(device, base)
             acc += num * delta
             weight += num
             nbytes += sent

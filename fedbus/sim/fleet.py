@@ -126,7 +126,6 @@ async def run_fleet(
     t0 = time.monotonic()
     deadline = t0 + cfg.duration_s
     done = asyncio.Event()
-    claimed = [0]  # uploads started: never more than cfg.max_uploads
 
     def accuracy(gm: GlobalModel) -> float:
         return model.accuracy(gm.weights, fleet.x_test, fleet.y_test)
@@ -156,7 +155,10 @@ async def run_fleet(
                     latest = gm
                     report.last_version = gm.version
 
+    claimed = 0
+
     async def slot() -> None:
+        nonlocal claimed
         while not done.is_set():
             i = idle.pop(int(sched.random() * len(idle)))
             base = latest
@@ -171,12 +173,12 @@ async def run_fleet(
                     report.dropped += 1
                     continue
                 if cfg.max_uploads is not None:
-                    # claim the upload before its first await: slots finishing together
-                    # would otherwise all pass the check and overshoot max_uploads
-                    if claimed[0] >= cfg.max_uploads:
+                    # Claim the upload before training: the slots in flight when the last one
+                    # lands must not each add one more.
+                    if claimed >= cfg.max_uploads:
                         done.set()
                         return
-                    claimed[0] += 1
+                    claimed += 1
                 new, n, metrics = model.local_train(
                     base.weights,
                     fleet.xs[i],

@@ -3,9 +3,10 @@
 A full checkpoint (:mod:`.checkpoint`) costs the model's size; the log costs what was
 received. Between snapshots a worker appends, per commit, the messages its policy
 *accepted* (raw payload plus topic, key, partition and offset), the partial-buffer drains
-it made, and one ``COMMIT`` record with its small bookkeeping (offsets, counters, the event
-it owes). A restart loads the newest snapshot and replays the committed records through the
-same code path, which rebuilds the state bit for bit.
+it made, the key of the DP noise of each flush those caused, and one ``COMMIT`` record with
+its small bookkeeping (offsets, counters, the event it owes). A restart loads the newest
+snapshot and replays the committed records through the same code path, which rebuilds the
+state bit for bit.
 
 Segments are files ``wal-<seq>.log`` in the checkpoint directory. A snapshot names the
 first segment it does *not* cover; once it is durable, older segments are deleted. The
@@ -41,17 +42,17 @@ _HEAD = struct.Struct("<IIB")  # body length, crc32(length, kind, body), kind
 _MSG_HEAD = struct.Struct("<I")  # length of the message's msgpack metadata
 _NAME = re.compile(r"^wal-(\d{8})\.log$")
 
-MESSAGE, DRAIN, COMMIT = 1, 2, 3
-_KINDS = {MESSAGE, DRAIN, COMMIT}
+MESSAGE, DRAIN, COMMIT, NOISE_KEY = 1, 2, 3, 4
+_KINDS = {MESSAGE, DRAIN, COMMIT, NOISE_KEY}
 
-Chunks = list[bytes | memoryview]
+Chunks = list["bytes | memoryview | _Head"]
 
 
 @dataclass(frozen=True)
 class Record:
     kind: int
     meta: Any = None  # MESSAGE: [topic, key, partition, offset]; COMMIT: the state
-    payload: bytes = field(default=b"", repr=False)  # MESSAGE only
+    payload: bytes = field(default=b"", repr=False)  # MESSAGE; NOISE_KEY: the key
 
 
 def _crc(length: int, kind: int, parts: Iterable[bytes | memoryview]) -> int:
@@ -61,10 +62,24 @@ def _crc(length: int, kind: int, parts: Iterable[bytes | memoryview]) -> int:
     return crc
 
 
+class _Head:
+    """A record header whose CRC is computed when the record is written: on the writer
+    thread (``zlib.crc32`` releases the GIL), not on the worker's event loop, where a 1 MB
+    payload's CRC would cost about half a millisecond per message."""
+
+    __slots__ = ("kind", "length", "parts")
+
+    def __init__(self, kind: int, length: int, parts: list[bytes | memoryview]) -> None:
+        self.kind, self.length, self.parts = kind, length, parts
+
+    def __bytes__(self) -> bytes:
+        return _HEAD.pack(self.length, _crc(self.length, self.kind, self.parts), self.kind)
+
+
 def _record(kind: int, parts: Iterable[bytes | memoryview]) -> Chunks:
-    parts = list(parts)
-    length = size(parts)
-    return [_HEAD.pack(length, _crc(length, kind, parts), kind), *parts]
+    body = list(parts)
+    length = sum(memoryview(p).nbytes for p in body)
+    return [_Head(kind, length, body), *body]
 
 
 def message_record(
@@ -79,12 +94,18 @@ def drain_record() -> Chunks:
     return _record(DRAIN, [])
 
 
+def noise_key_record(key: bytes) -> Chunks:
+    """The DP noise key of a flush the preceding record caused (fedbus.aggregation.dp: it
+    lives no longer than this segment)."""
+    return _record(NOISE_KEY, [key])
+
+
 def commit_record(state: Mapping[str, Any]) -> Chunks:
     return _record(COMMIT, [msgpack.packb(dict(state), use_bin_type=True)])
 
 
-def size(chunks: Iterable[bytes | memoryview]) -> int:
-    return sum(memoryview(c).nbytes for c in chunks)
+def size(chunks: Iterable[bytes | memoryview | _Head]) -> int:
+    return sum(_HEAD.size if isinstance(c, _Head) else memoryview(c).nbytes for c in chunks)
 
 
 @dataclass
@@ -143,6 +164,8 @@ def _decode(kind: int, body: memoryview) -> Record:
         if not isinstance(state, dict):
             raise ValueError("commit record is not a map")
         return Record(COMMIT, state)
+    if kind == NOISE_KEY:
+        return Record(NOISE_KEY, payload=bytes(body))
     return Record(DRAIN)
 
 
@@ -167,14 +190,14 @@ class WriteAheadLog:
                 found.append(int(m.group(1)))
         return sorted(found)
 
-    def append(self, seq: int, chunks: Iterable[bytes | memoryview]) -> None:
+    def append(self, seq: int, chunks: Iterable[bytes | memoryview | _Head]) -> None:
         """Append one commit's records to segment ``seq`` and flush (and fsync) them."""
         f = self.write(seq, chunks)
         f.flush()
         if self.fsync:
             _datasync(f.fileno())
 
-    def write(self, seq: int, chunks: Iterable[bytes | memoryview]) -> BinaryIO:
+    def write(self, seq: int, chunks: Iterable[bytes | memoryview | _Head]) -> BinaryIO:
         """Append records without waiting for them (a later :meth:`append` makes them
         durable, with the commit record that makes them count)."""
         if self._seq != seq:
@@ -194,7 +217,7 @@ class WriteAheadLog:
         f = self._file
         assert f is not None
         for chunk in chunks:
-            f.write(chunk)
+            f.write(bytes(chunk) if isinstance(chunk, _Head) else chunk)
         return f
 
     def flush(self) -> None:

@@ -18,11 +18,16 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self
 
-__all__ = ["Message", "Transport", "TransportError"]
+__all__ = ["Message", "MessageTooLarge", "Transport", "TransportError"]
 
 
 class TransportError(RuntimeError):
     """The broker could not be reached within the configured bounds, or refused us."""
+
+
+class MessageTooLarge(TransportError):
+    """The message exceeds what the broker takes (its announced maximum packet size, or a
+    refusal naming the size). Sending it again cannot succeed: callers must not retry."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,8 +82,17 @@ class Transport(abc.ABC):
 
     # -- consuming updates --------------------------------------------------------------
     @abc.abstractmethod
-    async def subscribe_updates(self, model: str) -> None:
-        """Start receiving the model's updates (MQTT: plain or ``$share``; Kafka: group)."""
+    async def subscribe_updates(self, model: str, partitions: Sequence[int] | None = None) -> None:
+        """Start receiving the model's updates (MQTT: plain, partitioned or ``$share``;
+        Kafka: group). ``partitions``: only those update partitions (an MQTT reducer)."""
+
+    async def subscribe(self, topic: str, qos: int = 1) -> None:
+        """Receive another channel on the same acknowledged stream (scale-out, MQTT)."""
+        raise TransportError(f"{self.name} transport cannot subscribe to {topic!r}")
+
+    async def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+        """Publish on a named channel (scale-out, MQTT)."""
+        raise TransportError(f"{self.name} transport cannot publish to {topic!r}")
 
     @abc.abstractmethod
     def messages(self) -> AsyncIterator[Message]:
@@ -101,7 +115,7 @@ class Transport(abc.ABC):
         """Resume updates from checkpointed offsets (partition -> next offset). Kafka only:
         an MQTT position lives in the broker's session, so this is a no-op there."""
 
-    async def peers(self, model: str) -> list[str]:
+    async def peers(self, model: str, settle: float = 0.5, worker: str | None = None) -> list[str]:
         """Other live worker processes consuming ``model``'s updates, described for a person
         (empty when this transport cannot tell). A worker refuses to start beside one."""
         return []
@@ -114,6 +128,11 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     async def publish_model(self, model: str, payload: bytes, version: int) -> None:
         """Latest global model: retained (MQTT) or keyed by model on a compacted topic."""
+
+    @abc.abstractmethod
+    async def publish_model_diff(self, model: str, payload: bytes, version: int) -> None:
+        """A keyframe or a compressed difference on the diffs channel: never retained or
+        compacted (the model channel holds the latest full model)."""
 
     @abc.abstractmethod
     async def publish_event(self, model: str, payload: bytes) -> None:
@@ -135,3 +154,8 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     def follow_models(self, model: str) -> AsyncIterator[bytes]:
         """The latest model (if any), then every new one as it is published."""
+
+    @abc.abstractmethod
+    def follow_model_diffs(self, model: str) -> AsyncIterator[bytes]:
+        """The diffs channel from now on: keyframes and the differences between them
+        (``fedbus.downlink.Reconstruction`` reads both)."""

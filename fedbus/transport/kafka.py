@@ -37,12 +37,13 @@ from aiokafka.errors import (
     ConsumerStoppedError,
     IllegalStateError,
     KafkaError,
+    MessageSizeTooLargeError,
 )
 from aiokafka.helpers import create_ssl_context
 from aiokafka.structs import ConsumerRecord
 
 from fedbus.transport import topics
-from fedbus.transport.base import Message, Transport, TransportError
+from fedbus.transport.base import Message, MessageTooLarge, Transport, TransportError
 from fedbus.wire.ids import validate_id
 
 __all__ = ["KafkaConfig", "KafkaTransport"]
@@ -97,6 +98,9 @@ class _SeekOnAssign(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafk
         self.transport._apply_seeks(set(assigned))
 
 
+MAX_BATCH = 256  # records taken from the consumer's buffer at once
+
+
 class KafkaTransport(Transport):
     """A producer for everything outgoing, one group consumer for one model's updates, and
     group-less readers for the models topic."""
@@ -112,6 +116,8 @@ class KafkaTransport(Transport):
         self._pending_seeks: dict[int, int] = {}
         self._ensured: set[str] = set()
         self._ensure_lock = asyncio.Lock()
+        self._fetcher: AIOKafkaConsumer | None = None  # one reader kept for model fetches
+        self._fetch_lock = asyncio.Lock()
 
     # -- lifecycle ------------------------------------------------------------------------
     def _common(self) -> dict[str, Any]:
@@ -162,6 +168,9 @@ class KafkaTransport(Transport):
     async def close(self) -> None:
         consumer, self._consumer = self._consumer, None
         producer, self._producer = self._producer, None
+        fetcher, self._fetcher = self._fetcher, None
+        if fetcher is not None:
+            await fetcher.stop()
         admin, self._admin = self._admin, None
         if consumer is not None:
             await consumer.stop()  # no commit: anything unacknowledged is read again
@@ -209,6 +218,12 @@ class KafkaTransport(Transport):
                     topic_configs={"cleanup.policy": "compact", "max.message.bytes": size},
                 ),
                 NewTopic(
+                    topics.kafka_model_diffs(model),
+                    1,
+                    rf,
+                    topic_configs={"cleanup.policy": "delete", "max.message.bytes": size},
+                ),
+                NewTopic(
                     topics.kafka_events(model),
                     1,
                     rf,
@@ -227,7 +242,7 @@ class KafkaTransport(Transport):
                     raise TransportError(f"cannot create topic {name}: error {code} {message}")
             self._ensured.add(model)
 
-    async def peers(self, model: str) -> list[str]:
+    async def peers(self, model: str, settle: float = 0.5, worker: str | None = None) -> list[str]:
         """Members of the model's consumer group that another worker id started.
 
         Member ids begin with the client id, ``<worker id>-<role>-<instance>``. A member
@@ -254,7 +269,9 @@ class KafkaTransport(Transport):
         return sorted(parts)
 
     # -- updates --------------------------------------------------------------------------
-    async def subscribe_updates(self, model: str) -> None:
+    async def subscribe_updates(self, model: str, partitions: Sequence[int] | None = None) -> None:
+        if partitions is not None:
+            raise TransportError("Kafka assigns update partitions through the consumer group")
         topic = topics.kafka_updates(model)
         if self._consumer is not None:
             if topic == self._updates_topic:
@@ -314,18 +331,23 @@ class KafkaTransport(Transport):
         if consumer is None:
             raise TransportError("messages() needs subscribe_updates() first")
         while True:
+            # Everything already fetched in one call, not one ``getone()`` (with its own
+            # coroutine and partition bookkeeping) per message; it returns as soon as
+            # anything is buffered.
             try:
-                record = await consumer.getone()
+                batch = await consumer.getmany(timeout_ms=1000, max_records=MAX_BATCH)
             except ConsumerStoppedError:
                 return  # close() was called
-            yield Message(
-                topic=record.topic,
-                payload=record.value if record.value is not None else b"",
-                key=record.key,
-                partition=record.partition,
-                offset=record.offset,
-                token=TopicPartition(record.topic, record.partition),
-            )
+            for tp, records in batch.items():
+                for record in records:
+                    yield Message(
+                        topic=record.topic,
+                        payload=record.value if record.value is not None else b"",
+                        key=record.key,
+                        partition=record.partition,
+                        offset=record.offset,
+                        token=tp,
+                    )
 
     async def ack(
         self, messages: Sequence[Message], offsets: Mapping[int, int] | None = None
@@ -361,6 +383,10 @@ class KafkaTransport(Transport):
     ) -> None:
         try:
             await self._require_producer().send_and_wait(topic, payload, key=key, headers=headers)
+        except MessageSizeTooLargeError as exc:  # the producer's max_request_size, or the broker
+            raise MessageTooLarge(
+                f"send to {topic} refused: {len(payload)} bytes is more than allowed ({exc})"
+            ) from exc
         except KafkaError as exc:
             raise TransportError(f"send to {topic} failed: {exc}") from exc
 
@@ -368,6 +394,15 @@ class KafkaTransport(Transport):
         await self.ensure_topics(model)
         await self._send(
             topics.kafka_models(model),
+            payload,
+            model.encode(),
+            [(VERSION_HEADER, str(version).encode())],
+        )
+
+    async def publish_model_diff(self, model: str, payload: bytes, version: int) -> None:
+        await self.ensure_topics(model)
+        await self._send(
+            topics.kafka_model_diffs(model),
             payload,
             model.encode(),
             [(VERSION_HEADER, str(version).encode())],
@@ -409,14 +444,21 @@ class KafkaTransport(Transport):
 
     async def latest_model(self, model: str, timeout: float = 5.0) -> bytes | None:
         """The last value for the model's key on the models topic; ``None`` if there is
-        none (or a tombstone), or the broker does not answer within ``timeout``."""
+        none (or a tombstone), or the broker does not answer within ``timeout``.
+
+        One group-less reader serves every fetch of this transport (started on the first),
+        and each fetch reads backwards from the end offset: the newest record is usually
+        the only one read, however many versions the topic holds."""
         topic, key = topics.kafka_models(model), model.encode()
-        try:
-            async with asyncio.timeout(timeout):
-                await self.ensure_topics(model)
-                consumer = self._reader()
-                await consumer.start()
-                try:
+        async with self._fetch_lock:
+            try:
+                async with asyncio.timeout(timeout):
+                    await self.ensure_topics(model)
+                    if self._fetcher is None:
+                        fetcher = self._reader()
+                        await fetcher.start()
+                        self._fetcher = fetcher
+                    consumer = self._fetcher
                     tps = [TopicPartition(topic, p) for p in await self._partitions(topic)]
                     consumer.assign(tps)
                     begin = await consumer.beginning_offsets(tps)
@@ -429,11 +471,14 @@ class KafkaTransport(Transport):
                         ):
                             best = found
                     return best.value if best is not None else None
-                finally:
-                    await consumer.stop()
-        except TimeoutError:
-            log.warning("kafka latest_model(%s) timed out after %s s", model, timeout)
-            return None
+            except TimeoutError:
+                log.warning("kafka latest_model(%s) timed out after %s s", model, timeout)
+                return None
+            except KafkaError:
+                fetcher, self._fetcher = self._fetcher, None
+                if fetcher is not None:
+                    await fetcher.stop()
+                raise
 
     async def follow_models(self, model: str) -> AsyncIterator[bytes]:
         await self.ensure_topics(model)
@@ -448,6 +493,22 @@ class KafkaTransport(Transport):
             for tp in tps:
                 found = await self._last_for_key(consumer, tp, key, begin[tp], end[tp])
                 consumer.seek(tp, found.offset if found is not None else end[tp])
+            async for record in consumer:
+                if record.key == key and record.value:
+                    yield record.value
+        finally:
+            await consumer.stop()
+
+    async def follow_model_diffs(self, model: str) -> AsyncIterator[bytes]:
+        await self.ensure_topics(model)
+        topic, key = topics.kafka_model_diffs(model), model.encode()
+        consumer = self._reader()
+        await consumer.start()
+        try:
+            tps = [TopicPartition(topic, p) for p in await self._partitions(topic)]
+            consumer.assign(tps)
+            for tp, offset in (await consumer.end_offsets(tps)).items():
+                consumer.seek(tp, offset)  # from now on: no scan of what came before
             async for record in consumer:
                 if record.key == key and record.value:
                     yield record.value

@@ -15,6 +15,12 @@ Limits that shape the worker:
   or the broker's ``max_inflight_messages`` must be raised.
 * Mosquitto queues at most ``max_queued_messages`` (default 1000) for an offline session
   and silently drops the rest; ``brokers.MosquittoBroker`` raises it to 10000.
+* Sizes (MQTT 5): a client announces ``maximum_packet_size`` in its CONNECT, so the broker
+  never sends it a larger packet (a worker sets it from ``max_message_bytes`` and never
+  reads an oversized update); the broker's own maximum, from its CONNACK, is checked before
+  every publish, and a larger message raises :class:`MessageTooLarge` at once instead of
+  being sent, refused with "packet too large" and resent forever. When the broker drops the
+  connection, its reason code is in the error.
 * Presence (``status_topic``, normally ``fedbus/v1/<model>/status/<client>``): a retained
   ``online`` record after every connect, ``offline`` from :meth:`MqttTransport.close`, and
   the same ``offline`` registered as the connection's Last Will, which the broker publishes
@@ -38,7 +44,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import aiomqtt
 from aiomqtt.exceptions import MqttConnectError
@@ -47,10 +53,10 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from fedbus.transport import topics
-from fedbus.transport.base import Message, Transport, TransportError
+from fedbus.transport.base import Message, MessageTooLarge, Transport, TransportError
 from fedbus.transport.retry import backoff
 
-__all__ = ["MqttConfig", "MqttTransport", "status_record"]
+__all__ = ["MqttConfig", "MqttTransport", "publish_packet_size", "status_record"]
 
 log = logging.getLogger("fedbus.transport.mqtt")
 
@@ -77,8 +83,12 @@ class MqttConfig:
     tls_context: ssl.SSLContext | None = None
     tls_insecure: bool | None = None
     transport: Literal["tcp", "websockets", "unix"] = "tcp"
-    # "$share/<group>/..." for FedBuff reducers; None for a plain subscription (FedAsync).
+    # "$share/<group>/..." (loses queued updates on a Mosquitto restart: prefer partitions);
+    # None for a plain subscription.
     shared_group: str | None = None
+    # Devices publish to fedbus/v1/<model>/updates/<crc32(client) mod P>/<client> when > 0,
+    # so reducers own partitions through plain persistent subscriptions (no $share).
+    update_partitions: int = 0
     # Per operation (connect, subscribe, one publish): a 10 MB publish must fit.
     timeout: float = 30.0
     connect_timeout: float = 10.0
@@ -89,6 +99,8 @@ class MqttConfig:
     reconnect_timeout: float | None = 120.0
     # Client-side cap on our own outgoing QoS 1 messages in flight (paho's default is 20).
     max_inflight_messages: int | None = None
+    # MQTT 5 Maximum Packet Size announced to the broker: it sends us nothing larger.
+    maximum_packet_size: int | None = None
     # Retained presence topic (topics.mqtt_status(model, client), or
     # topics.mqtt_worker_status(model, worker) for a worker); None: no presence.
     status_topic: str | None = None
@@ -157,8 +169,12 @@ class MqttTransport(Transport):
         self._subscriptions: dict[str, int] = {}
         self._closing = False
         self._connected_once = False
+        self._fetcher: aiomqtt.Client | None = None  # one reader kept for model fetches
+        self._fetch_lock = asyncio.Lock()
         self.reconnects = 0
         self.stale_acks = 0
+        # The broker's Maximum Packet Size from the last CONNACK (None: it announced none).
+        self.server_maximum_packet_size: int | None = None
 
     # -- connections ----------------------------------------------------------------------
     def _new_client(
@@ -177,6 +193,8 @@ class MqttTransport(Transport):
         if c.is_v5:
             properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             properties.SessionExpiryInterval = c.session_expiry_interval if persistent else 0
+            if c.maximum_packet_size is not None:
+                properties.MaximumPacketSize = c.maximum_packet_size
             kwargs["clean_start"] = clean
         else:
             kwargs["clean_session"] = clean
@@ -201,7 +219,21 @@ class MqttTransport(Transport):
         # aiomqtt warns on every publish once more than 10 wait for their PUBACK; a fleet
         # simulator or a device flushing its spool has hundreds in flight by design.
         client.pending_calls_threshold = PENDING_CALLS_WARNING
+        self._note_connack(client)
         return client
+
+    def _note_connack(self, client: aiomqtt.Client) -> None:
+        """Keep the broker's Maximum Packet Size from each CONNACK (aiomqtt drops the
+        CONNACK's properties, so paho's callback is wrapped)."""
+        paho = client._client
+        inner: Any = paho.on_connect
+
+        def on_connect(*args: Any) -> None:
+            props = args[4] if len(args) > 4 else None
+            self.server_maximum_packet_size = getattr(props, "MaximumPacketSize", None)
+            inner(*args)
+
+        paho.on_connect = on_connect
 
     async def _open(self, client: aiomqtt.Client) -> None:
         try:
@@ -322,6 +354,9 @@ class MqttTransport(Transport):
     async def close(self) -> None:
         self._closing = True
         self._up.clear()
+        fetcher, self._fetcher = self._fetcher, None
+        if fetcher is not None:
+            await _force_close(fetcher, graceful=True)
         client, self._client = self._client, None
         if client is not None:
             if self.config.status_topic:
@@ -338,17 +373,31 @@ class MqttTransport(Transport):
             await _force_close(client, graceful=True)
 
     # -- updates --------------------------------------------------------------------------
-    async def subscribe_updates(self, model: str) -> None:
+    async def subscribe_updates(self, model: str, partitions: Sequence[int] | None = None) -> None:
+        """Every update of ``model`` or, for a reducer, those of ``partitions`` only. With
+        ``update_partitions`` set, a whole-model subscription covers both topic shapes."""
+        if partitions is not None:
+            for p in partitions:
+                await self.subscribe(topics.mqtt_partition_filter(model, p))
+            return
         if self.config.shared_group:
-            topic = topics.mqtt_shared_updates(model, self.config.shared_group)
-        else:
-            topic = topics.mqtt_updates_filter(model)
-        self._subscriptions[topic] = 1  # renewed on every reconnect
+            await self.subscribe(topics.mqtt_shared_updates(model, self.config.shared_group))
+            return
+        await self.subscribe(topics.mqtt_updates_filter(model))
+        if self.config.update_partitions > 0:
+            await self.subscribe(topics.mqtt_partition_filter(model, None))
+
+    async def subscribe(self, topic: str, qos: int = 1) -> None:
+        """A subscription on the persistent session: QoS 1 is acknowledged through
+        :meth:`ack` like updates (a committer's partials); QoS 0 is outside Mosquitto's
+        in-flight limit, so it still arrives while that many updates wait for their
+        acknowledgement (a reducer's watermarks)."""
+        self._subscriptions[topic] = qos  # renewed on every reconnect
         attempts = 3
         for attempt in range(attempts):
             client, generation = await self._ready()
             try:
-                await self._subscribe(client, topic, 1)
+                await self._subscribe(client, topic, qos)
                 return
             except aiomqtt.MqttError as exc:
                 if attempt == attempts - 1:
@@ -359,7 +408,9 @@ class MqttTransport(Transport):
         while True:
             client, generation = await self._ready()
             try:
-                async for m in client.messages:
+                while True:
+                    queued = _queued(client)
+                    m = queued if queued is not None else await anext(client.messages)
                     payload = m.payload if isinstance(m.payload, bytes) else bytes(m.payload or b"")
                     yield Message(
                         topic=m.topic.value,
@@ -407,6 +458,7 @@ class MqttTransport(Transport):
         attempts = 3
         for attempt in range(attempts):
             client, generation = await self._ready()
+            self._check_size(topic, payload, properties)
             try:
                 await _unless_disconnected(
                     client,
@@ -421,11 +473,27 @@ class MqttTransport(Transport):
                 )
                 return
             except aiomqtt.MqttError as exc:
+                if _reason_value(exc) == PACKET_TOO_LARGE:
+                    raise MessageTooLarge(
+                        f"publish to {topic!r} refused: {len(payload)} bytes is more than the "
+                        f"broker takes ({exc})"
+                    ) from exc
                 if self._closing or attempt == attempts - 1:
                     raise TransportError(f"publish to {topic!r} failed: {exc}") from exc
                 if client._client.is_connected():
                     raise TransportError(f"publish to {topic!r} failed: {exc}") from exc
                 await self._reconnect(generation)
+
+    def _check_size(self, topic: str, payload: bytes, properties: Properties | None) -> None:
+        limit = self.server_maximum_packet_size
+        if limit is None:
+            return
+        size = publish_packet_size(topic, len(payload), properties)
+        if size > limit:
+            raise MessageTooLarge(
+                f"a {len(payload)}-byte message to {topic!r} makes a {size}-byte packet; the "
+                f"broker's maximum packet size is {limit} bytes (MQTT 5 CONNACK): not sent"
+            )
 
     async def publish_model(self, model: str, payload: bytes, version: int) -> None:
         properties = None
@@ -434,6 +502,9 @@ class MqttTransport(Transport):
             properties.UserProperty = (VERSION_PROPERTY, str(version))
         await self._publish(topics.mqtt_model(model), payload, retain=True, properties=properties)
 
+    async def publish_model_diff(self, model: str, payload: bytes, version: int) -> None:
+        await self._publish(topics.mqtt_model_diffs(model), payload)
+
     async def publish_event(self, model: str, payload: bytes) -> None:
         await self._publish(topics.mqtt_events(model), payload)
 
@@ -441,18 +512,28 @@ class MqttTransport(Transport):
         await self._publish(topics.mqtt_deadletter(model), payload)
 
     async def publish_update(self, model: str, client: str, payload: bytes) -> None:
-        # Never retained: updates are read through $share, where a retained message would be
-        # handed to every reducer and folded twice.
-        await self._publish(topics.mqtt_update(model, client), payload)
+        # Never retained: a retained update would be handed to every new subscriber.
+        topic = topics.mqtt_update(model, client, self.config.update_partitions)
+        await self._publish(topic, payload)
 
-    async def peers(self, model: str, settle: float = 0.5) -> list[str]:
+    async def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+        """QoS 1 on the persistent connection (partials, watermarks)."""
+        await self._publish(topic, payload, retain=retain)
+
+    async def peers(self, model: str, settle: float = 0.5, worker: str | None = None) -> list[str]:
         """Other live worker processes on ``model``: their retained presence records under
         ``fedbus/v1/<model>/workers/+`` that say ``online`` from another instance. Read over
         a clean connection of its own, before this transport takes its persistent session
         (which a second worker with the same client id would otherwise take over). Retained
-        messages arrive right after the subscription; ``settle`` waits for them."""
+        messages arrive right after the subscription; ``settle`` waits for them. ``worker``:
+        only that worker id's presence (a standby waits for the one it stands in for)."""
         found: list[str] = []
-        async with self._reader(topics.mqtt_worker_status_filter(model)) as client:
+        where = (
+            topics.mqtt_worker_status(model, worker)
+            if worker is not None
+            else topics.mqtt_worker_status_filter(model)
+        )
+        async with self._reader(where) as client:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(settle):
                     async for m in client.messages:
@@ -476,7 +557,15 @@ class MqttTransport(Transport):
     @contextlib.asynccontextmanager
     async def _reader(self, topic: str) -> AsyncIterator[aiomqtt.Client]:
         """A clean, non-persistent connection subscribed to ``topic`` (auto-ack)."""
-        identifier = f"{self.identifier[:40]}-m-{uuid.uuid4().hex[:8]}"
+        client = await self._clean_client("m")
+        try:
+            await self._subscribe(client, topic, 1)
+            yield client
+        finally:
+            await _force_close(client, graceful=True)
+
+    async def _clean_client(self, tag: str) -> aiomqtt.Client:
+        identifier = f"{self.identifier[:40]}-{tag}-{uuid.uuid4().hex[:8]}"
         opened: list[aiomqtt.Client] = []
 
         async def connect() -> None:
@@ -485,24 +574,35 @@ class MqttTransport(Transport):
             opened.append(candidate)
 
         await self._with_backoff(connect, "connect (model reader)", self.config.connect_timeout)
-        client = opened[0]
-        try:
-            await self._subscribe(client, topic, 1)
-            yield client
-        finally:
-            await _force_close(client, graceful=True)
+        # A reader kept between fetches may lose its connection while nobody awaits it (a
+        # broker restart): the next fetch reconnects, so the loss is not news, and asyncio
+        # would otherwise log the unretrieved exception as plain text when it is collected.
+        opened[0]._disconnected.add_done_callback(_retrieve)
+        return opened[0]
 
     async def latest_model(self, model: str, timeout: float = 5.0) -> bytes | None:
         """The retained model; ``None`` after ``timeout`` if nothing is retained (MQTT has no
-        "nothing retained" answer). A model published during the wait is returned too."""
+        "nothing retained" answer). A model published during the wait is returned too.
+
+        Every fetch reuses one connection: the transport's own under ``single_connection``,
+        otherwise one clean reader this transport keeps (opened on the first fetch). It
+        subscribes, takes the retained message and unsubscribes, so a device that fetches when
+        it starts a job receives one model per job, not every version."""
+        topic = topics.mqtt_model(model)
         if self.config.single_connection:
-            return await self._latest_on_main(topics.mqtt_model(model), timeout)
-        async with self._reader(topics.mqtt_model(model)) as client:
+            return await self._latest_on_main(topic, timeout)
+        async with self._fetch_lock:
             try:
                 async with asyncio.timeout(timeout):
-                    async for m in client.messages:
-                        if m.payload:  # an empty retained payload is a deletion
-                            return bytes(m.payload)
+                    for attempt in (1, 2):
+                        try:
+                            return await self._fetch_retained(topic)
+                        except aiomqtt.MqttError:
+                            fetcher, self._fetcher = self._fetcher, None
+                            if fetcher is not None:
+                                await _force_close(fetcher)
+                            if attempt == 2 or self._closing:
+                                raise
             except TimeoutError:
                 return None
         return None
@@ -524,10 +624,37 @@ class MqttTransport(Transport):
                 await client.unsubscribe(topic, timeout=self.config.timeout)
         return None
 
+    async def _fetch_retained(self, topic: str) -> bytes:
+        if self._fetcher is None:
+            self._fetcher = await self._clean_client("f")
+        client = self._fetcher
+        while len(client.messages):  # left over from a fetch that unsubscribed
+            await anext(client.messages)
+        await client.subscribe(topic, qos=1)
+        try:
+            async for m in client.messages:
+                if m.topic.matches(topic) and m.payload:  # empty retained: a deletion
+                    return bytes(m.payload)
+        finally:
+            try:
+                await asyncio.shield(client.unsubscribe(topic))
+            except (aiomqtt.MqttError, asyncio.CancelledError):
+                self._fetcher = None  # the next fetch connects afresh
+                await _force_close(client)
+        raise aiomqtt.MqttError("model reader closed")
+
     async def follow_models(self, model: str) -> AsyncIterator[bytes]:
+        async for raw in self._follow(topics.mqtt_model(model)):
+            yield raw
+
+    async def follow_model_diffs(self, model: str) -> AsyncIterator[bytes]:
+        async for raw in self._follow(topics.mqtt_model_diffs(model)):
+            yield raw
+
+    async def _follow(self, topic: str) -> AsyncIterator[bytes]:
         while not self._closing:
             try:
-                async with self._reader(topics.mqtt_model(model)) as client:
+                async with self._reader(topic) as client:
                     async for m in client.messages:
                         if m.payload:
                             yield bytes(m.payload)
@@ -536,6 +663,17 @@ class MqttTransport(Transport):
                     return
                 log.warning("mqtt model follower lost its connection: %s", exc)
                 await asyncio.sleep(self.config.reconnect_initial_delay)
+
+
+def _queued(client: aiomqtt.Client) -> aiomqtt.Message | None:
+    """A message already waiting in aiomqtt's queue, taken without its iterator's per-message
+    task and ``asyncio.wait`` (the iterator is what waits when the queue is empty, and what
+    reports a lost connection). Under load most messages are already there."""
+    queue = client._queue
+    if queue.empty() or client._disconnected.done():
+        return None
+    m: aiomqtt.Message = queue.get_nowait()
+    return m
 
 
 def _no_delay(client: aiomqtt.Client) -> None:
@@ -564,6 +702,11 @@ def status_record(
     return json.dumps(record, separators=(",", ":")).encode()
 
 
+def _retrieve(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 async def _unless_disconnected(client: aiomqtt.Client, operation: Awaitable[None]) -> None:
     """Await ``operation`` but give up as soon as the connection drops.
 
@@ -584,7 +727,34 @@ async def _unless_disconnected(client: aiomqtt.Client, operation: Awaitable[None
     with contextlib.suppress(BaseException):
         await task
     cause = disconnected.exception() if not disconnected.cancelled() else None
-    raise aiomqtt.MqttError("connection lost while waiting for PUBACK") from cause
+    # Name the broker's reason (e.g. 149 "Packet too large"), not only that it went away.
+    why = f": broker reason {cause}" if cause is not None else ""
+    error = aiomqtt.MqttError(f"connection lost while waiting for PUBACK{why}")
+    error.rc = getattr(cause, "rc", None)  # type: ignore[attr-defined]
+    raise error from cause
+
+
+PACKET_TOO_LARGE = 149  # MQTT 5 reason code 0x95
+
+
+def _reason_value(exc: BaseException) -> int | None:
+    """The MQTT 5 reason code an aiomqtt error carries, if any."""
+    rc = getattr(exc, "rc", None)
+    if isinstance(rc, ReasonCode):
+        return int(rc.value)
+    return rc if isinstance(rc, int) else None
+
+
+def _varint_len(n: int) -> int:
+    return 1 if n < 128 else 2 if n < 16_384 else 3 if n < 2_097_152 else 4
+
+
+def publish_packet_size(topic: str, payload_len: int, properties: Properties | None) -> int:
+    """Bytes of a QoS 1 MQTT 5 PUBLISH: fixed header, topic, packet id, properties, payload
+    (what a broker compares with its Maximum Packet Size)."""
+    props = len(properties.pack()) if properties is not None else 1  # type: ignore[no-untyped-call]
+    remaining = 2 + len(topic.encode()) + 2 + props + payload_len
+    return 1 + _varint_len(remaining) + remaining
 
 
 async def _force_close(client: aiomqtt.Client, *, graceful: bool = False) -> None:

@@ -9,15 +9,19 @@ they can never contain a level separator or a wildcard.
 
 from __future__ import annotations
 
+import zlib
+
 from fedbus.wire.ids import is_valid_id, validate_id
 
 __all__ = [
     "MQTT_PREFIX",
     "SECURE_CHANNELS",
     "client_from_update_topic",
+    "is_partials_topic",
     "kafka_deadletter",
     "kafka_events",
     "kafka_keys",
+    "kafka_model_diffs",
     "kafka_models",
     "kafka_secure",
     "kafka_secure_topics",
@@ -27,14 +31,20 @@ __all__ = [
     "mqtt_events",
     "mqtt_keys",
     "mqtt_model",
+    "mqtt_model_diffs",
+    "mqtt_partials",
+    "mqtt_partials_filter",
+    "mqtt_partition_filter",
     "mqtt_secure",
     "mqtt_shared_updates",
     "mqtt_status",
     "mqtt_update",
     "mqtt_updates_filter",
+    "mqtt_watermark",
     "mqtt_worker_status",
     "mqtt_worker_status_filter",
     "parse_update_topic",
+    "partition_of",
     "split_update_topic",
     "validate_id",
 ]
@@ -51,12 +61,54 @@ _ROLES = ("leader", "helper")
 # -- MQTT ------------------------------------------------------------------------------
 
 
-def mqtt_update(model: str, client: str) -> str:
-    return f"{MQTT_PREFIX}/{validate_id(model, 'model')}/updates/{validate_id(client, 'client')}"
+def partition_of(client: str, partitions: int) -> int:
+    """The update partition of a client: ``crc32(client) mod partitions``. Devices choose it,
+    so one client always lands on one partition (and one reducer), as Kafka keys do."""
+    if partitions < 1:
+        raise ValueError("partitions must be at least 1")
+    return zlib.crc32(client.encode()) % partitions
+
+
+def mqtt_update(model: str, client: str, partitions: int = 0) -> str:
+    """``.../updates/<client>``, or ``.../updates/<p>/<client>`` with ``partitions`` > 0."""
+    base = f"{MQTT_PREFIX}/{validate_id(model, 'model')}/updates"
+    client = validate_id(client, "client")
+    if partitions > 0:
+        return f"{base}/{partition_of(client, partitions)}/{client}"
+    return f"{base}/{client}"
 
 
 def mqtt_updates_filter(model: str) -> str:
     return f"{MQTT_PREFIX}/{validate_id(model, 'model')}/updates/+"
+
+
+def mqtt_partition_filter(model: str, partition: int | None) -> str:
+    """One partition's updates (``None``: every partition), for a reducer's plain persistent
+    subscription: unlike ``$share``, the broker queues it while the reducer is away and
+    restores it after a restart."""
+    level = "+" if partition is None else str(int(partition))
+    return f"{MQTT_PREFIX}/{validate_id(model, 'model')}/updates/{level}/+"
+
+
+def mqtt_partials(model: str, reducer: str) -> str:
+    """Reducer -> committer: a reducer's partial sums (QoS 1, never retained)."""
+    return f"{MQTT_PREFIX}/{validate_id(model, 'model')}/partials/{validate_id(reducer, 'reducer')}"
+
+
+def mqtt_partials_filter(model: str) -> str:
+    return f"{MQTT_PREFIX}/{validate_id(model, 'model')}/partials/+"
+
+
+def mqtt_watermark(model: str, reducer: str) -> str:
+    """Committer -> one reducer: which of its partials a durable commit holds."""
+    return (
+        f"{MQTT_PREFIX}/{validate_id(model, 'model')}/watermarks/{validate_id(reducer, 'reducer')}"
+    )
+
+
+def is_partials_topic(topic: str) -> bool:
+    levels = topic.split("/")
+    return len(levels) == 5 and "/".join(levels[:2]) == MQTT_PREFIX and levels[3] == "partials"
 
 
 def mqtt_shared_updates(model: str, group: str) -> str:
@@ -69,6 +121,12 @@ def mqtt_shared_updates(model: str, group: str) -> str:
 
 def mqtt_model(model: str) -> str:
     return f"{MQTT_PREFIX}/{validate_id(model, 'model')}/model"
+
+
+def mqtt_model_diffs(model: str) -> str:
+    """Compressed differences between published models; never retained (the keyframes on
+    :func:`mqtt_model` are)."""
+    return f"{MQTT_PREFIX}/{validate_id(model, 'model')}/diffs"
 
 
 def mqtt_events(model: str) -> str:
@@ -127,12 +185,15 @@ def parse_update_topic(topic: str) -> tuple[str, str] | None:
 
 
 def split_update_topic(topic: str) -> tuple[str, str] | None:
-    """``(model, client)`` levels of anything shaped like an update topic, *not* checked as
+    """``(model, client)`` levels of anything shaped like an update topic (partitioned or
+    not: ``.../updates/<p>/<client>`` names the same client), *not* checked as
     ids: a subscription ``.../updates/+`` delivers whatever a publisher put in the last
     level, and the identity check must refuse a bad one rather than skip it."""
     levels = topic.split("/")
     if len(levels) > 2 and levels[0] == "$share":
         levels = levels[2:]
+    if len(levels) == 6 and levels[4].isdigit():  # partitioned: .../updates/<p>/<client>
+        del levels[4]
     if len(levels) != 5 or "/".join(levels[:2]) != MQTT_PREFIX or levels[3] != "updates":
         return None
     return levels[2], levels[4]
@@ -155,6 +216,12 @@ def kafka_updates(model: str) -> str:
 def kafka_models(model: str) -> str:
     """Keyed by model id and compacted, so the latest version per key survives."""
     return f"{KAFKA_PREFIX}.{validate_id(model, 'model')}.models"
+
+
+def kafka_model_diffs(model: str) -> str:
+    """Differences between published models: a plain (deleting) topic, keyframes live on
+    the compacted :func:`kafka_models`."""
+    return f"{KAFKA_PREFIX}.{validate_id(model, 'model')}.diffs"
 
 
 def kafka_events(model: str) -> str:
@@ -184,6 +251,7 @@ def kafka_topics(model: str) -> dict[str, str]:
     return {
         "updates": kafka_updates(model),
         "models": kafka_models(model),
+        "diffs": kafka_model_diffs(model),
         "events": kafka_events(model),
         "deadletter": kafka_deadletter(model),
     }

@@ -123,14 +123,21 @@ class CodecSpec:
         return cls(name, block, rounding, float(fraction), values, zstd)  # type: ignore[arg-type]
 
     def to_wire(self) -> dict[str, str | int | float | bool | None]:
-        """The envelope's codec map: only the keys this codec uses."""
+        """The envelope's codec map: only the keys this codec uses, and of those only the
+        ones that differ from what :meth:`from_wire` assumes when a key is absent (every
+        device pays for this map in every message: ``{"name": "int8"}`` is 11 bytes where
+        spelling out block and rounding took 40)."""
         out: dict[str, str | int | float | bool | None] = {"name": self.name}
-        if self.name in ("int8", "int4"):
-            out.update(block=self.block, rounding=self.rounding)
-        elif self.name == "topk":
-            out.update(fraction=self.fraction, values=self.values)
-            if self.values == "int8":
-                out.update(block=self.block, rounding=self.rounding)
+        blocks = self.name in ("int8", "int4") or (self.name == "topk" and self.values == "int8")
+        if self.name == "topk":
+            out["fraction"] = self.fraction
+            if self.values != "int8":
+                out["values"] = self.values
+        if blocks:
+            if self.block != _DEFAULT_BLOCK[self.name]:
+                out["block"] = self.block
+            if self.rounding != "stochastic":
+                out["rounding"] = self.rounding
         if self.zstd:
             out["zstd"] = True
         return out
@@ -185,6 +192,15 @@ class _Base:
     spec: CodecSpec
     wire_bytes: int
     _sq: float | None = field(default=None, init=False, repr=False)
+    # The decoded payload (after any zstd stage) the arrays are views of: what a policy
+    # keeps when it holds the update encoded, and what a checkpoint stores for it.
+    raw: bytes = field(default=b"", init=False, repr=False)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this delta keeps alive: the decoded payload (plus top-k's index array)."""
+        extra = getattr(self, "indices", None)
+        return len(self.raw) + (extra.nbytes if isinstance(extra, np.ndarray) else 0)
 
     def sq_norm(self) -> float:
         if self._sq is None:
@@ -384,9 +400,17 @@ def decode(payload: bytes, spec: CodecSpec, n: int) -> BlockDelta | FloatDelta |
         d = BlockDelta(n, spec, wire_bytes, codes=codes, scales=scales)
     else:
         d = _decode_topk(payload, spec, n, wire_bytes)
-    if not math.isfinite(d.sq_norm()):
+    # Integer codes times finite float32 scales cannot overflow the float64 norm (at most
+    # (3.4e38 * 128)^2 * n), so only float values need a pass over the payload here; the
+    # receive path skips a full read of every int8 update.
+    if _float_values(spec) and not math.isfinite(d.sq_norm()):
         raise WireError(Reason.NON_FINITE, f"{spec} update decodes to non-finite values")
+    d.raw = payload
     return d
+
+
+def _float_values(spec: CodecSpec) -> bool:
+    return spec.name in ("fp32", "fp16") or (spec.name == "topk" and spec.values == "fp16")
 
 
 def _check_scales(scales: np.ndarray) -> None:

@@ -53,8 +53,9 @@ _FINGERPRINT_RE = re.compile(r"[0-9a-f]{32}")
 _REASON_RE = re.compile(r"[a-z][a-z0-9_]{0,63}")
 
 MESSAGE_TYPES = (
-    "update", "model", "event", "deadletter",
+    "update", "model", "model_diff", "event", "deadletter",
     "secure_update", "secure_key", "secure_receipt", "secure_manifest", "secure_sum",
+    "partial", "watermark",
 )  # fmt: skip
 SECURE_ROLES = ("leader", "helper")
 _MAX_FRAC_BITS = 30
@@ -355,6 +356,45 @@ class ModelEnvelope(_Envelope):
 
 
 @dataclass(frozen=True, kw_only=True)
+class ModelDiffEnvelope(_Envelope):
+    """Global model ``version`` as a compressed difference: a device holding exactly
+    ``base_version`` of the chain that began at keyframe ``keyframe_version`` adds the
+    decoded ``payload`` to its weights (``fedbus.downlink``); any other device waits for a
+    keyframe. Never retained or compacted: only the keyframes are."""
+
+    type: ClassVar[str] = "model_diff"
+    _required: ClassVar[tuple[str, ...]] = (
+        "model", "version", "base_version", "keyframe_version", "fingerprint", "codec",
+        "payload", "created_at",
+    )  # fmt: skip
+
+    version: int
+    base_version: int
+    keyframe_version: int
+    fingerprint: str
+    codec: dict[str, str | int | float | bool | None]
+    payload: bytes = field(repr=False)
+    created_at: float
+
+    def __post_init__(self) -> None:
+        _common(self)
+        _int("version", self.version)
+        _int("base_version", self.base_version)
+        _int("keyframe_version", self.keyframe_version)
+        if not self.keyframe_version <= self.base_version < self.version:
+            raise WireError(
+                Reason.MALFORMED,
+                f"difference to version {self.version} from {self.base_version} "
+                f"(keyframe {self.keyframe_version}) does not go forward",
+            )
+        if not _FINGERPRINT_RE.fullmatch(_str("fingerprint", self.fingerprint, 32)):
+            raise WireError(Reason.WRONG_TYPE, "fingerprint must be 32 lowercase hex digits")
+        self._set("codec", _codec(self.codec))
+        self._set("payload", _bytes("payload", self.payload))
+        self._set("created_at", _float("created_at", self.created_at))
+
+
+@dataclass(frozen=True, kw_only=True)
 class EventEnvelope(_Envelope):
     """A CloudEvents 1.0 structured event (as a map) carried in msgpack.
 
@@ -388,11 +428,14 @@ class DeadLetterEnvelope(_Envelope):
 
     ``original`` is truncated to ``max_original`` bytes (default 64 KiB; ``original_size``
     keeps the real length) so a flood of oversized garbage cannot fill the dead-letter
-    topic. ``client`` and ``update_id`` come from untrusted input: if they are not valid ids
-    they become ``None`` rather than an error, because what the sender got wrong must never
-    keep the record from being written; ``source`` (the topic) still says where the message
-    came from. ``reason`` is any ``[a-z][a-z0-9_]*`` code so older readers accept codes added
-    later to
+    topic. ``original_sha256`` is the SHA-256 of the whole message, so a record identifies
+    what was refused (and matches a copy the device or broker kept) without holding it: the
+    worker keeps no payload at all unless told to (``deadletter_keep_payload``; an update
+    is personal data however malformed it is). ``client`` and ``update_id`` come from
+    untrusted input: if they are not valid ids they become ``None`` rather than an error,
+    because what the sender got wrong must never keep the record from being written;
+    ``source`` (the topic) still says where the message came from. ``reason`` is any
+    ``[a-z][a-z0-9_]*`` code so older readers accept codes added later to
     :class:`~fedbus.wire.errors.Reason`.
     """
 
@@ -409,6 +452,7 @@ class DeadLetterEnvelope(_Envelope):
     original_size: int | None = None
     client: str | None = None
     update_id: str | None = None
+    original_sha256: bytes | None = None
     max_original: InitVar[int | None] = None
 
     def __post_init__(self, max_original: int | None) -> None:
@@ -421,12 +465,16 @@ class DeadLetterEnvelope(_Envelope):
         self._set("received_at", _float("received_at", self.received_at))
         _str("source", self.source)
         original = _bytes("original", self.original)
-        if self.original_size is None:  # a fresh record: measure, then truncate
+        if self.original_size is None:  # a fresh record: measure and hash, then truncate
             self._set("original_size", len(original))
+            self._set("original_sha256", hashlib.sha256(original).digest())
             if max_original is None:
                 max_original = MAX_ORIGINAL_BYTES
-        elif _int("original_size", self.original_size) < len(original):
-            raise WireError(Reason.WRONG_TYPE, "original_size is smaller than original")
+        else:
+            if _int("original_size", self.original_size) < len(original):
+                raise WireError(Reason.WRONG_TYPE, "original_size is smaller than original")
+            if self.original_sha256 is not None:
+                _fixed_bytes("original_sha256", self.original_sha256, 32)
         if max_original is not None:  # a decoded record keeps what its producer kept
             original = original[: max(0, max_original)]
         self._set("original", original)
@@ -664,17 +712,118 @@ class SecureSumEnvelope(_Envelope):
         ]  # fmt: skip
 
 
+# -- scale-out (workers/reducer.py -> workers/committer_role.py and back) ---------------------
+
+
+def _update_keys(name: str, value: object) -> list[tuple[str, str]]:
+    rows = _rows(name, value, 2)
+    keys = []
+    for i, (client, update_id) in enumerate(rows):
+        if not (is_valid_id(client) and is_valid_id(update_id)):
+            raise WireError(Reason.INVALID_ID, f"{name}[{i}] is not a (client, update id) pair")
+        keys.append((client, update_id))
+    return keys
+
+
+@dataclass(frozen=True, kw_only=True)
+class PartialEnvelope(_Envelope):
+    """A reducer's FedBuff partial sum: ``sum`` (n float64 little-endian) is S = sum of
+    weight * clip * u over ``updates`` (one per client), so partials add exactly. ``epoch``
+    names the reducer's incarnation and ``seq`` the partial within it; the committer answers
+    on the reducer's watermark channel. ``staleness`` tallies the updates by staleness."""
+
+    type: ClassVar[str] = "partial"
+    _required: ClassVar[tuple[str, ...]] = (
+        "model", "reducer", "epoch", "seq", "version", "count", "weight_sum", "updates", "sum",
+    )  # fmt: skip
+
+    reducer: str
+    epoch: int
+    seq: int
+    version: int
+    count: int
+    weight_sum: float
+    updates: list[tuple[str, str]]
+    sum: bytes = field(repr=False)
+    staleness: dict[str, int] | None = None
+    bytes_received: int | None = None
+
+    def __post_init__(self) -> None:
+        _common(self)
+        validate_id(self.reducer, "reducer")
+        for name in ("epoch", "seq", "version", "count"):
+            _int(name, getattr(self, name))
+        self._set("weight_sum", _float("weight_sum", self.weight_sum))
+        keys = _update_keys("updates", self.updates)
+        if len(keys) != self.count or len({c for c, _ in keys}) != self.count:
+            raise WireError(Reason.WRONG_TYPE, "updates must name count distinct clients")
+        self._set("updates", [list(k) for k in keys])
+        total = _bytes("sum", self.sum)
+        if len(total) % 8:
+            raise WireError(Reason.PAYLOAD_LENGTH, f"sum of {len(total)} bytes is not float64s")
+        self._set("sum", total)
+        if self.staleness is not None:
+            tally = _str_map("staleness", self.staleness)
+            for k, v in tally.items():
+                if not k.isdigit():
+                    raise WireError(Reason.WRONG_TYPE, "staleness keys are decimal integers")
+                _int(f"staleness[{k}]", v)
+        if self.bytes_received is not None:
+            _int("bytes_received", self.bytes_received)
+
+    @property
+    def keys(self) -> list[tuple[str, str]]:
+        return [(c, u) for c, u in self.updates]
+
+
+@dataclass(frozen=True, kw_only=True)
+class WatermarkEnvelope(_Envelope):
+    """The committer's answer to one reducer incarnation, sent once a commit is durable:
+    ``committed`` partials (their updates may be acknowledged), ``refused`` partials (not
+    folded; of their updates, ``duplicates`` are already committed and may be acknowledged,
+    the rest must be sent again), and the committed model ``version``."""
+
+    type: ClassVar[str] = "watermark"
+    _required: ClassVar[tuple[str, ...]] = (
+        "model", "reducer", "epoch", "version", "committed", "refused", "duplicates",
+    )  # fmt: skip
+
+    reducer: str
+    epoch: int
+    version: int
+    committed: list[int]
+    refused: list[int]
+    duplicates: list[tuple[str, str]]
+
+    def __post_init__(self) -> None:
+        _common(self)
+        validate_id(self.reducer, "reducer")
+        _int("epoch", self.epoch)
+        _int("version", self.version)
+        for name in ("committed", "refused"):
+            seqs = getattr(self, name)
+            if not isinstance(seqs, list | tuple) or len(seqs) > _MAX_ARRAY:
+                raise _wrong(name, "an array of sequence numbers", seqs)
+            self._set(name, [_int(f"{name}[]", v) for v in seqs])
+        self._set("duplicates", [list(k) for k in _update_keys("duplicates", self.duplicates)])
+
+
 SecureEnvelope = (
     SecureUpdateEnvelope | SecureKeyEnvelope | SecureReceiptEnvelope | SecureManifestEnvelope
     | SecureSumEnvelope
 )  # fmt: skip
-Envelope = UpdateEnvelope | ModelEnvelope | EventEnvelope | DeadLetterEnvelope | SecureEnvelope
+Envelope = (
+    UpdateEnvelope | ModelEnvelope | ModelDiffEnvelope | EventEnvelope | DeadLetterEnvelope
+    | SecureEnvelope | PartialEnvelope | WatermarkEnvelope
+)  # fmt: skip
 Signable = UpdateEnvelope | SecureEnvelope
 _CLASSES: dict[str, type[_Envelope]] = {
     c.type: c
     for c in (
-        UpdateEnvelope, ModelEnvelope, EventEnvelope, DeadLetterEnvelope, SecureUpdateEnvelope,
+        UpdateEnvelope, ModelEnvelope, ModelDiffEnvelope, EventEnvelope, DeadLetterEnvelope,
+        SecureUpdateEnvelope,
         SecureKeyEnvelope, SecureReceiptEnvelope, SecureManifestEnvelope, SecureSumEnvelope,
+        PartialEnvelope, WatermarkEnvelope,
     )
 }  # fmt: skip
 _SIGNING_DOMAINS: dict[str, bytes] = {

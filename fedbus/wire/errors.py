@@ -36,6 +36,7 @@ class Reason(StrEnum):
     BAD_TYPE = "bad_type"  # message type not expected on this channel
     CLIENT_MISMATCH = "client_mismatch"  # envelope client != the sender the transport names
     CLIENT_BUSY = "client_busy"  # FedBuff: client already in the buffer and the deferral queue full
+    PRIVACY_BUDGET = "privacy_budget"  # FedBuff with DP: the budget is spent, no more versions
     INTERNAL_ERROR = "internal_error"  # checking or folding it raised: a fedbus bug, logged in full
     # Secure aggregation (fedbus.secure):
     BAD_SHARE = "bad_share"  # a sealed share does not open: wrong key, tampered, or moved

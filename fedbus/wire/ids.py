@@ -9,7 +9,7 @@ Kafka's ``.``/``_`` collision rule, and makes them safe in file names and metric
 from __future__ import annotations
 
 import re
-import uuid
+import secrets
 
 from fedbus.wire.errors import Reason, WireError
 
@@ -43,5 +43,7 @@ def validate_id(value: object, what: str) -> str:
 
 
 def new_update_id() -> str:
-    """A fresh idempotency key: 32 lowercase hex chars, so it always passes :func:`validate_id`."""
-    return uuid.uuid4().hex
+    """A fresh idempotency key: 20 lowercase hex chars (80 random bits: the dedup window is
+    per client, so collisions are out of reach, and every message carries 12 bytes fewer
+    than a whole uuid4), so it always passes :func:`validate_id`."""
+    return secrets.token_hex(10)

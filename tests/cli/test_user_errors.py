@@ -59,10 +59,14 @@ def assert_one_line(result: subprocess.CompletedProcess[str], *needles: str) -> 
         (["worker", "--transport", "amqp"], ["--transport", "amqp"]),
         (["worker", "--metrics-port", "99999"], ["--metrics-port", "99999"]),
         (["worker", "--log-format", "xml"], ["--log-format"]),
+        (["worker", "--role", "leader"], ["--role", "leader"]),
+        (["worker", "--role", "reducer", "--algorithm", "fedasync"], ["role reducer", "fedbuff"]),
+        (["worker", "--role", "committer", "--transport", "kafka"], ["role committer", "MQTT"]),
         (["worker", "--config", "no-such-file.toml"], ["--config", "no-such-file.toml"]),
         (["client", "simulate", "--codec", "int9"], ["--codec", "int9"]),
         (["client", "simulate", "--dropout", "1.5"], ["--dropout"]),
         (["bench", "kernels", "--sizes", "lots"], ["--sizes"]),
+        (["bench", "attacks", "--attacks", "sign-flip"], ["--attacks", "sign-flip"]),
         (["keys", "new", "Dev_1"], ["Dev_1"]),
         (["model", "init", "--npz", "missing.npz"], ["--npz", "missing.npz"]),
         (["demo", "--codecs", "int9"], ["--codecs", "int9"]),
@@ -87,12 +91,30 @@ def test_flag_mistakes(args: list[str], needles: list[str], tmp_path: Path) -> N
             '[aggregation]\nalgorithm = "fedasync"\nrobust = "median"\n',
             ["robust", "fedbuff"],
         ),
+        ("[scale]\npartitions = 4\nreducer_partitions = [4]\n", ["scale", "partition 4"]),
+        ("models = []\n", ["models"]),
     ],
 )
 def test_config_file_mistakes(toml: str, needles: list[str], tmp_path: Path) -> None:
     config = tmp_path / "worker.toml"
     config.write_text(toml)
     assert_one_line(fedbus("worker", "--config", str(config), cwd=tmp_path), *needles)
+
+
+@pytest.mark.parametrize(
+    "toml",
+    [
+        "[aggregation]\nclip_norm = 1.0\ndp_noise_multiplier = 1.0\n",
+        '[aggregation]\nrobust = "median"\n',
+    ],
+)
+def test_algorithm_flag_cannot_drop_dp_or_robust_aggregation(toml: str, tmp_path: Path) -> None:
+    """``--algorithm fedasync`` over a FedBuff config with DP or a robust mean is refused at
+    start, never run without them."""
+    config = tmp_path / "worker.toml"
+    config.write_text(toml)
+    result = fedbus("worker", "--config", str(config), "--algorithm", "fedasync", cwd=tmp_path)
+    assert_one_line(result, "fedbuff", "DP")
 
 
 @pytest.mark.parametrize(
@@ -139,7 +161,8 @@ def test_version_and_help_examples() -> None:
     version = fedbus("--version")
     assert version.returncode == 0 and version.stdout.startswith("fedbus ")
     for command in (["worker"], ["model", "init"], ["client", "simulate"], ["demo"],
-                    ["keys", "new"], ["bench", "kernels"], ["bench", "e2e"]):  # fmt: skip
+                    ["keys", "new"], ["bench", "kernels"], ["bench", "e2e"],
+                    ["bench", "attacks"]):  # fmt: skip
         shown = fedbus(*command, "--help")
         assert shown.returncode == 0, shown.stderr
         assert "Example: fedbus " + " ".join(command) in shown.stdout, shown.stdout

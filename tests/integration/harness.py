@@ -4,22 +4,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import itertools
 import os
 import sys
 import urllib.request
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from fedbus.client.updates import read_model
+from fedbus.store.keys import write_public_key
 from fedbus.transport.base import Transport
 from fedbus.wire import envelope as env
 from fedbus.wire.codecs import CodecSpec, decode_dense, encode
 from fedbus.wire.ids import new_update_id
 from fedbus.wire.layout import Layout
 from fedbus.wire.model_message import encode_model_message
+from fedbus.wire.signing import public_key_of, sign_update
 from workers.main import make_transport
 from workers.settings import WorkerSettings, load
 
@@ -27,11 +31,25 @@ LAYOUT = Layout.from_wire([["w", [40, 10], "float32"], ["b", [10], "float32"]])
 N = LAYOUT.n_params
 
 
+def device_key(client: str) -> bytes:
+    """A test device's Ed25519 private key, derived from its id: tests that need signatures
+    (robust aggregation and DP require them) sign with it and register its public half."""
+    return hashlib.sha256(b"fedbus-test-device\0" + client.encode()).digest()
+
+
 def settings_for(
-    transport: str, broker: Any, model: str, state_dir: Path, **aggregation: Any
+    transport: str,
+    broker: Any,
+    model: str,
+    state_dir: Path,
+    *,
+    signed_by: Iterable[str] | None = None,
+    **aggregation: Any,
 ) -> WorkerSettings:
     """Worker settings pointing at a test broker, with fast acknowledgement, publishing
-    every version (tests of coalesced publication set ``model_publish_interval_s``)."""
+    every version (tests of coalesced publication set ``model_publish_interval_s``).
+    ``signed_by``: the clients whose keys (:func:`device_key`) the worker trusts, with
+    signatures required; send their updates with ``update_bytes(..., signed=True)``."""
     overrides: dict[str, Any] = {
         "model": model,
         "transport": transport,
@@ -49,6 +67,12 @@ def settings_for(
     else:
         # A killed worker's group membership expires after the session timeout: keep it short.
         overrides["kafka"] = broker.kafka_settings()
+    if signed_by is not None:
+        keys = state_dir.parent / f"{state_dir.name}-keys"
+        keys.mkdir(parents=True, exist_ok=True)
+        for client in signed_by:
+            write_public_key(keys, client, public_key_of(device_key(client)))
+        overrides |= {"require_signatures": True, "public_keys_dir": keys}
     return load(None, **overrides)
 
 
@@ -131,9 +155,11 @@ def update_bytes(
     delta: np.ndarray,
     codec: str = "int8",
     seed: int = 0,
+    signed: bool = False,
     **kw: Any,
 ) -> tuple[bytes, np.ndarray]:
-    """An encoded update and the float64 delta the server will decode from it."""
+    """An encoded update and the float64 delta the server will decode from it; ``signed``:
+    with the next ``seq`` and signed with the client's :func:`device_key`."""
     spec = CodecSpec.parse(codec)
     payload = encode(delta, spec, np.random.default_rng(seed))
     fields: dict[str, Any] = {
@@ -145,9 +171,16 @@ def update_bytes(
         "codec": spec.to_wire(),
         "layout": LAYOUT.fingerprint,
         "payload": payload,
+        **({"seq": next(_SEQ)} if signed else {}),
         **kw,
     }
-    return env.encode(env.UpdateEnvelope(**fields)), decode_dense(payload, spec, N)
+    update = env.UpdateEnvelope(**fields)
+    if signed:
+        update = sign_update(update, device_key(client))
+    return env.encode(update), decode_dense(payload, spec, N)
+
+
+_SEQ = itertools.count(1)  # one counter for every test device: always increasing per client
 
 
 @contextlib.asynccontextmanager

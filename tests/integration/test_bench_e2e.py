@@ -30,9 +30,13 @@ def test_smoke_records(transport: str) -> None:
         updates_per_run=20,
         latency_updates=20,
         log=lines.append,
+        model_publish_interval_s=(0.0, 1.0),
     )
 
-    assert [r["n_params"] for r in records] == [2_000, 5_000]
+    # one record per size and publication interval (0: every version), sizes outermost
+    assert [(r["n_params"], r["model_publish_interval_s"]) for r in records] == [
+        (2_000, 0.0), (2_000, 1.0), (5_000, 0.0), (5_000, 1.0)
+    ]  # fmt: skip
     for r in records:
         assert set(e2e.KEYS) <= r.keys()
         assert r["transport"] == transport
@@ -42,8 +46,8 @@ def test_smoke_records(transport: str) -> None:
         assert r["worker_vs_raw"] == pytest.approx(r["updates_per_s"] / r["raw_per_s"])
         assert 0 < r["commit_latency_p50_s"] <= r["commit_latency_p99_s"] < 60, r
         assert r["latency_samples"] == 20
-    assert len(lines) == 2  # one progress line per size and repeat
+    assert len(lines) == 4  # one progress line per size, interval and repeat
 
     table = e2e.markdown(records)
-    assert table.count(f"| {transport} |") == 2
+    assert table.count(f"| {transport} |") == 4
     assert "fsync off" in table

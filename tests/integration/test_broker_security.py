@@ -123,6 +123,8 @@ async def test_devices_are_confined_to_their_own_topics(broker: ShippedMosquitto
     m = "digits"
     forbidden = [
         f"fedbus/v1/{m}/updates/dev-2",  # as another device
+        f"fedbus/v1/{m}/updates/3/dev-2",  # ... on a partitioned topic
+        f"fedbus/v1/{m}/partials/r-0",
         f"fedbus/v1/{m}/model",
         f"fedbus/v1/{m}/events",
         f"fedbus/v1/{m}/deadletter",
@@ -134,24 +136,38 @@ async def test_devices_are_confined_to_their_own_topics(broker: ShippedMosquitto
         _client(broker.port, "dev-1") as dev1,
         _client(broker.port, "dev-2") as dev2,
         _client(broker.health_port, None) as anonymous,
+        _client(broker.services_port, "fedbus-analytics") as analytics,
     ):
         await worker.subscribe(f"fedbus/v1/{m}/#", qos=1)
+        await analytics.subscribe(f"fedbus/v1/{m}/events", qos=1)  # the control for dev-2
+        await analytics.subscribe(f"fedbus/v1/{m}/deadletter", qos=1)
         await worker.publish(f"fedbus/v1/{m}/model", b"model-v0", qos=1, retain=True)
-        await dev2.subscribe(f"fedbus/v1/{m}/updates/+", qos=1)  # others' updates: refused
+        # others' updates, events, dead letters, others' status: refused or never delivered
+        for channel in ("updates/+", "events", "deadletter", "status/dev-1"):
+            with contextlib.suppress(aiomqtt.MqttError):
+                await dev2.subscribe(f"fedbus/v1/{m}/{channel}", qos=1)
         await dev2.subscribe(f"fedbus/v1/{m}/model", qos=1)  # allowed: the control
         await anonymous.subscribe(f"fedbus/v1/{m}/model", qos=1)
         await anonymous.subscribe("$SYS/broker/uptime", qos=0)
         for topic in forbidden:
             await dev1.publish(topic, b"forged", qos=1)
         await dev1.publish(f"fedbus/v1/{m}/updates/dev-1", b"mine", qos=1)
+        await dev1.publish(f"fedbus/v1/{m}/updates/3/dev-1", b"mine, partitioned", qos=1)
         await dev1.publish(f"fedbus/v1/{m}/status/dev-1", b"online", qos=1, retain=True)
-        seen_by_worker, seen_by_dev2, seen_anon = await asyncio.gather(
-            _drain(worker, 1.5), _drain(dev2, 1.5), _drain(anonymous, 1.5)
+        await worker.publish(f"fedbus/v1/{m}/events", b"event", qos=1)
+        await worker.publish(f"fedbus/v1/{m}/deadletter", b"letter", qos=1)
+        seen_by_worker, seen_by_dev2, seen_anon, seen_by_analytics = await asyncio.gather(
+            _drain(worker, 1.5), _drain(dev2, 1.5), _drain(anonymous, 1.5), _drain(analytics, 1.5)
         )
     assert sorted(seen_by_worker) == [
         (f"fedbus/v1/{m}/model", b"model-v0"),
         (f"fedbus/v1/{m}/status/dev-1", b"online"),
+        (f"fedbus/v1/{m}/updates/3/dev-1", b"mine, partitioned"),
         (f"fedbus/v1/{m}/updates/dev-1", b"mine"),
+    ]
+    assert sorted(seen_by_analytics) == [
+        (f"fedbus/v1/{m}/deadletter", b"letter"),
+        (f"fedbus/v1/{m}/events", b"event"),
     ]
     assert seen_by_dev2 == [(f"fedbus/v1/{m}/model", b"model-v0")]
     assert {t for t, _ in seen_anon} == {"$SYS/broker/uptime"}

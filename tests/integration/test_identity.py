@@ -141,3 +141,44 @@ async def test_replay_after_the_dedup_window_is_refused(
         ("replayed", env.decode_update(sent[0]).update_id)
     ]
     assert worker.total_folded == 3 and worker.processed == 5
+
+
+async def test_one_kafka_producer_cannot_pose_as_many_devices(
+    kafka_broker: Any, tmp_path: Path, model_id: str
+) -> None:
+    """Kafka lets any producer set any key, so the key check alone cannot stop one producer
+    from posing as many clients: with signatures required, updates keyed and addressed as
+    dev-2..dev-4 but signed with dev-1's key are refused (``bad_signature``), and one
+    keyed as dev-1 for an envelope of dev-2 is ``client_mismatch``; dev-1's own folds."""
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    owned = {}
+    for i in range(1, 5):
+        private, public = generate_keypair()
+        owned[f"dev-{i}"] = private
+        write_public_key(keys, f"dev-{i}", public)
+    settings = h.settings_for("kafka", kafka_broker, model_id, tmp_path / "state")
+    settings = settings.model_copy(update={"require_signatures": True, "public_keys_dir": keys})
+    await h.init_model(settings, np.zeros(h.N))
+    attacker = owned["dev-1"]
+    sent = [(f"dev-{i}", _signed(model_id, f"dev-{i}", attacker, 0, i)) for i in (2, 3, 4)]
+    sent.append(("dev-1", _signed(model_id, "dev-2", owned["dev-2"], 0, 5)))  # key != client
+    sent.append(("dev-1", _signed(model_id, "dev-1", attacker, 0, 6)))  # the real dev-1
+    async with h.running_worker(settings) as worker:
+        subscribed = asyncio.Event()
+        reader = asyncio.create_task(
+            h.read_channel(
+                settings, "deadletter", until=lambda g: len(g) >= 4, subscribed=subscribed
+            )
+        )
+        await asyncio.wait_for(subscribed.wait(), 30)
+        for key, raw in sent:
+            await _publish_raw(settings, key, raw)
+        records = await reader
+        for _ in range(200):
+            if worker.processed >= len(sent):
+                break
+            await asyncio.sleep(0.05)
+    reasons = [env.decode(r, expect="deadletter").reason for r in records]  # type: ignore[union-attr]
+    assert reasons == ["bad_signature"] * 3 + ["client_mismatch"]
+    assert worker.total_folded == 1 and worker.processed == len(sent)

@@ -87,6 +87,21 @@ async def test_latest_model_is_the_last_value_for_the_key(
                     assert await anext(models) == b"v3"
 
 
+async def test_fetches_reuse_one_reader(kafka_broker: TansuBroker, model_id: str) -> None:
+    """Every fetch of a transport uses the one group-less reader it started on the first,
+    and each returns the newest version however many the topic holds."""
+    async with KafkaTransport(config(kafka_broker)) as t:
+        await t.publish_model(model_id, b"v0", 0)
+        async with KafkaTransport(config(kafka_broker)) as device:
+            assert await device.latest_model(model_id, timeout=WAIT) == b"v0"
+            reader = device._fetcher
+            assert reader is not None
+            for v in range(1, 40):
+                await t.publish_model(model_id, f"v{v}".encode(), v)
+            assert await device.latest_model(model_id, timeout=WAIT) == b"v39"
+            assert device._fetcher is reader
+
+
 async def test_seek_resumes_exactly_at_checkpointed_offsets(
     kafka_broker: TansuBroker, model_id: str
 ) -> None:

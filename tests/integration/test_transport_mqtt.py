@@ -100,6 +100,31 @@ async def test_retained_model_is_read_back_and_followed(
             assert await reader.latest_model(model_id, timeout=WAIT) == v2
 
 
+async def test_fetches_reuse_one_connection_and_take_only_the_newest(
+    mosquitto: MosquittoBroker, model_id: str
+) -> None:
+    """A device fetching at every job start keeps one reader connection (subscribe, take the
+    retained model, unsubscribe) and never gets an older version left over from a fetch
+    before; it receives nothing between fetches."""
+    async with (
+        MqttTransport(config(mosquitto, clean_start=True)) as t,
+        MqttTransport(config(mosquitto, clean_start=True)) as device,
+    ):
+        await t.publish_model(model_id, b"v0", 0)
+        assert await device.latest_model(model_id, timeout=WAIT) == b"v0"
+        reader = device._fetcher
+        assert reader is not None
+        for v in range(1, 6):
+            await t.publish_model(model_id, f"v{v}".encode(), v)
+        await asyncio.sleep(0.2)
+        assert len(reader.messages) == 0  # unsubscribed: the versions in between never came
+        assert await device.latest_model(model_id, timeout=WAIT) == b"v5"
+        assert device._fetcher is reader
+        await t.publish_model(model_id, b"v6", 6)
+        assert await device.latest_model(model_id, timeout=WAIT) == b"v6"
+        assert device._fetcher is reader
+
+
 # A consumer in its own process, so that it can really crash (SIGKILL): it receives ``n``
 # updates, acknowledges the ones at the given indices, proves the broker has processed those
 # PUBACKs (a later QoS 1 publish round trip: Mosquitto handles one client's packets in

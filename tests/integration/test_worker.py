@@ -8,6 +8,7 @@ from the very deltas the server decodes.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -147,7 +148,9 @@ def _bad_inputs(model: str, client: str) -> dict[str, bytes]:
         "unknown_model": variant(model="someone-else"),
         "layout_mismatch": variant(layout="0" * 32),
         "non_finite": variant(codec=CodecSpec("fp32").to_wire(), payload=nan_payload),
-        "oversized": variant(payload=b"\0" * (2 << 20)),
+        # over the worker's 1 MiB limit, under the MQTT Maximum Packet Size it announces
+        # (that limit plus header room): the broker delivers it, the worker refuses it
+        "oversized": variant(payload=b"\0" * ((1 << 20) + 1000)),
         "future_version": variant(base_version=10_000, update_id="future-1"),
         "duplicate": good,  # sent twice: the second copy, acknowledged without a dead letter
         # the first copy's id with another payload: not a redelivery
@@ -169,7 +172,8 @@ async def test_bad_input_goes_to_dead_letter(
     settings = settings.model_copy(update={"max_message_bytes": 1 << 20})
     await h.init_model(settings, np.zeros(h.N))
     bad = _bad_inputs(model_id, "dev-bad")
-    expected = sorted(r for r in bad if r != "duplicate")  # a redelivery is no dead letter
+    # A redelivery is no dead letter.
+    expected = sorted(r for r in bad if r != "duplicate")
     async with h.running_worker(settings) as worker:
         subscribed = asyncio.Event()
         reader = asyncio.create_task(
@@ -196,8 +200,9 @@ async def test_bad_input_goes_to_dead_letter(
             ok, _ = h.update_bytes(model_id, "dev-good", 7, rng.normal(0, 0.01, h.N))
             await dev.publish_update(model_id, "dev-good", ok)
         records = await reader
-        for _ in range(200):  # the first copy, 11 bad, 6 pushes and the last good one
-            if worker.processed >= 19:
+        delivered = 19  # first copy, 11 bad, 6 pushes, last good
+        for _ in range(200):
+            if worker.processed >= delivered:
                 break
             await asyncio.sleep(0.05)
         reasons = sorted(env.decode(r, expect="deadletter").reason for r in records)  # type: ignore[union-attr]
@@ -214,6 +219,7 @@ async def test_bad_input_goes_to_dead_letter(
         # folded around the bad ones: the first copy of "duplicate", 6 pushes, the last one
         assert worker.total_folded == 8
         assert worker.health.live
+        assert worker.processed == delivered
 
 
 async def test_events_describe_each_version(
@@ -424,7 +430,8 @@ async def test_internal_error_is_dead_lettered_acknowledged_and_survived(
     letter = env.decode(records[0], expect="deadletter")
     assert isinstance(letter, env.DeadLetterEnvelope)
     assert letter.reason == "internal_error" and letter.client == "dev-1"
-    assert letter.original == sent[1][0]
+    assert letter.original == b"" and letter.original_size == len(sent[1][0])  # not kept
+    assert letter.original_sha256 == hashlib.sha256(sent[1][0]).digest()
     monkeypatch.delenv(ENV)
     async with h.running_worker(settings) as worker:
         raw, d = h.update_bytes(model_id, "dev-3", 2, rng.normal(0, 0.01, h.N))

@@ -73,15 +73,17 @@ def _book(state: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in state.items() if k not in ("owed_events", "published_version")}
 
 
-@pytest.mark.parametrize("lost_snapshots", [False, True])
+@pytest.mark.parametrize(("lost_snapshots", "dp"), [(False, False), (True, False), (False, True)])
 async def test_replay_rebuilds_the_state_bit_for_bit(
-    mosquitto: Any, tmp_path: Path, model_id: str, lost_snapshots: bool
+    mosquitto: Any, tmp_path: Path, model_id: str, lost_snapshots: bool, dp: bool
 ) -> None:
-    """``lost_snapshots``: a snapshot every commit (every 4 updates), and the crash image
-    lacks every snapshot taken after the drains (as if none had become durable, and the
-    segments they would have let go were still there), so replay starts from an older
-    snapshot and crosses segment boundaries where live took a snapshot with int8 folds
-    staged: taking those snapshots must not have changed the floats."""
+    """``dp``: central DP with noise from fresh CSPRNG keys that no snapshot holds; replay
+    rebuilds the noised models from the keys in the log. ``lost_snapshots``: a snapshot
+    every commit (every 4 updates), and the crash image lacks every snapshot taken after
+    the drains (as if none had become durable, and the segments they would have let go
+    were still there), so replay starts from an older snapshot and crosses segment
+    boundaries where live took a snapshot with int8 folds staged: taking those snapshots
+    must not have changed the floats."""
     settings = h.settings_for(
         "mqtt",
         mosquitto,
@@ -93,6 +95,9 @@ async def test_replay_rebuilds_the_state_bit_for_bit(
         server_lr=1.5,
         momentum=0.5,
         buffer_timeout_s=2.0,
+        # DP needs signed updates
+        signed_by=[f"dev-{i}" for i in range(7)] + [f"dev-b{i}" for i in range(13)] if dp else None,
+        **({"clip_norm": 1.0, "dp_noise_multiplier": 0.5} if dp else {}),
     ).model_copy(
         update={
             "snapshot_interval_s": 3600.0,
@@ -114,7 +119,7 @@ async def test_replay_rebuilds_the_state_bit_for_bit(
             # the timeout drains three partial buffers (7, then 7 re-folded, then 1).
             for i in range(15):
                 c = f"dev-{i % 7}"
-                raw, _ = h.update_bytes(model_id, c, 0, rng.normal(0, 0.01, h.N), seed=i)
+                raw, _ = h.update_bytes(model_id, c, 0, rng.normal(0, 0.01, h.N), seed=i, signed=dp)
                 await dev.publish_update(model_id, c, raw)
             await _until(
                 lambda: worker.strategy.version == 3 and worker.strategy.pending == 0, "drains"
@@ -122,7 +127,9 @@ async def test_replay_rebuilds_the_state_bit_for_bit(
             # 13 distinct clients, stale by up to 3: one full buffer, then 3 staged int8 rows
             for i in range(13):
                 c = f"dev-b{i}"
-                raw, _ = h.update_bytes(model_id, c, i % 4, rng.normal(0, 0.01, h.N), seed=99 + i)
+                raw, _ = h.update_bytes(
+                    model_id, c, i % 4, rng.normal(0, 0.01, h.N), seed=99 + i, signed=dp
+                )
                 await dev.publish_update(model_id, c, raw)
         await _until(lambda: worker.processed == 28 and _idle(worker), "the last commit")
         assert worker.strategy.version == 4 and worker.strategy.pending == 3
@@ -142,6 +149,13 @@ async def test_replay_rebuilds_the_state_bit_for_bit(
             snap.path.unlink()
     else:
         assert len(segments) == 1  # the start-up snapshot's, never replaced by a newer one
+    if dp:  # four flushes: four keys in the log, none in any snapshot
+        found = wal.WriteAheadLog(model_dir).read(segments[-1])
+        keys = [r for rs, _ in found.batches for r in rs if r.kind == wal.NOISE_KEY]
+        assert len(keys) == 4 and len({r.payload for r in keys}) == 4
+        for snap in CheckpointStore(model_dir).list():
+            assert "rng" not in loads(snap.path.read_bytes())["strategy"]
+            assert keys[0].payload not in snap.path.read_bytes()
     restored = _restore(settings, image)
     _assert_same(_book(live_book), _book(restored.book.to_state()), "book")
     _assert_same(live_state, restored.strategy.state_dict())

@@ -52,6 +52,7 @@ TARGET_LABELS = {"instance", "job", "worker"}
 SCHEMA_FILES = {
     "update.schema.json",
     "model.schema.json",
+    "model_diff.schema.json",
     "event.schema.json",
     "deadletter.schema.json",
     "secure_update.schema.json",
@@ -236,6 +237,53 @@ def test_worker_env_names_are_settings_fields(services: dict[str, Any]) -> None:
                 assert len(parts) == 1, key
 
 
+SCALE = ("model-init-scale", "committer", "committer-standby", "reducer-0", "reducer-1")
+
+
+def test_scale_profile_reducers_committer_and_standby(services: dict[str, Any]) -> None:
+    """Reducers own disjoint partitions covering 0..P-1, each with its own MQTT session; the
+    committer and its standby share one session and one state volume; no role shares a
+    client id with another service; every FEDBUS_* name is a settings field."""
+    settings = pytest.importorskip("workers.settings")
+    for name in SCALE:
+        svc = services[name]
+        assert svc["profiles"] == ["scale"], name
+        env = _env(svc)
+        settings.load(None, **_as_overrides(env))  # every name and value is accepted
+    envs = {name: _env(services[name]) for name in SCALE}
+    roles = {name: services[name].get("command", [])[-1:] for name in SCALE[1:]}
+    assert roles == {
+        "committer": ["committer"], "committer-standby": ["committer"],
+        "reducer-0": ["reducer"], "reducer-1": ["reducer"],
+    }  # fmt: skip
+    p = int(envs["committer"]["FEDBUS_SCALE__PARTITIONS"])
+    owned = [json.loads(envs[r]["FEDBUS_SCALE__REDUCER_PARTITIONS"]) for r in SCALE[3:]]
+    assert sorted(x for parts in owned for x in parts) == list(range(p))
+    for r in SCALE[3:]:
+        assert int(envs[r]["FEDBUS_SCALE__PARTITIONS"]) == p
+    ids = {name: envs[name]["FEDBUS_MQTT__IDENTIFIER"] for name in SCALE}
+    assert ids["committer"] == ids["committer-standby"]
+    assert len({ids[n] for n in SCALE if n != "committer-standby"}) == len(SCALE) - 1
+    assert _toml("mqtt")["mqtt"]["identifier"] not in ids.values()
+    assert services["committer"]["volumes"] == services["committer-standby"]["volumes"]
+    assert envs["committer"]["FEDBUS_MODEL"] != DEMO_MODEL  # never beside worker-mqtt's model
+
+
+def _as_overrides(env: dict[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in env.items():
+        parts = key.removeprefix("FEDBUS_").lower().split("__")
+        if value.startswith("${"):
+            value = "x"
+        if len(parts) == 2:
+            out.setdefault(parts[0], {})[parts[1]] = (
+                json.loads(value) if value.startswith("[") else value
+            )
+        else:
+            out[parts[0]] = value
+    return out
+
+
 def test_mqtt_model_init_does_not_reuse_worker_client_id(services: dict[str, Any]) -> None:
     """Same MQTT client id as the worker would wipe the worker's persistent session."""
     env = _env(services["model-init-mqtt"])
@@ -308,7 +356,7 @@ def _created_topics(services: dict[str, Any]) -> dict[str, dict[str, str]]:
     return topics
 
 
-def test_topics_init_creates_the_four_topics(services: dict[str, Any]) -> None:
+def test_topics_init_creates_the_five_topics(services: dict[str, Any]) -> None:
     """Models compacted, events delete+retention, big records allowed, partitions match config."""
     svc = services["topics-init"]
     assert svc["depends_on"]["kafka"]["condition"] == "service_healthy"
@@ -316,8 +364,11 @@ def test_topics_init_creates_the_four_topics(services: dict[str, Any]) -> None:
     assert "--if-not-exists" in script  # runs on every `up`
     topics = _created_topics(services)
     m = DEMO_MODEL
-    assert set(topics) == {f"fedbus.{m}.{k}" for k in ("updates", "models", "events", "deadletter")}
+    assert set(topics) == {
+        f"fedbus.{m}.{k}" for k in ("updates", "models", "diffs", "events", "deadletter")
+    }
     assert topics[f"fedbus.{m}.models"]["cleanup.policy"] == "compact"
+    assert topics[f"fedbus.{m}.diffs"]["cleanup.policy"] == "delete"
     assert topics[f"fedbus.{m}.events"]["cleanup.policy"] == "delete"
     assert int(topics[f"fedbus.{m}.events"]["retention.ms"]) > 0
     for kind in ("updates", "models"):
@@ -356,8 +407,9 @@ def test_mosquitto_conf() -> None:
     assert int(glob["max_queued_messages"][0]) >= 10000
     # Workers ack only after a checkpoint; workers/settings.py caps ack_every at this value.
     assert int(glob["max_inflight_messages"][0]) == 20
-    limit = int(glob["message_size_limit"][0])
-    assert limit == 0 or limit >= MIB64
+    # max_packet_size, not message_size_limit: only it is announced to clients (CONNACK)
+    assert "message_size_limit" not in glob
+    assert int(glob["max_packet_size"][0]) >= MIB64 + 65_536
     assert "1883" in listeners
 
 
@@ -479,9 +531,10 @@ def test_acl_behaviour() -> None:
     assert not _allowed("dev-7", "write", f"fedbus/v1/{m}/updates/dev-8")
     assert not _allowed("dev-7", "read", f"fedbus/v1/{m}/updates/dev-8")
     assert _allowed("dev-7", "read", f"fedbus/v1/{m}/model")
+    assert _allowed("dev-7", "read", f"fedbus/v1/{m}/diffs")
     assert _allowed("dev-7", "write", f"fedbus/v1/{m}/status/dev-7")
     assert not _allowed("dev-7", "write", f"fedbus/v1/{m}/status/dev-8")
-    for kind in ("model", "events", "deadletter"):
+    for kind in ("model", "diffs", "events", "deadletter"):
         assert not _allowed("dev-7", "write", f"fedbus/v1/{m}/{kind}")
         assert _allowed("fedbus-worker", "write", f"fedbus/v1/{m}/{kind}")
         assert not _allowed("fedbus-analytics", "write", f"fedbus/v1/{m}/{kind}")
@@ -651,6 +704,7 @@ def test_dashboard_is_a_grafana_dashboard(dashboard: dict[str, Any]) -> None:
 MQTT_ADDRESSES = {
     "fedbus/v1/{model}/updates/{client}",
     "fedbus/v1/{model}/model",
+    "fedbus/v1/{model}/diffs",
     "fedbus/v1/{model}/events",
     "fedbus/v1/{model}/deadletter",
     "fedbus/v1/{model}/status/{client}",
@@ -661,13 +715,13 @@ MQTT_ADDRESSES = {
 }
 KAFKA_ADDRESSES = {
     f"fedbus.{{model}}.{k}"
-    for k in ("updates", "models", "events", "deadletter", "keys", "secure.receipts",
+    for k in ("updates", "models", "diffs", "events", "deadletter", "keys", "secure.receipts",
               "secure.manifests", "secure.sums")
 }  # fmt: skip
 TOPIC_GRAMMAR = re.compile(
-    r"fedbus/v1/\{model\}/(?:updates/\{client\}|model|events|deadletter|status/\{client\}"
+    r"fedbus/v1/\{model\}/(?:updates/\{client\}|model|diffs|events|deadletter|status/\{client\}"
     r"|keys/\{role\}|secure/(?:receipts|manifests|sums))"
-    r"|fedbus\.\{model\}\.(?:updates|models|events|deadletter|keys"
+    r"|fedbus\.\{model\}\.(?:updates|models|diffs|events|deadletter|keys"
     r"|secure\.(?:receipts|manifests|sums))"
 )
 
@@ -802,19 +856,16 @@ def test_asyncapi_mqtt_bindings(asyncapi: dict[str, Any]) -> None:
     assert update_sends and all(op["bindings"]["mqtt"]["retain"] is False for op in update_sends)
 
 
-def test_asyncapi_documents_share_subscription(asyncapi: dict[str, Any]) -> None:
-    """FedBuff reads through ``$share/<group>/...`` with the group the worker config uses;
-    FedAsync through the plain filter."""
-    group = _toml("mqtt")["mqtt"]["shared_group"]
+def test_asyncapi_documents_partitioned_subscription(asyncapi: dict[str, Any]) -> None:
+    """Reducers read partitions through plain subscriptions (no ``$share``, which loses
+    queued updates on a Mosquitto restart); FedAsync and the all worker the plain filter."""
+    assert "shared_group" not in _toml("mqtt")["mqtt"]
     subs = {
         op["x-mqtt-subscription"]
         for op in asyncapi["operations"].values()
         if "x-mqtt-subscription" in op
     }
-    assert subs == {
-        f"$share/{group}/fedbus/v1/{{model}}/updates/+",
-        "fedbus/v1/{model}/updates/+",
-    }
+    assert subs == {"fedbus/v1/{model}/updates/{p}/+", "fedbus/v1/{model}/updates/+"}
 
 
 def test_asyncapi_kafka_bindings_match_topics_init(

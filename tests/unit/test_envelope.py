@@ -50,6 +50,21 @@ def model(**over: Any) -> env.ModelEnvelope:
     return env.ModelEnvelope(**fields)
 
 
+def model_diff(**over: Any) -> env.ModelDiffEnvelope:
+    fields: dict[str, Any] = dict(
+        model="digits",
+        version=6,
+        base_version=5,
+        keyframe_version=4,
+        fingerprint=LAYOUT.fingerprint,
+        codec={"name": "int8", "block": 256, "rounding": "nearest"},
+        payload=bytes(10),
+        created_at=1700000001.0,
+    )
+    fields.update(over)
+    return env.ModelDiffEnvelope(**fields)
+
+
 def event(**over: Any) -> env.EventEnvelope:
     ce = {
         "specversion": "1.0",
@@ -126,10 +141,30 @@ def secure_sum(**over: Any) -> env.SecureSumEnvelope:
     return env.SecureSumEnvelope(**fields)
 
 
-MAKERS = {"update": update, "model": model, "event": event, "deadletter": deadletter,
+def partial(**over: Any) -> env.PartialEnvelope:
+    fields: dict[str, Any] = dict(
+        model="digits", reducer="reducer-0", epoch=7, seq=3, version=2, count=2,
+        weight_sum=1.5, updates=[("dev-1", "u-1"), ("dev-2", "u-2")], sum=bytes(8 * 4),
+        staleness={"0": 1, "2": 1}, bytes_received=900,
+    )  # fmt: skip
+    fields.update(over)
+    return env.PartialEnvelope(**fields)
+
+
+def watermark(**over: Any) -> env.WatermarkEnvelope:
+    fields: dict[str, Any] = dict(
+        model="digits", reducer="reducer-0", epoch=7, version=3, committed=[1, 2], refused=[3],
+        duplicates=[("dev-1", "u-1")],
+    )  # fmt: skip
+    fields.update(over)
+    return env.WatermarkEnvelope(**fields)
+
+
+MAKERS = {"update": update, "model": model, "model_diff": model_diff, "event": event,
+          "deadletter": deadletter,
           "secure_update": secure_update, "secure_key": secure_key,
           "secure_receipt": secure_receipt, "secure_manifest": secure_manifest,
-          "secure_sum": secure_sum}  # fmt: skip
+          "secure_sum": secure_sum, "partial": partial, "watermark": watermark}  # fmt: skip
 
 
 def as_map(e: env.Envelope) -> dict[str, Any]:
@@ -247,6 +282,20 @@ def test_deadletter_truncates_and_sanitises() -> None:
     assert back == small  # decoding keeps what the producer kept
 
 
+def test_deadletter_hashes_the_whole_message_and_may_keep_none_of_it() -> None:
+    import hashlib
+
+    big = bytes(range(256)) * 1000
+    d = deadletter(original=big, max_original=0)
+    assert d.original == b"" and d.original_size == len(big)
+    assert d.original_sha256 == hashlib.sha256(big).digest()  # of all of it, not the prefix
+    back = env.decode(env.encode(d))
+    assert back == d
+    raw = as_map(d)
+    raw["original_sha256"] = b"short"
+    assert reason_of(pack(raw)) is Reason.WRONG_TYPE
+
+
 def test_deadletter_reason_codes() -> None:
     for r in Reason:
         assert deadletter(reason=r.value).reason == r.value
@@ -347,6 +396,8 @@ REQUIRED = {
                "num_examples", "codec", "layout", "payload"],
     "model": ["schema", "type", "model", "version", "layout", "fingerprint", "codec",
               "payload", "created_at", "updates_folded"],
+    "model_diff": ["schema", "type", "model", "version", "base_version", "keyframe_version",
+                   "fingerprint", "codec", "payload", "created_at"],
     "event": ["schema", "type", "model", "event"],
     "deadletter": ["schema", "type", "model", "reason", "detail", "received_at", "source",
                    "original", "original_size"],
@@ -358,6 +409,10 @@ REQUIRED = {
     "secure_receipt": ["schema", "type", "model", "entries", "sig"],
     "secure_manifest": ["schema", "type", "model", "version", "entries", "sig"],
     "secure_sum": ["schema", "type", "model", "version", "manifest", "count", "payload", "sig"],
+    "partial": ["schema", "type", "model", "reducer", "epoch", "seq", "version", "count",
+                "weight_sum", "updates", "sum"],
+    "watermark": ["schema", "type", "model", "reducer", "epoch", "version", "committed",
+                  "refused", "duplicates"],
 }  # fmt: skip
 
 
@@ -465,7 +520,7 @@ def test_invalid_ids(key: str, bad: str) -> None:
 def test_valid_ids() -> None:
     for good in ["a", "0", "dev-1", "a" * 64, "x-y-z", new_update_id()]:
         assert validate_id(good, "id") == good
-    assert len(new_update_id()) == 32 and new_update_id() != new_update_id()
+    assert len(new_update_id()) == 20 and new_update_id() != new_update_id()
 
 
 def test_oversized_checked_before_parsing() -> None:

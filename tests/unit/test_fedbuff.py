@@ -259,7 +259,7 @@ def _plain(obj: Any) -> bool:
     "make",
     [
         lambda: FedBuff(np.zeros(30), buffer_size=4, server_optimizer=ServerAdam(lr=0.1),
-                        dp=DPConfig(0.5, 1.0, seed=9)),
+                        dp=DPConfig(0.5, 1.0, insecure_seed=9)),
         lambda: FedBuff(np.zeros(30), buffer_size=3, server_optimizer=ServerSGD(0.8, 0.9),
                         normalisation="weight_sum", example_weighting="sqrt", avg_num_examples=4),
         lambda: FedBuff(np.zeros(30), buffer_size=5, robust="trimmed_mean", clip_norm=2.0),
@@ -402,3 +402,125 @@ def test_config_validation() -> None:
     ):
         with pytest.raises(ValueError):
             FedBuff(np.zeros(2), **kw)
+
+
+# -- bounded deferral and the privacy budget ------------------------------------------------
+
+
+def _int8(client: str, uid: str, n: int, rng: np.random.Generator) -> Update:
+    spec = CodecSpec("int8")
+    return Update(client, uid, 0, 1, decode(encode(rng.normal(0, 1, n), spec, rng), spec, n))
+
+
+def test_a_flood_from_one_client_keeps_held_bytes_under_the_cap() -> None:
+    """One device sending again and again while it is in the buffer: deferred updates stay
+    encoded (int8: n + 4 n / 256 bytes, not 8 n), at most ``max_deferred_per_client`` of them,
+    within ``max_deferred_bytes``; the rest are refused client_busy, and another client
+    still finds room in the queue."""
+    import tracemalloc
+
+    n = 200_000
+    raw = n + 4 * math.ceil(n / 256)  # int8, blocks of 256: hand-derived payload size
+    rng = np.random.default_rng(3)
+    fb = FedBuff(
+        np.zeros(n), buffer_size=10, max_deferred=10, max_deferred_per_client=2,
+        max_deferred_bytes=3 * raw,
+    )  # fmt: skip
+    spec = CodecSpec("int8")
+    wire = encode(rng.normal(0, 1, n), spec, rng)
+    assert fb.submit(Update("a", "u0", 0, 1, decode(wire, spec, n))).accepted  # in the buffer
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        outs = []
+        for i in range(1, 40):  # each arrives as new bytes, as from the broker
+            fresh = bytes(bytearray(wire))
+            outs.append(fb.submit(Update("a", f"u{i}", 0, 1, decode(fresh, spec, n))))
+            del fresh
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert [o.deferred for o in outs[:2]] == [True, True]
+    assert all(o.reason is Reason.CLIENT_BUSY for o in outs[2:])
+    assert fb.deferred == 2 and fb.deferred_bytes == 2 * raw
+    assert held < 3 * raw  # nothing beyond the two held payloads (a dense copy: 16 n)
+    assert fb.submit(_int8("b", "b0", n, rng)).accepted
+    assert fb.submit(_int8("b", "b1", n, rng)).deferred  # room left for another client
+    assert fb.submit(_int8("b", "b2", n, rng)).reason is Reason.CLIENT_BUSY  # bytes cap
+
+
+def test_byte_cap_alone_and_deferred_bytes_return_on_refold() -> None:
+    rng = np.random.default_rng(4)
+    n = 1000
+    raw = n + 4 * math.ceil(n / 256)
+    fb = FedBuff(np.zeros(n), buffer_size=2, max_deferred_bytes=raw + raw // 2)
+    assert fb.submit(_int8("a", "1", n, rng)).accepted
+    assert fb.submit(_int8("a", "2", n, rng)).deferred
+    assert fb.deferred_bytes == raw
+    assert fb.submit(_int8("a", "3", n, rng)).reason is Reason.CLIENT_BUSY
+    fb.submit(_int8("b", "4", n, rng))  # flush; a's deferred opens the next buffer
+    assert (fb.version, fb.pending, fb.deferred, fb.deferred_bytes) == (1, 1, 0, 0)
+    with pytest.raises(ValueError, match="max_deferred_bytes"):
+        FedBuff(np.zeros(1), max_deferred_bytes=-1)
+
+
+def test_privacy_budget_stops_new_versions() -> None:
+    """The budget admits the flushes whose epsilon (dp-accounting's RDP accountant called
+    directly here, at the configured delta) stays within it, then no further version."""
+    import dp_accounting
+
+    def eps(steps: int) -> float:
+        acc = dp_accounting.rdp.RdpAccountant()
+        acc.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(2.0), steps))
+        return float(acc.get_epsilon(1e-6))
+
+    budget = (eps(3) + eps(4)) / 2
+    fb = FedBuff(np.zeros(4), buffer_size=1, dp=DPConfig(2.0, 1.0, delta=1e-6, budget=budget))
+    assert fb.dp_max_steps == 3 and fb.epsilon() == 0.0
+    outs = [fb.submit(upd(np.ones(4))) for _ in range(5)]
+    assert [o.new_version for o in outs[:3]] == [1, 2, 3]
+    assert all(o.reason is Reason.PRIVACY_BUDGET for o in outs[3:])
+    assert fb.budget_spent and fb.version == 3 and fb.dp_steps == 3
+    assert fb.epsilon() == pytest.approx(eps(3), rel=1e-9) and fb.epsilon() <= budget
+    assert fb.drain() is False
+    partial = PartialBuffer(np.ones(4), 1, 1.0, frozenset({"r"}), fb.version)
+    assert fb.take_partial(partial, [("r", "p1")])[0].reason is Reason.PRIVACY_BUDGET
+    dp = DPConfig(2.0, 1.0, delta=1e-6, budget=budget)
+    restored = FedBuff(np.zeros(4), buffer_size=1, dp=dp)
+    restored.load_state_dict(loads(dumps(fb.state_dict())))
+    assert restored.budget_spent
+    assert restored.submit(upd(np.ones(4))).reason is Reason.PRIVACY_BUDGET
+    with pytest.raises(ValueError, match="budget"):
+        DPConfig(1.0, 1.0, budget=0.0)
+
+
+def test_encoded_deferred_updates_round_trip_a_checkpoint_bitwise() -> None:
+    """int8 updates from four clients into K = 3: repeats are deferred, kept encoded,
+    and a checkpoint at any point stores them as their payloads; restoring and continuing
+    folds them through the same kernel, so the result is bitwise the run that never stopped."""
+    rng = np.random.default_rng(8)
+    n, spec = 2000, CodecSpec("int8")
+    clients = [0, 0, 1, 0, 2, 1, 1, 3, 0, 2, 2, 0, 1, 3, 3, 0, 1, 2, 0, 0]
+    updates = [
+        Update(f"c{c}", f"u{i}", 0, 1, decode(encode(rng.normal(0, 1, n), spec, rng), spec, n))
+        for i, c in enumerate(clients)
+    ]
+
+    def make() -> FedBuff:
+        return FedBuff(np.zeros(n), buffer_size=3, max_deferred=20, staleness=Constant())
+
+    straight = make()
+    for u in updates:
+        straight.submit(u)
+    for cut in (2, 6, 16):
+        first = make()
+        for u in updates[:cut]:
+            first.submit(u)
+        state = first.state_dict()
+        assert state["deferred"] and all("raw" in x["delta"] for x in state["deferred"])
+        resumed = make()
+        resumed.load_state_dict(loads(dumps(state)))
+        assert resumed.deferred_bytes == first.deferred_bytes > 0
+        for u in updates[cut:]:
+            resumed.submit(u)
+        np.testing.assert_array_equal(resumed.model, straight.model)

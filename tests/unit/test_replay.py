@@ -122,11 +122,36 @@ def test_seq_is_signed_and_old_signatures_still_verify() -> None:
 
 
 def test_digest_is_of_what_was_signed() -> None:
-    e = envelope(seq=1)
-    checked = Ingest(MODEL, LAYOUT).check(env.encode(e), SOURCE)
+    private, public = generate_keypair()
+    signed = sign_update(envelope(seq=1), private)
+    ingest = Ingest(MODEL, LAYOUT, verifier=Verifier({"dev-1": public}, required=True))
+    checked = ingest.check(env.encode(signed), SOURCE)
     assert not isinstance(checked, Refusal)
-    assert checked.update.digest == hashlib.sha256(env.signing_bytes(e)).digest()
+    assert checked.update.digest == hashlib.sha256(env.signing_bytes(signed)).digest()
     assert checked.update.seq == 1
+    # the same signed content, checked again without verifying (log replay): same digest
+    again = ingest.check(env.encode(signed), SOURCE, verify=False)
+    assert not isinstance(again, Refusal) and again.update.digest == checked.update.digest
+
+
+def test_unsigned_fingerprint_tells_content_apart() -> None:
+    """Unsigned updates get a fingerprint (header and payload samples): equal for the same
+    content whatever the unsigned fields, different when the header or a sampled payload
+    byte changes."""
+    ingest = Ingest(MODEL, LAYOUT)
+    base = np.array([0.5, -1.0, 0.25, 2.0], "<f4")
+
+    def digest(**kw: Any) -> bytes:
+        checked = ingest.check(env.encode(envelope(**kw)), SOURCE)
+        assert not isinstance(checked, Refusal)
+        return checked.update.digest
+
+    first = digest(seq=1)
+    assert digest(seq=1, sent_at=9.0, metrics={"loss": 1.0}) == first
+    other = base.copy()
+    other[2] = 0.5
+    assert digest(seq=1, payload=other.tobytes()) != first
+    assert digest(seq=2) != first and digest(seq=1, num_examples=5) != first
 
 
 def test_window_state_round_trip_and_legacy_forms() -> None:

@@ -19,17 +19,20 @@ from tests.unit.test_envelope import (
     deadletter,
     event,
     model,
+    model_diff,
+    partial,
     secure_key,
     secure_manifest,
     secure_receipt,
     secure_sum,
     secure_update,
     update,
+    watermark,
 )
 
 SCHEMAS = Path(__file__).resolve().parents[2] / "schemas"
-KINDS = ("update", "model", "event", "deadletter", "secure_update", "secure_key",
-         "secure_receipt", "secure_manifest", "secure_sum")  # fmt: skip
+KINDS = ("update", "model", "model_diff", "event", "deadletter", "secure_update", "secure_key",
+         "secure_receipt", "secure_manifest", "secure_sum", "partial", "watermark")  # fmt: skip
 
 
 def schema(kind: str) -> dict[str, Any]:
@@ -67,6 +70,7 @@ def messages(kind: str) -> list[env.Envelope]:
             update(codec={"name": "int4", "block": 64, "rounding": "nearest", "zstd": True}),
         ],
         "model": [model(), model(metrics={"accuracy": 0.9}, version=0, updates_folded=0)],
+        "model_diff": [model_diff(), model_diff(base_version=4, codec={"name": "fp16"})],
         "event": [event()],
         "deadletter": [
             deadletter(),
@@ -78,6 +82,8 @@ def messages(kind: str) -> list[env.Envelope]:
         "secure_receipt": [secure_receipt(), secure_receipt(entries=[])],
         "secure_manifest": [secure_manifest()],
         "secure_sum": [secure_sum(), secure_sum(count=0, payload=b"")],
+        "partial": [partial(), partial(staleness=None, bytes_received=None)],
+        "watermark": [watermark(), watermark(committed=[], refused=[], duplicates=[])],
     }[kind]
 
 

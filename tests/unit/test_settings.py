@@ -66,6 +66,8 @@ def test_every_policy_knob_reaches_the_policy_object() -> None:
         ({"alpha": 0.0}, "alpha"),
         ({"buffer_size": 0}, "buffer_size"),
         ({"robust": "mean-ish"}, "robust"),
+        ({"privacy_budget": 8.0}, "needs central DP"),
+        ({"clip_norm": 1.0, "dp_noise_multiplier": 1.0, "dp_delta": 1.5}, "dp_delta"),
     ],
 )
 def test_inconsistent_policies_are_refused_at_start(aggregation: dict, message: str) -> None:
@@ -95,3 +97,28 @@ def test_robust_and_dp_need_signatures(overrides: dict, message: str) -> None:
     keys = {"require_signatures": True, "public_keys_dir": Path("keys")}
     if "aggregation" in overrides:
         assert load(None, **overrides, **keys).require_signatures
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"model_codec": "topk:fraction=0.1"}, "model_codec: model codec must be one of fp32"),
+        ({"model_codec": "bf16"}, "model_codec: unknown codec 'bf16'"),
+        ({"model_diff_codec": "fp32"}, "model_diff_codec: model difference codec must be"),
+        ({"model_keyframe_every": 0}, "model_keyframe_every"),
+    ],
+)
+def test_downlink_settings_are_checked(overrides: dict, message: str) -> None:
+    with pytest.raises(UserError, match=message) as refused:
+        load(None, **overrides)
+    assert "\n" not in str(refused.value)
+
+
+def test_downlink_settings_accept_the_documented_codecs() -> None:
+    assert load(None).model_diff_codec == "int8"  # following devices get int8 differences
+    s = load(None, model_codec="int8", model_diff_codec="topk:fraction=0.05")
+    assert (s.model_codec, s.model_diff_codec, s.model_keyframe_every) == (
+        "int8",
+        "topk:fraction=0.05",
+        10,
+    )

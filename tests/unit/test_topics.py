@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import zlib
+
 import pytest
 
 from fedbus.transport import topics
@@ -24,6 +26,7 @@ def test_kafka_topics_are_dot_separated_only() -> None:
     assert topics.kafka_topics("digits") == {
         "updates": "fedbus.digits.updates",
         "models": "fedbus.digits.models",
+        "diffs": "fedbus.digits.diffs",
         "events": "fedbus.digits.events",
         "deadletter": "fedbus.digits.deadletter",
     }
@@ -115,3 +118,17 @@ def test_anything_else_parses_to_none(topic: str) -> None:
 def test_built_topics_round_trip_through_the_parser() -> None:
     for model, client in [("m", "c"), ("model-9", "a" * 64)]:
         assert topics.parse_update_topic(topics.mqtt_update(model, client)) == (model, client)
+
+
+def test_partitioned_update_topics() -> None:
+    """Devices pick p = crc32(client) mod P (zlib's CRC-32, as any MQTT SDK can compute), and
+    the client level stays last, so identity checks read the same level either way."""
+    p = zlib.crc32(b"dev-1") % 4
+    assert topics.partition_of("dev-1", 4) == p
+    assert topics.mqtt_update("m", "dev-1", 4) == f"fedbus/v1/m/updates/{p}/dev-1"
+    assert topics.mqtt_update("m", "dev-1") == "fedbus/v1/m/updates/dev-1"
+    assert topics.split_update_topic(f"fedbus/v1/m/updates/{p}/dev-1") == ("m", "dev-1")
+    assert topics.split_update_topic("fedbus/v1/m/updates/x/dev-1") is None
+    assert topics.mqtt_partition_filter("m", 2) == "fedbus/v1/m/updates/2/+"
+    assert topics.is_partials_topic(topics.mqtt_partials("m", "reducer-0"))
+    assert not topics.is_partials_topic(topics.mqtt_update("m", "dev-1"))

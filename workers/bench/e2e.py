@@ -228,6 +228,8 @@ class _Env:
     workdir: Path
     log: Log
     model_publish_interval_s: float = 0.0
+    model_codec: str = "fp32"
+    model_diff_codec: str = "int8"
 
     def settings(self, model: str, worker_id: str = "worker-0") -> Any:
         from workers.settings import load
@@ -241,7 +243,8 @@ class _Env:
             "snapshot_interval_s": SNAPSHOT_INTERVAL_S,
             "metrics_port": 0,
             "ack_every": ACK_EVERY,
-            "model_codec": MODEL_CODEC,
+            "model_codec": self.model_codec,
+            "model_diff_codec": self.model_diff_codec,
             "model_publish_interval_s": self.model_publish_interval_s,
             "aggregation": {
                 "algorithm": "fedbuff",
@@ -473,6 +476,7 @@ class _WorkerResult:
     updates_per_s: float
     latencies: list[float]
     pace_per_s: float
+    downlink_bytes_per_s: float  # what the worker published on the model channels, timed run
 
 
 async def _worker_case(
@@ -529,6 +533,8 @@ async def _worker_case(
                     await _publish(pub, model, warm, window=window)
                     await _until(handled(len(warm)), worker.progress, "worker warm-up")
                     target = len(warm) + len(timed)
+                    assert worker.publisher is not None
+                    bytes_before = worker.publisher.bytes_published
                     waiter = asyncio.create_task(
                         _until(handled(target), worker.progress, "worker run")
                     )
@@ -538,6 +544,9 @@ async def _worker_case(
                         task.result()
                         raise RuntimeError("worker stopped during the run")
                     rate = len(timed) / (t_end - started[0])
+                    downlink = (worker.publisher.bytes_published - bytes_before) / (
+                        t_end - started[0]
+                    )
                     refused = worker.processed - worker.total_folded
                     if refused:
                         raise RuntimeError(f"the worker refused {refused} benchmark updates")
@@ -560,7 +569,7 @@ async def _worker_case(
                     if follower.done():
                         follower.result()
                     latencies = [commits.time_of(base + i + 1) - t for i, t in enumerate(published)]
-                    return _WorkerResult(rate, latencies, pace)
+                    return _WorkerResult(rate, latencies, pace, downlink)
                 finally:
                     if follower is not None:
                         follower.cancel()
@@ -599,7 +608,9 @@ async def _run(
     latency_updates: int,
     window: int,
     log: Log,
-    model_publish_interval_s: float,
+    intervals: Sequence[float],
+    model_codec: str,
+    model_diff_codec: str,
 ) -> list[dict[str, Any]]:
     workdir = Path(tempfile.mkdtemp(prefix="fedbus-bench-e2e-"))
     broker: MosquittoBroker | TansuBroker = (
@@ -608,9 +619,9 @@ async def _run(
     records: list[dict[str, Any]] = []
     try:
         broker.start()
-        where = _Env(transport, broker, workdir, log, model_publish_interval_s)
         seeds = itertools.count(1)
-        for n in sizes:
+        for n, interval in itertools.product(sizes, intervals):
+            where = _Env(transport, broker, workdir, log, interval, model_codec, model_diff_codec)
             if updates_per_run is None:
                 updates = default_updates(n)
             elif isinstance(updates_per_run, Mapping):
@@ -624,6 +635,7 @@ async def _run(
             ratios: list[float] = []
             latencies: list[float] = []
             paces: list[float] = []
+            downlink: list[float] = []
             for r in range(repeats):
                 order = ("raw", "worker") if r % 2 == 0 else ("worker", "raw")
                 raw_rate = worker_rate = 0.0
@@ -635,11 +647,13 @@ async def _run(
                         worker_rate = result.updates_per_s
                         latencies += result.latencies
                         paces.append(result.pace_per_s)
+                        downlink.append(result.downlink_bytes_per_s)
                 raw_rates.append(raw_rate)
                 worker_rates.append(worker_rate)
                 ratios.append(worker_rate / raw_rate)
                 log(
-                    f"{transport} N={n:,} repeat {r + 1}/{repeats}: raw {raw_rate:,.0f}/s, "
+                    f"{transport} N={n:,} interval {interval:g} s "
+                    f"repeat {r + 1}/{repeats}: raw {raw_rate:,.0f}/s, "
                     f"worker {worker_rate:,.0f}/s ({worker_rate / raw_rate:.2f}x)"
                 )
             records.append(
@@ -658,11 +672,13 @@ async def _run(
                     "updates_per_run": updates,
                     "repeats": repeats,
                     "buffer_size": BUFFER_SIZE,
-                    "model_codec": MODEL_CODEC,
+                    "model_codec": model_codec,
+                    "model_diff_codec": model_diff_codec,
                     "checkpoint_fsync": False,
                     "snapshot_interval_s": SNAPSHOT_INTERVAL_S,
                     "publish_window": window,
-                    "model_publish_interval_s": model_publish_interval_s,
+                    "model_publish_interval_s": interval,
+                    "downlink_bytes_per_s": statistics.median(downlink),
                     "latency_samples": len(latencies),
                     "latency_pace_per_s": statistics.median(paces),
                 }
@@ -682,20 +698,30 @@ def run(
     latency_updates: int = 100,
     window: int = 10,
     log: Log = _quiet,
-    model_publish_interval_s: float = 0.0,
+    model_publish_interval_s: float | Sequence[float] = (0.0, 1.0),
+    model_codec: str = MODEL_CODEC,
+    model_diff_codec: str = "int8",
 ) -> list[dict[str, Any]]:
     """Run the benchmark on its own broker; one record per parameter count.
 
     ``updates_per_run``: timed updates per case (rounded up to a multiple of K), one number
     or per parameter count; default about 200 MB of frames (2,000 at 100K, 200 at 1M).
     ``latency_updates``: paced updates per repeat for the commit latency. ``log`` receives
-    one progress line per repeat. Records carry :data:`KEYS` plus context fields.
+    one progress line per repeat. ``model_publish_interval_s``: one record per interval and
+    size (0 publishes every version; the worker's default is 1 s). Records carry
+    :data:`KEYS` plus context fields, among them ``downlink_bytes_per_s`` (what the worker
+    published on the model channels during the timed run).
     """
     if transport not in ("mqtt", "kafka"):
         raise ValueError(f"transport must be mqtt or kafka, not {transport!r}")
     if repeats < 1:
         raise ValueError("repeats must be at least 1")
     _configure_logging()
+    intervals = (
+        [float(model_publish_interval_s)]
+        if isinstance(model_publish_interval_s, int | float)
+        else list(model_publish_interval_s)
+    )
     return asyncio.run(
         _run(
             transport,
@@ -705,7 +731,9 @@ def run(
             latency_updates,
             window,
             log,
-            model_publish_interval_s,
+            intervals,
+            model_codec,
+            model_diff_codec,
         )
     )
 
@@ -722,9 +750,9 @@ def _durability(r: Mapping[str, Any]) -> str:
 def markdown(records: Sequence[Mapping[str, Any]]) -> str:
     """A table for people; the JSON records hold the same numbers and more context."""
     lines = [
-        "| transport | params | codec | worker updates/s | raw msg/s | worker/raw (min-max) "
-        "| commit p50 | commit p99 |",
-        "|---|---|---|---|---|---|---|---|",
+        "| transport | params | codec | publish interval | worker updates/s | raw msg/s "
+        "| worker/raw (min-max) | downlink MB/s | commit p50 | commit p99 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         spread = ""
@@ -732,8 +760,10 @@ def markdown(records: Sequence[Mapping[str, Any]]) -> str:
             spread = f" ({r['worker_vs_raw_min']:.2f}-{r['worker_vs_raw_max']:.2f})"
         lines.append(
             f"| {r['transport']} | {r['n_params']:,} | {r['codec']} "
+            f"| {r.get('model_publish_interval_s', 0):g} s "
             f"| {r['updates_per_s']:,.0f} | {r['raw_per_s']:,.0f} "
             f"| {r['worker_vs_raw']:.2f}{spread} "
+            f"| {r.get('downlink_bytes_per_s', float('nan')) / 1e6:.2f} "
             f"| {r['commit_latency_p50_s'] * 1e3:.1f} ms "
             f"| {r['commit_latency_p99_s'] * 1e3:.1f} ms |"
         )
@@ -745,7 +775,9 @@ def markdown(records: Sequence[Mapping[str, Any]]) -> str:
         lines.append("")
         lines.append(
             f"Worker: FedBuff K={r.get('buffer_size', BUFFER_SIZE)}, constant staleness, "
-            f"checkpoint fsync off, models published {r.get('model_codec', MODEL_CODEC)}, "
+            f"checkpoint fsync off, models published {r.get('model_codec', MODEL_CODEC)}"
+            + (f" + {r['model_diff_codec']} differences" if r.get("model_diff_codec") else "")
+            + ", "
             f"{_durability(r)}. "
             f"Medians of {r.get('repeats', '?')} paired repeats of {per_run} updates; "
             "worker/raw is the median of per-repeat "
