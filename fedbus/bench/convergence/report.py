@@ -109,6 +109,9 @@ PAPER_ROW = replace(
 (synthetic, 100 features, 20 classes, 60,000 examples). The paper's own figure is at about
 1,000 in flight; this is the low end of its range, sized for a 2-core machine."""
 PAPER_SEEDS = 2
+PAPER_1000_ROW = replace(PAPER_ROW, name="paper_regime_1000", devices=10_000, concurrency=1000)
+"""The paper's own concurrency: 1,000 in flight over 10,000 devices (200,000 examples). Its
+search starts where the 300-in-flight row's choices are."""
 SLOW_LABELS_ROW = replace(STANDARD, name="slow_devices_own_labels_8_9", slow_labels=(8, 9))
 SENSITIVITY: tuple[Setting, ...] = (
     replace(STANDARD, name="sigma_0.5", sigma=0.5),
@@ -604,14 +607,21 @@ def _rows(
     fixed = {spec: _chosen(std, spec) for spec in PLAIN}
     rows: list[tuple[str, Setting, dict[Spec, tuple[float, ...]], tuple[int, ...], bool]] = [
         ("high_concurrency", PAPER_ROW, paper, seeds[:PAPER_SEEDS], True),
+        ("high_concurrency_1000", PAPER_1000_ROW, paper, seeds[:PAPER_SEEDS], True),
         ("mlp", MLP_ROW, mlp, seeds, True),
         ("drift", DRIFT_ROW, drift, seeds, True),
         ("slow_labels", SLOW_LABELS_ROW, fixed, seeds, False),
     ] + [(f"sensitivity_{x.name}", x, fixed, seeds, False) for x in SENSITIVITY]
+    done: dict[str, Study] = {}
     for key, setting, starts, row_seeds, tuned in rows:
         if only is not None and key not in only:
             continue
         st = Study(setting, row_seeds, runner)
+        if key == "high_concurrency_1000" and "high_concurrency" in done:
+            prev = done["high_concurrency"]
+            starts = {spec: _neighbourhood(grid(*spec), prev.choice(spec, "time").value)
+                      for spec in starts}  # fmt: skip
+        done[key] = st
         if tuned:
             search(st, starts, log)
         else:
@@ -625,7 +635,7 @@ def _rows(
                     records.append(_record(st, spec, c.value, trs, rule, "fp32", "fp32"))
         if tuned:
             edges += _choices_inside(st, specs)
-        opts = ("plain", "momentum") if key == "high_concurrency" else ("plain",)
+        opts = ("plain", "momentum") if key.startswith("high_concurrency") else ("plain",)
         sp, sp_min, used = _speedup(st, opts)
         ups, _, _ = _speedup(st, opts, "uploads")
         asy, _, _ = _speedup(st, ("plain",), "time", "fedasync", "fedbuff")
