@@ -7,7 +7,7 @@ Protocol (all of it here and in :mod:`.selection`, so a reader can check it):
   and network delay, 10% dropouts, softmax regression, one local epoch, batch 16, one
   client learning rate for all. Synchronous FedAvg over-selects 130% and closes each round
   at the first 100 uploads; FedBuff buffers K = 10 with Polynomial(0.5) staleness weights.
-- **Grids.** One log grid of server learning rates (0.5 to 512) for synchronous FedAvg and
+- **Grids.** One log grid of server learning rates (0.125 to 512) for synchronous FedAvg and
   FedBuff, FedAsync's mixing weight on 0.05 to 1 (capped at 1), Adam's on 1e-4 to 0.3. Each
   algorithm runs with each server optimiser (plain, momentum 0.9, Adam): plain on the full
   grid and every seed; momentum and Adam by local search on the first
