@@ -66,6 +66,7 @@ def assert_one_line(result: subprocess.CompletedProcess[str], *needles: str) -> 
         (["client", "simulate", "--codec", "int9"], ["--codec", "int9"]),
         (["client", "simulate", "--dropout", "1.5"], ["--dropout"]),
         (["bench", "kernels", "--sizes", "lots"], ["--sizes"]),
+        (["bench", "attacks", "--attacks", "sign-flip"], ["--attacks", "sign-flip"]),
         (["keys", "new", "Dev_1"], ["Dev_1"]),
         (["model", "init", "--npz", "missing.npz"], ["--npz", "missing.npz"]),
         (["demo", "--codecs", "int9"], ["--codecs", "int9"]),
@@ -160,7 +161,8 @@ def test_version_and_help_examples() -> None:
     version = fedbus("--version")
     assert version.returncode == 0 and version.stdout.startswith("fedbus ")
     for command in (["worker"], ["model", "init"], ["client", "simulate"], ["demo"],
-                    ["keys", "new"], ["bench", "kernels"], ["bench", "e2e"]):  # fmt: skip
+                    ["keys", "new"], ["bench", "kernels"], ["bench", "e2e"],
+                    ["bench", "attacks"]):  # fmt: skip
         shown = fedbus(*command, "--help")
         assert shown.returncode == 0, shown.stderr
         assert "Example: fedbus " + " ".join(command) in shown.stdout, shown.stdout
