@@ -138,6 +138,11 @@ async def serve(settings: WorkerSettings, stop: asyncio.Event) -> None:
 
     async def one(model: str) -> None:
         per_model = settings.model_copy(update={"model": model, "models": None})
+        if settings.mqtt.identifier:  # one MQTT session per model, never shared between them
+            mqtt = settings.mqtt.model_copy(
+                update={"identifier": f"{settings.mqtt.identifier}-{model}"}
+            )
+            per_model = per_model.model_copy(update={"mqtt": mqtt})
         await role(per_model, stop, metrics=metrics, health=health, on_worker=workers.append)
 
     try:

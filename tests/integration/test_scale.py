@@ -148,7 +148,9 @@ async def test_several_models_in_one_process_each_exact(
     models = [f"t-{uuid.uuid4().hex[:10]}" for _ in range(2)]
     role = "all" if layout == "all" else "committer"
     main = scale_settings(mosquitto, models[0], tmp_path / "c", role, "committer")
-    main = main.model_copy(update={"models": models})
+    # an explicit MQTT identifier: each model still gets a session of its own
+    mqtt = main.mqtt.model_copy(update={"identifier": f"fedbus-multi-{models[0]}"})
+    main = main.model_copy(update={"models": models, "mqtt": mqtt})
     reducer = scale_settings(mosquitto, models[0], tmp_path / "r", "reducer", "reducer-0")
     reducer = reducer.model_copy(update={"models": models})
     x0 = {m: np.random.default_rng(i).normal(0, 0.1, h.N) for i, m in enumerate(models)}
