@@ -109,6 +109,8 @@ class ReducerWorker:
         self.ingest: Ingest
         self.strategy: FedBuff
         self._open: list[_Entry] = []
+        # A partial never holds more than the committer's K (it would be refused whole).
+        self._flush_at = min(settings.scale.flush_updates, settings.aggregation.buffer_size)
         self._opened_at = 0.0
         self._in_flight: dict[int, _Partial] = {}
         self._by_key: dict[tuple[str, str], _Entry] = {}  # open or in flight
@@ -288,7 +290,7 @@ class ReducerWorker:
             # next buffer with this update.
             await self._flush()
         self._add(entry)
-        if len(self._open) >= self.settings.scale.flush_updates:
+        if len(self._open) >= self._flush_at:
             await self._flush()
 
     def _add(self, entry: _Entry) -> None:

@@ -122,7 +122,7 @@ async def test_two_reducers_and_a_committer_fold_every_update_once(
     reducers = [
         scale_settings(
             mosquitto, model_id, tmp_path / f"r{i}", "reducer", f"reducer-{i}",
-            reducer_partitions=parts,
+            reducer_partitions=parts, flush_updates=15,  # past K: partials stop at K
         )
         for i, parts in enumerate(([0, 1], [2, 3]))
     ]  # fmt: skip
