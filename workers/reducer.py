@@ -194,6 +194,14 @@ class ReducerWorker:
             self.version = version
             self.strategy.version = version  # weights already in the buffer keep theirs
 
+    def _next_wake(self) -> float | None:
+        """Seconds until the open partial's flush or an unanswered one's resend is due."""
+        waits = [self._resend_due()]
+        if self._open:
+            flush_s = self.settings.scale.flush_ms / 1000
+            waits.append(max(0.0, self._opened_at + flush_s - time.monotonic()))
+        return min((w for w in waits if w is not None), default=None)
+
     async def _consume(self, stop: asyncio.Event) -> None:
         queue = Inbox(INBOX_MESSAGES, self.settings.max_inbox_bytes)  # bounded in bytes too
 
@@ -206,27 +214,9 @@ class ReducerWorker:
         flush_s = self.settings.scale.flush_ms / 1000
         try:
             while not stop.is_set():
-                try:
-                    msg: Message | None = queue.get_nowait()
-                except asyncio.QueueEmpty:
-                    msg = None
-                    waits = [self._resend_due()]
-                    if self._open:
-                        waits.append(max(0.0, self._opened_at + flush_s - time.monotonic()))
-                    wait = min((w for w in waits if w is not None), default=None)
-                    get = asyncio.create_task(queue.get())
-                    done, _ = await asyncio.wait(
-                        {get, stop_task, pump_task},
-                        timeout=wait,
-                        return_when=asyncio.FIRST_COMPLETED,
-                    )
-                    if get.done():
-                        msg = get.result()
-                    else:
-                        get.cancel()
-                    if pump_task in done:
-                        pump_task.result()
-                        break
+                msg, ended = await queue.next(stop_task, pump_task, self._next_wake)
+                if ended:
+                    break
                 if msg is not None:
                     if msg.topic == self.watermark_topic:
                         await self._watermark(msg)
