@@ -194,6 +194,12 @@ class ReducerWorker:
             self.version = version
             self.strategy.version = version  # weights already in the buffer keep theirs
 
+    async def _dead_letter(self, msg: Message, verdict: Refusal) -> None:
+        await dead_letter(
+            self.transport, self.model, self.settings.worker_id, msg, verdict, self.metrics,
+            self.log, keep_payload=self.settings.deadletter_keep_payload,
+        )  # fmt: skip
+
     def _next_wake(self) -> float | None:
         """Seconds until the open partial's flush or an unanswered one's resend is due."""
         waits = [self._resend_due()]
@@ -255,16 +261,7 @@ class ReducerWorker:
                 self.metrics.redelivered.labels(self.model).inc()
                 await self.transport.ack([msg])
                 return
-            await dead_letter(
-                self.transport,
-                self.model,
-                self.settings.worker_id,
-                msg,
-                verdict,
-                self.metrics,
-                self.log,
-                keep_payload=self.settings.deadletter_keep_payload,
-            )
+            await self._dead_letter(msg, verdict)
             await self.transport.ack([msg])
             return
         self._m_accepted.inc()
@@ -382,16 +379,7 @@ class ReducerWorker:
             source = Source(self.settings.transport, msg.topic, msg.key, msg.principal)
             verdict = self._judge(msg.payload, source, policy)
             if isinstance(verdict, Refusal):  # e.g. stale by now
-                await dead_letter(
-                    self.transport,
-                    self.model,
-                    self.settings.worker_id,
-                    msg,
-                    verdict,
-                    self.metrics,
-                    self.log,
-                    keep_payload=self.settings.deadletter_keep_payload,
-                )
+                await self._dead_letter(msg, verdict)
                 await self.transport.ack(e.messages)
                 continue
             e.staleness = verdict.outcome.staleness or 0
