@@ -75,9 +75,11 @@ from fedbus.bench.convergence import (
     SIGMA,
     _setting,
 )
+from fedbus.client.updates import UpdateEncoder
 from fedbus.ingest import Accepted, Ingest, Source
 from fedbus.sim import FlatModel, FleetData, run_async
 from fedbus.transport import topics
+from fedbus.wire import envelope as env
 
 ATTACKS = ("scaled", "sign_flip", "gaussian", "label_flip", "sybil")
 FRACTIONS = (0.1, 0.2)
@@ -175,9 +177,9 @@ GRID: dict[str, tuple[Defence, ...]] = {
 """Honest updates have a median norm of about 0.1 here, so every clip norm binds most of
 them and the server lr has to grow to keep the step (a first pass with the convergence
 report's lr found the best clip at the smallest C and the largest lr tried, hence this
-range). The robust statistics of label-skewed updates are smaller than their mean (most
-coordinates are near zero in most updates), hence their lr grid too; K = 20 halves the
-chance that attackers hold half a buffer."""
+range). A buffer's coordinate-wise median or trimmed mean of label-skewed updates is not
+its mean (each device pulls toward its own few classes) and may be smaller, hence their lr
+grid too; K = 20 makes it rarer that attackers hold half a buffer."""
 
 
 # -- the attacked server -------------------------------------------------------------------
@@ -198,14 +200,11 @@ class Sybil:
         *,
         identity: bool,
     ) -> None:
-        from fedbus.client.updates import UpdateEncoder  # the device SDK's envelope builder
-
         self.device, self.rate, self.fleet, self.model, self.rng = device, rate, fleet, model, rng
         self.identity = identity
         self.layout = model.wire_layout()
         self.ingest = Ingest(MODEL, self.layout)
         self.topic = topics.kafka_updates(MODEL)
-        self._encoder = UpdateEncoder
         self._ids = itertools.count()
         self.sent = 0
         self.refused: Counter[str] = Counter()
@@ -222,11 +221,10 @@ class Sybil:
         victim = int(self.rng.integers(self.fleet.n_clients - 1))
         victim += victim >= i  # any device but the attacker itself
         forged = _client(victim)
-        enc = self._encoder(MODEL, forged, self.layout, "fp32", error_feedback=False)
+        # the device SDK's envelope builder, as a real (if dishonest) producer would use it
+        enc = UpdateEncoder(MODEL, forged, self.layout, "fp32", error_feedback=False)
         envelope = enc.build(version, np.zeros_like(delta), delta, num,
                              update_id=f"s{next(self._ids):09d}")  # fmt: skip
-        from fedbus.wire import envelope as env
-
         source = Source(
             "kafka",
             self.topic,
