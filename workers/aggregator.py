@@ -147,6 +147,10 @@ class AggregatorWorker:
         self._announced = -1  # newest version that has its event
         self._buffer_since: tuple[int, float] | None = None  # (version, when) buffer non-empty
         self.replayed = 0  # log records replayed at start-up: for tests
+        self._republish = False  # the retained model fell behind: the next commit republishes
+        self._reconnects = 0  # transport reconnects seen (each one re-reads the retained model)
+        self._retained_check: asyncio.Task[None] | None = None
+        self.republished = 0  # for tests
         self.committed_version = -1  # newest version whose commit is durable
         m, t = self.model, settings.transport
         self._m_received = self.metrics.received.labels(m, t)
@@ -227,6 +231,35 @@ class AggregatorWorker:
             await self.transport.seek(self.book.offsets)
         await self._subscribe()
         await self._catch_up()
+        self._check_retained()
+
+    def _check_retained(self) -> None:
+        """After a start or a reconnect: a broker that crashed before saving can come back
+        with an older retained model than the newest one it confirmed; if so, the next
+        commit publishes the newest committed version again."""
+        self._reconnects = getattr(self.transport, "reconnects", 0)
+        if self._retained_check is None or self._retained_check.done():
+            self._retained_check = asyncio.create_task(self._read_retained())
+
+    async def _read_retained(self) -> None:
+        assert self.publisher is not None
+        try:
+            raw = await self.transport.latest_model(self.model, timeout=2.0)
+            retained = -1
+            if raw is not None:
+                model = env.decode(raw, expect="model", max_bytes=self.settings.max_message_bytes)
+                assert isinstance(model, env.ModelEnvelope)
+                retained = model.version
+        except Exception as exc:  # a check, not a duty: the next reconnect checks again
+            self.log.warning("could not read the retained model back", error=repr(exc))
+            return
+        if retained < self.publisher.confirmed:
+            self.log.warning(
+                "retained model is older than the newest published: publishing again",
+                retained=retained,
+                published=self.publisher.confirmed,
+            )
+            self._republish = True
 
     async def _subscribe(self) -> None:
         """What this role consumes: every update of the model (the committer role: partials)."""
@@ -311,7 +344,13 @@ class AggregatorWorker:
     async def _refuse(self, msg: Message, r: Refusal) -> None:
         self.book.tally.rejects[r.reason.value] += 1
         await dead_letter(
-            self.transport, self.model, self.settings.worker_id, msg, r, self.metrics, self.log,
+            self.transport,
+            self.model,
+            self.settings.worker_id,
+            msg,
+            r,
+            self.metrics,
+            self.log,
             keep_payload=self.settings.deadletter_keep_payload,
         )
 
@@ -347,7 +386,10 @@ class AggregatorWorker:
         version = self.strategy.version
         now = time.monotonic()
         weights = None
-        if self.publisher.wants(version, now, force=publish):
+        republish, self._republish = self._republish, False
+        if republish:
+            self.republished += 1
+        if republish or self.publisher.wants(version, now, force=publish):
             await self.publisher.room()
             model = self.strategy.model.astype(np.float32)  # detached: the loop moves on
             weights = Weights(version, model, self.book.total_folded)
@@ -481,6 +523,9 @@ class AggregatorWorker:
             )
 
     async def _shutdown(self) -> None:
+        if self._retained_check is not None:
+            self._retained_check.cancel()
+            await asyncio.gather(self._retained_check, return_exceptions=True)
         c, p = self.committer, self.publisher
         if c is None or p is None or not c.started:
             if p is not None:
@@ -554,6 +599,10 @@ class AggregatorWorker:
                     if self.budget_spent:
                         break
                 now = time.monotonic()
+                if getattr(self.transport, "reconnects", 0) != self._reconnects:
+                    self._check_retained()
+                if self._republish:
+                    await self._commit()
                 summary.maybe(
                     now,
                     processed=self.processed,

@@ -338,3 +338,39 @@ def bench_e2e(
         model_diff_codec=model_diff_codec,
     )
     print(json.dumps(records, indent=1) if json_out else e2e.markdown(records))
+
+
+def bench_scale(
+    json_out: Annotated[bool, typer.Option("--json", help="Print a JSON list of records.")] = False,
+    sizes: Annotated[str, typer.Option(help="Comma-separated parameter counts.")] = "1e5,1e6",
+    repeats: Annotated[int, typer.Option(min=1, help="Repeats; medians are reported.")] = 1,
+    updates: Annotated[
+        int | None,
+        typer.Option(min=1, help="Timed updates per case (default: ~200 MB of frames)."),
+    ] = None,
+    reducers: Annotated[str, typer.Option(help="Comma-separated reducer counts.")] = "1,2",
+    inflight: Annotated[
+        int, typer.Option(min=1, help="Mosquitto max_inflight_messages (the shipped 20).")
+    ] = 20,
+    buffer_size: Annotated[
+        int, typer.Option(min=1, help="FedBuff K, also the reducers' flush size.")
+    ] = 10,
+) -> None:
+    """Updates per second through reducers plus a committer beside one `all` worker and a
+    bare subscriber (MQTT, a broker started here), and the standby committer's takeover.
+
+    \b
+    Example: fedbus bench scale --sizes 1e5 --reducers 1,2 --json
+    """
+    from workers.bench import scale
+
+    records = scale.run(
+        ints(sizes, "--sizes"),
+        repeats=repeats,
+        updates_per_run=updates,
+        reducer_counts=ints(reducers, "--reducers"),
+        log=log,
+        inflight=inflight,
+        buffer_size=buffer_size,
+    )
+    print(json.dumps(records, indent=1) if json_out else scale.markdown(records))

@@ -91,7 +91,7 @@ def make_transport(settings: WorkerSettings, *, role: str = "worker") -> Transpo
             connect_timeout=m.connect_timeout,
             status_topic=(
                 topics.mqtt_worker_status(settings.model, settings.worker_id)
-                if role in ("worker", "committer")
+                if role in ("worker", "committer", "reducer")
                 else None
             ),
             instance=INSTANCE,

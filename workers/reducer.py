@@ -8,7 +8,8 @@ accumulate) on the update partitions it owns, and hands the buffer on as a parti
 **Partitions, not ``$share``.** Devices publish to ``fedbus/v1/<model>/updates/<p>/<client>``
 with ``p = crc32(client) mod scale.partitions``; each reducer holds a plain persistent
 subscription to the partitions in ``scale.reducer_partitions`` (a static assignment from
-settings: a dead reducer's partitions wait, queued by the broker, until it is restarted).
+settings; a dead reducer's partitions wait, queued by the broker, until it or its standby,
+a reducer with the same worker id, takes them: :func:`workers.roles.serve_reducer`).
 Mosquitto restores such a session after a restart and queues for it while the reducer is
 away, which it does not do for a shared subscription.
 

@@ -37,6 +37,10 @@ async def serve_reducer(settings: WorkerSettings, stop: asyncio.Event, **shared:
         raise UserError(
             "role reducer runs on MQTT; on Kafka run role all workers (one per model) for now"
         )
+    # A second reducer with the same worker id stands by for it: it takes the partitions
+    # (and the MQTT session, with its unacknowledged updates) when that one dies.
+    if await _lease(settings, stop, state=False) is None:
+        return
     transport = make_transport(settings, role="reducer")
     try:
         try:
@@ -51,19 +55,26 @@ async def serve_reducer(settings: WorkerSettings, stop: asyncio.Event, **shared:
         await transport.close()
 
 
-async def _lease(settings: WorkerSettings, stop: asyncio.Event) -> DirectoryLock | None:
-    """Wait until no other committer of this model is online (its retained presence says
-    offline: a clean stop, or the Last Will the broker publishes when it dies), then take
-    the state directory. None if ``stop`` comes first."""
+async def _lease(
+    settings: WorkerSettings, stop: asyncio.Event, *, state: bool = True
+) -> DirectoryLock | bool | None:
+    """Wait until no other process with this worker id is online on this model (its
+    retained presence says offline: a clean stop, or the Last Will the broker publishes when
+    it dies), then take the state directory (``state``; a reducer has none: True). None if
+    ``stop`` comes first."""
     log = fedlog.get("fedbus.worker").bind(model=settings.model, worker=settings.worker_id)
     probe = make_transport(settings)  # peers() reads on a connection of its own
     waiting = False
     while not stop.is_set():
         try:
-            peers = await probe.peers(settings.model, settle=0.1)
+            peers = await probe.peers(settings.model, settle=0.1, worker=settings.worker_id)
         except TransportError as exc:
             raise reach_error(settings, exc) from None
         if not peers:
+            if not state:
+                if waiting:
+                    log.info("standby: taking over")
+                return True
             try:
                 lock = DirectoryLock(settings.checkpoint_dir / settings.model).acquire()
             except LockHeld:
@@ -73,7 +84,9 @@ async def _lease(settings: WorkerSettings, stop: asyncio.Event) -> DirectoryLock
                     log.info("standby: taking over")
                 return lock
         if not waiting:
-            log.info("standby: another committer is active", active=peers[0] if peers else None)
+            log.info(
+                "standby: another is active", role=settings.role, active=peers[0] if peers else None
+            )
             waiting = True
         await asyncio.sleep(settings.scale.standby_poll_s)
     return None
@@ -88,7 +101,7 @@ async def serve_committer(settings: WorkerSettings, stop: asyncio.Event, **share
             "role committer runs on MQTT; on Kafka run role all workers (one per model) for now"
         )
     lock = await _lease(settings, stop)
-    if lock is None:
+    if not isinstance(lock, DirectoryLock):
         return
     transport = make_transport(settings, role="committer")
     try:

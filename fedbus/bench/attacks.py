@@ -73,7 +73,8 @@ from fedbus.bench.convergence import (
     DIRICHLET_ALPHA,
     EVAL_EVERY_S,
     SIGMA,
-    _setting,
+    STANDARD,
+    world,
 )
 from fedbus.client.updates import UpdateEncoder
 from fedbus.ingest import Accepted, Ingest, Source
@@ -340,7 +341,7 @@ class Run:
 
 def run_one(task: Task) -> Run:
     """One simulated run, deterministic in ``task``."""
-    fleet, model, timing, init = _setting(task.seed)
+    fleet, model, timing, init = world(STANDARD, task.seed)
     rng = np.random.default_rng([task.seed, 12])
     sybil: Sybil | None = None
     if task.attack == "none":

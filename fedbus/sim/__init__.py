@@ -10,22 +10,26 @@ from fedbus.sim.data import (
     Dataset,
     FleetData,
     digits_fleet,
+    fleet_from_parts,
     load_digits_split,
     make_fleet,
     stratified_split,
+    synthetic_dataset,
 )
 from fedbus.sim.engine import (
     FP32_BYTES,
     AsyncServer,
+    Download,
     Encode,
     HistoryPoint,
     JobRecord,
+    ServerStep,
     SimResult,
     run_async,
     run_sync_fedavg,
 )
 from fedbus.sim.models import MLP, FlatModel, SoftmaxRegression
-from fedbus.sim.partition import dirichlet_partition
+from fedbus.sim.partition import dirichlet_partition, owned_labels_partition
 from fedbus.sim.timing import FleetTiming
 
 __all__ = [
@@ -33,19 +37,24 @@ __all__ = [
     "MLP",
     "AsyncServer",
     "Dataset",
+    "Download",
     "Encode",
     "FlatModel",
     "FleetData",
     "FleetTiming",
     "HistoryPoint",
     "JobRecord",
+    "ServerStep",
     "SimResult",
     "SoftmaxRegression",
     "digits_fleet",
     "dirichlet_partition",
+    "fleet_from_parts",
     "load_digits_split",
     "make_fleet",
+    "owned_labels_partition",
     "run_async",
     "run_sync_fedavg",
     "stratified_split",
+    "synthetic_dataset",
 ]

@@ -108,14 +108,7 @@ def make_fleet(
 ) -> FleetData:
     """Split ``dataset``'s training part over ``n_clients`` devices, non-IID by Dirichlet."""
     parts = dirichlet_partition(dataset.y_train, n_clients, alpha, seed, min_size=min_size)
-    x = np.asarray(dataset.x_train, dtype=np.float64)
-    return FleetData(
-        xs=tuple(np.ascontiguousarray(x[p]) for p in parts),
-        ys=tuple(np.ascontiguousarray(dataset.y_train[p]) for p in parts),
-        x_test=np.asarray(dataset.x_test, dtype=np.float64),
-        y_test=np.asarray(dataset.y_test, dtype=np.int64),
-        n_classes=dataset.n_classes,
-    )
+    return fleet_from_parts(dataset, parts)
 
 
 def digits_fleet(
@@ -129,4 +122,40 @@ def digits_fleet(
     """The standard convergence setting's data: digits over 300 devices, Dirichlet(0.3)."""
     return make_fleet(
         load_digits_split(test_fraction, seed), n_clients, alpha, seed, min_size=min_size
+    )
+
+
+def synthetic_dataset(
+    n_train: int, n_test: int, n_features: int = 100, n_classes: int = 20, seed: int = 0
+) -> Dataset:
+    """A larger problem than digits, generated (nothing downloads): Gaussian classes.
+
+    Class means are drawn once from a fixed stream (the *problem* does not depend on
+    ``seed``, only the examples drawn from it do), at a spread chosen so that softmax
+    regression plateaus well below 100% and keeps something to learn for hundreds of rounds.
+    Features are squashed into [0, 1] like digits' pixels, so one client learning rate
+    serves both.
+    """
+    means = np.random.default_rng(20_240_601).normal(0.0, 0.35, (n_classes, n_features))
+    rng = np.random.default_rng([seed, 11])
+
+    def draw(m: int) -> tuple[np.ndarray, np.ndarray]:
+        y = rng.integers(0, n_classes, m)
+        z = means[y] + rng.normal(0.0, 1.0, (m, n_features))
+        return (1.0 / (1.0 + np.exp(-z))).astype(np.float32), y.astype(np.int64)
+
+    x_train, y_train = draw(n_train)
+    x_test, y_test = draw(n_test)
+    return Dataset(x_train, y_train, x_test, y_test, n_classes=n_classes)
+
+
+def fleet_from_parts(dataset: Dataset, parts: list[np.ndarray]) -> FleetData:
+    """Per-device shards from index lists into ``dataset``'s training part."""
+    x = np.asarray(dataset.x_train, dtype=np.float64)
+    return FleetData(
+        xs=tuple(np.ascontiguousarray(x[p]) for p in parts),
+        ys=tuple(np.ascontiguousarray(dataset.y_train[p]) for p in parts),
+        x_test=np.asarray(dataset.x_test, dtype=np.float64),
+        y_test=np.asarray(dataset.y_test, dtype=np.int64),
+        n_classes=dataset.n_classes,
     )

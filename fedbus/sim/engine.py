@@ -32,8 +32,25 @@ The hook models a codec plus per-device error feedback; the simulator calls it o
 upload that reaches the server, in arrival order.
 """
 
+Download = Callable[[np.ndarray], tuple[np.ndarray, int]]
+"""``download(global params) -> (params a device decodes, bytes it receives)``.
+
+The downlink codec: called once per model version that a job starts from; every job that
+starts from that version pays the bytes (a device fetches the model when a job starts,
+whether or not the job later drops), and trains from, and computes its delta against, the
+decoded parameters, as a real device does.
+"""
+
 FP32_BYTES = 4
-"""Bytes per parameter counted when no ``encode`` hook is given: an ``fp32`` payload."""
+"""Bytes per parameter counted when no ``encode``/``download`` hook is given: ``fp32``."""
+
+
+class ServerStep(Protocol):
+    """A server optimiser (``ServerSGD``, ``ServerAdam``) as synchronous FedAvg uses it."""
+
+    def step(self, x: np.ndarray, ubar: np.ndarray) -> None:
+        """Update ``x`` in place from the mean delta ``ubar``."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -96,6 +113,8 @@ class HistoryPoint(NamedTuple):
     uploads: int
     bytes: int
     accuracy: float
+    down_bytes: int = 0
+    """Model bytes received by devices so far (one download per job started)."""
 
 
 class JobRecord(NamedTuple):
@@ -121,6 +140,7 @@ class SimResult:
     dropped: int
     staleness: np.ndarray  # per upload: server version at arrival minus base version
     jobs: list[JobRecord] | None = field(default=None)
+    down_bytes: int = 0
 
     def accuracies(self) -> np.ndarray:
         return np.array([h.accuracy for h in self.history])
@@ -148,6 +168,7 @@ class _Evaluator:
         self.history: list[HistoryPoint] = []
         self.next_tick = 0.0
         self._cache: tuple[int, float] = (-1, 0.0)
+        self.down = 0  # downlink bytes so far: the loops keep it current before each tick
 
     def _acc(self, version: int, params: np.ndarray) -> float:
         if self._cache[0] != version:
@@ -157,7 +178,7 @@ class _Evaluator:
 
     def record(self, t: float, version: int, params: np.ndarray, uploads: int, nbytes: int) -> None:
         acc = self._acc(version, params)
-        self.history.append(HistoryPoint(t, version, uploads, nbytes, acc))
+        self.history.append(HistoryPoint(t, version, uploads, nbytes, acc, self.down))
 
     def until(
         self,
@@ -199,6 +220,7 @@ def run_async(
     epochs: int = 1,
     eval_every: float = 10.0,
     encode: Encode | None = None,
+    download: Download | None = None,
     seed: int = 0,
     record_jobs: bool = False,
 ) -> SimResult:
@@ -225,6 +247,7 @@ def run_async(
     job_duration, drops, rand = timing.job_duration, timing.drops, sched.random
     submit = server.submit
     job = _DeviceJob(model, fleet, client_lr, batch_size, epochs, train, encode)
+    snap_bytes = model.n_params * FP32_BYTES
 
     idle = list(range(n))
     heap: list[tuple[float, int, int, bool, int, np.ndarray]] = []
@@ -234,7 +257,7 @@ def run_async(
     seq = uploads = nbytes = dropped = 0
 
     def start(now: float) -> None:
-        nonlocal seq, snap_version, snap
+        nonlocal seq, snap_version, snap, snap_bytes
         i = int(rand() * len(idle))
         device = idle[i]
         idle[i] = idle[-1]
@@ -242,6 +265,9 @@ def run_async(
         if server.version != snap_version:  # one frozen copy per version, shared by its jobs
             snap_version = server.version
             snap = np.array(server.model(), dtype=np.float64)
+            if download is not None:
+                snap, snap_bytes = download(snap)
+        ev.down += snap_bytes
         end = now + job_duration(device, sched)
         lost = drops(sched)
         heapq.heappush(heap, (end, seq, device, lost, snap_version, snap))
@@ -282,6 +308,7 @@ def run_async(
         dropped=dropped,
         staleness=np.array(staleness, dtype=np.int64),
         jobs=jobs,
+        down_bytes=ev.down,
     )
 
 
@@ -297,11 +324,13 @@ def run_sync_fedavg(
     duration: float | None = None,
     max_uploads: int | None = None,
     server_lr: float = 1.0,
+    server_optimizer: ServerStep | None = None,
     client_lr: float,
     batch_size: int = 16,
     epochs: int = 1,
     eval_every: float = 10.0,
     encode: Encode | None = None,
+    download: Download | None = None,
     seed: int = 0,
     record_jobs: bool = False,
 ) -> SimResult:
@@ -314,7 +343,10 @@ def run_sync_fedavg(
     or trained; the stragglers' results are never seen. If fewer than ``cohort`` jobs
     survive, the round closes at the last arrival with what it has (a real server would wait
     for a deadline). The new model is ``current + server_lr * mean(deltas)`` weighted by
-    example count, and the version is the number of rounds applied. A round that would close
+    example count (with ``server_optimizer``, its ``step`` on that weighted mean instead:
+    FedAvgM, FedAdam; ``server_lr`` must then stay 1), and the version is the number of
+    rounds applied. Every selected device downloads the model (``download``) at the round's
+    start, stragglers included. A round that would close
     after ``duration`` is not applied; the round that reaches ``max_uploads`` is applied
     whole. Every selected job that drops counts in ``dropped``.
     """
@@ -331,6 +363,8 @@ def run_sync_fedavg(
     round_cap = math.inf if rounds is None else rounds
     upload_cap = math.inf if max_uploads is None else max_uploads
     job = _DeviceJob(model, fleet, client_lr, batch_size, epochs, train, encode)
+    if server_optimizer is not None and server_lr != 1.0:
+        raise ValueError("give server_lr or server_optimizer, not both")
 
     params = np.array(initial, dtype=np.float64)
     jobs: list[JobRecord] | None = [] if record_jobs else None
@@ -351,19 +385,28 @@ def run_sync_fedavg(
                 JobRecord(int(d), now, float(e), bool(x), version)
                 for d, e, x in zip(devices, closed, lost, strict=True)
             )
+        if download is None:
+            base, sent_down = params, model.n_params * FP32_BYTES
+        else:
+            base, sent_down = download(params)
+        ev.down += select * sent_down
         ev.until(close, version, params, uploads, nbytes)
         dropped += int(lost.sum())
         acc = np.zeros_like(params)
         weight = 0
         for j in arrived:
             device = int(devices[j])
-            delta, num, sent = job(device, params)
+            delta, num, sent = job(device, base)
             acc += num * delta
             weight += num
             nbytes += sent
         uploads += int(arrived.size)
         if weight > 0:
-            params = params + (server_lr / weight) * acc
+            if server_optimizer is None:
+                params = params + (server_lr / weight) * acc
+            else:
+                params = params.copy()  # the history and callers may hold the old array
+                server_optimizer.step(params, acc / weight)
             version += 1
         done += 1
         now = close
@@ -380,4 +423,5 @@ def run_sync_fedavg(
         dropped=dropped,
         staleness=np.zeros(uploads, dtype=np.int64),
         jobs=jobs,
+        down_bytes=ev.down,
     )

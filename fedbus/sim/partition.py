@@ -60,3 +60,34 @@ def _top_up(parts: list[np.ndarray], min_size: int, rng: np.random.Generator) ->
             parts[client] = np.concatenate([parts[client], moved])
             sizes[donor] -= take
             sizes[client] += take
+
+
+def owned_labels_partition(
+    labels: np.ndarray,
+    n_clients: int,
+    owners: np.ndarray,
+    owned: tuple[int, ...],
+    alpha: float,
+    seed: int,
+    *,
+    min_size: int = 2,
+) -> list[np.ndarray]:
+    """Like :func:`dirichlet_partition`, but the examples of the ``owned`` labels go only to
+    the ``owners`` clients (Dirichlet among them) and every other example only to the rest.
+
+    Models a fleet where some labels live only on some devices (the slow ones, say): an
+    algorithm that hears from fast devices more often under-learns those labels.
+    """
+    labels = np.asarray(labels)
+    owners = np.unique(np.asarray(owners, dtype=np.int64))
+    if owners.size == 0 or owners.size >= n_clients or owners[0] < 0 or owners[-1] >= n_clients:
+        raise ValueError("owners must be a non-empty proper subset of the clients")
+    rest = np.setdiff1d(np.arange(n_clients), owners)
+    mine = np.isin(labels, np.asarray(owned))
+    parts: list[np.ndarray] = [np.empty(0, dtype=np.int64)] * n_clients
+    for clients, mask, s in ((owners, mine, seed), (rest, ~mine, seed + 1)):
+        idx = np.flatnonzero(mask)
+        sub = dirichlet_partition(labels[idx], clients.size, alpha, s, min_size=min_size)
+        for c, p in zip(clients, sub, strict=True):
+            parts[int(c)] = idx[p]
+    return parts

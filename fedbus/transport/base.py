@@ -115,7 +115,7 @@ class Transport(abc.ABC):
         """Resume updates from checkpointed offsets (partition -> next offset). Kafka only:
         an MQTT position lives in the broker's session, so this is a no-op there."""
 
-    async def peers(self, model: str, settle: float = 0.5) -> list[str]:
+    async def peers(self, model: str, settle: float = 0.5, worker: str | None = None) -> list[str]:
         """Other live worker processes consuming ``model``'s updates, described for a person
         (empty when this transport cannot tell). A worker refuses to start beside one."""
         return []

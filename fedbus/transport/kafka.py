@@ -242,7 +242,7 @@ class KafkaTransport(Transport):
                     raise TransportError(f"cannot create topic {name}: error {code} {message}")
             self._ensured.add(model)
 
-    async def peers(self, model: str, settle: float = 0.5) -> list[str]:
+    async def peers(self, model: str, settle: float = 0.5, worker: str | None = None) -> list[str]:
         """Members of the model's consumer group that another worker id started.
 
         Member ids begin with the client id, ``<worker id>-<role>-<instance>``. A member

@@ -520,14 +520,20 @@ class MqttTransport(Transport):
         """QoS 1 on the persistent connection (partials, watermarks)."""
         await self._publish(topic, payload, retain=retain)
 
-    async def peers(self, model: str, settle: float = 0.5) -> list[str]:
+    async def peers(self, model: str, settle: float = 0.5, worker: str | None = None) -> list[str]:
         """Other live worker processes on ``model``: their retained presence records under
         ``fedbus/v1/<model>/workers/+`` that say ``online`` from another instance. Read over
         a clean connection of its own, before this transport takes its persistent session
         (which a second worker with the same client id would otherwise take over). Retained
-        messages arrive right after the subscription; ``settle`` waits for them."""
+        messages arrive right after the subscription; ``settle`` waits for them. ``worker``:
+        only that worker id's presence (a standby waits for the one it stands in for)."""
         found: list[str] = []
-        async with self._reader(topics.mqtt_worker_status_filter(model)) as client:
+        where = (
+            topics.mqtt_worker_status(model, worker)
+            if worker is not None
+            else topics.mqtt_worker_status_filter(model)
+        )
+        async with self._reader(where) as client:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(settle):
                     async for m in client.messages:

@@ -39,8 +39,10 @@ def backoff(
     if give_up_after is not None:
         stop = stop_before_delay(give_up_after)
     if attempts is not None:
-        stop = stop | stop_after_attempt(attempts) if give_up_after is not None else (
-            stop_after_attempt(attempts)
+        stop = (
+            stop | stop_after_attempt(attempts)
+            if give_up_after is not None
+            else (stop_after_attempt(attempts))
         )
 
     def before_sleep(state: RetryCallState) -> None:

@@ -59,6 +59,9 @@ def assert_one_line(result: subprocess.CompletedProcess[str], *needles: str) -> 
         (["worker", "--transport", "amqp"], ["--transport", "amqp"]),
         (["worker", "--metrics-port", "99999"], ["--metrics-port", "99999"]),
         (["worker", "--log-format", "xml"], ["--log-format"]),
+        (["worker", "--role", "leader"], ["--role", "leader"]),
+        (["worker", "--role", "reducer", "--algorithm", "fedasync"], ["role reducer", "fedbuff"]),
+        (["worker", "--role", "committer", "--transport", "kafka"], ["role committer", "MQTT"]),
         (["worker", "--config", "no-such-file.toml"], ["--config", "no-such-file.toml"]),
         (["client", "simulate", "--codec", "int9"], ["--codec", "int9"]),
         (["client", "simulate", "--dropout", "1.5"], ["--dropout"]),
@@ -88,6 +91,8 @@ def test_flag_mistakes(args: list[str], needles: list[str], tmp_path: Path) -> N
             '[aggregation]\nalgorithm = "fedasync"\nrobust = "median"\n',
             ["robust", "fedbuff"],
         ),
+        ("[scale]\npartitions = 4\nreducer_partitions = [4]\n", ["scale", "partition 4"]),
+        ("models = []\n", ["models"]),
     ],
 )
 def test_config_file_mistakes(toml: str, needles: list[str], tmp_path: Path) -> None:

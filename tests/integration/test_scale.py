@@ -137,3 +137,33 @@ async def test_two_reducers_and_a_committer_fold_every_update_once(
         final = await wait_for_model(committer, expected, fleet.sent)
         np.testing.assert_allclose(read_model(env.encode(final)).weights, expected, 1e-5, 1e-6)
         assert final.updates_folded == fleet.sent
+
+
+@pytest.mark.parametrize("layout", ["all", "reducers"])
+async def test_several_models_in_one_process_each_exact(
+    layout: str, mosquitto: Any, tmp_path: Path
+) -> None:
+    import uuid
+
+    models = [f"t-{uuid.uuid4().hex[:10]}" for _ in range(2)]
+    role = "all" if layout == "all" else "committer"
+    main = scale_settings(mosquitto, models[0], tmp_path / "c", role, "committer")
+    main = main.model_copy(update={"models": models})
+    reducer = scale_settings(mosquitto, models[0], tmp_path / "r", "reducer", "reducer-0")
+    reducer = reducer.model_copy(update={"models": models})
+    x0 = {m: np.random.default_rng(i).normal(0, 0.1, h.N) for i, m in enumerate(models)}
+    for m in models:
+        await h.init_model(main.model_copy(update={"model": m}), x0[m])
+    fleets = {m: Fleet(m, seed=i) for i, m in enumerate(models)}
+    async with contextlib.AsyncExitStack() as stack:
+        await stack.enter_async_context(running(main))
+        if layout == "reducers":
+            await stack.enter_async_context(running(reducer))
+        await asyncio.sleep(1.0)
+        async with make_transport(h.client_settings(main), role="device") as dev:
+            await asyncio.gather(*(fleets[m].burst(dev, 150) for m in models))
+        for m in models:
+            expected = x0[m].astype(np.float32).astype(np.float64) + LR * fleets[m].total / K
+            final = await wait_for_model(main.model_copy(update={"model": m}), expected, 150)
+            np.testing.assert_allclose(read_model(env.encode(final)).weights, expected, 1e-5, 1e-6)
+            assert final.updates_folded == 150

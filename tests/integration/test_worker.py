@@ -172,10 +172,8 @@ async def test_bad_input_goes_to_dead_letter(
     settings = settings.model_copy(update={"max_message_bytes": 1 << 20})
     await h.init_model(settings, np.zeros(h.N))
     bad = _bad_inputs(model_id, "dev-bad")
-    # A redelivery is no dead letter. On MQTT the worker announces its Maximum Packet Size
-    # (max_message_bytes plus header room), so the broker never delivers the oversized one.
-    undelivered = {"duplicate", "oversized"} if transport_name == "mqtt" else {"duplicate"}
-    expected = sorted(r for r in bad if r not in undelivered)
+    # A redelivery is no dead letter.
+    expected = sorted(r for r in bad if r != "duplicate")
     async with h.running_worker(settings) as worker:
         subscribed = asyncio.Event()
         reader = asyncio.create_task(
@@ -202,7 +200,7 @@ async def test_bad_input_goes_to_dead_letter(
             ok, _ = h.update_bytes(model_id, "dev-good", 7, rng.normal(0, 0.01, h.N))
             await dev.publish_update(model_id, "dev-good", ok)
         records = await reader
-        delivered = 19 - (transport_name == "mqtt")  # first copy, 11 bad, 6 pushes, last good
+        delivered = 19  # first copy, 11 bad, 6 pushes, last good
         for _ in range(200):
             if worker.processed >= delivered:
                 break

@@ -10,6 +10,7 @@ import pytest
 
 from fedbus.aggregation import FedBuff, ServerSGD
 from fedbus.bench import attacks as at
+from fedbus.bench.convergence import STANDARD, world
 
 N = 6
 
@@ -76,7 +77,7 @@ def test_gaussian_replaces_the_update_and_honest_devices_are_untouched() -> None
 
 
 def test_label_flip_and_attacker_draw() -> None:
-    fleet, _, _, _ = at._setting(0)
+    fleet, _, _, _ = world(STANDARD, 0)
     bad = at.attackers(0, 0.2)
     assert len(bad) == 60 and len(set(bad)) == 60 and all(0 <= d < at.DEVICES for d in bad)
     assert at.attackers(0, 0.1) == sorted(at.attackers(0, 0.1))
@@ -90,7 +91,7 @@ def test_label_flip_and_attacker_draw() -> None:
 
 @pytest.mark.parametrize("identity", [False, True])
 def test_sybil_goes_through_ingest(identity: bool) -> None:
-    fleet, model, _, init = at._setting(0)
+    fleet, model, _, init = world(STANDARD, 0)
     # a shard within one batch: local training draws no shuffle, so the reference below
     # trains exactly what the attacker trained
     me = next(d for d in range(at.DEVICES) if 2 <= fleet.ys[d].size <= 16)
@@ -118,7 +119,7 @@ def test_short_runs_attack_hurts_and_median_recovers() -> None:
     step 0.8 u - 0.2 * 4 u = 0 (the buffer test above, exactly): the model barely leaves its
     start, while the median recovers most of the clean run's progress."""
     clean = at.run_one(at.Task("none", 0.0, at.NONE, 0, 60.0))
-    fleet, model, _, init = at._setting(0)
+    fleet, model, _, init = world(STANDARD, 0)
     start = model.accuracy(init, fleet.x_test, fleet.y_test)
     attacked = at.run_one(at.Task("sign_flip", 0.2, at.NONE, 0, 60.0))
     median = at.run_one(at.Task("sign_flip", 0.2, at.GRID["median"][0], 0, 60.0))

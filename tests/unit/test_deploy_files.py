@@ -237,6 +237,53 @@ def test_worker_env_names_are_settings_fields(services: dict[str, Any]) -> None:
                 assert len(parts) == 1, key
 
 
+SCALE = ("model-init-scale", "committer", "committer-standby", "reducer-0", "reducer-1")
+
+
+def test_scale_profile_reducers_committer_and_standby(services: dict[str, Any]) -> None:
+    """Reducers own disjoint partitions covering 0..P-1, each with its own MQTT session; the
+    committer and its standby share one session and one state volume; no role shares a
+    client id with another service; every FEDBUS_* name is a settings field."""
+    settings = pytest.importorskip("workers.settings")
+    for name in SCALE:
+        svc = services[name]
+        assert svc["profiles"] == ["scale"], name
+        env = _env(svc)
+        settings.load(None, **_as_overrides(env))  # every name and value is accepted
+    envs = {name: _env(services[name]) for name in SCALE}
+    roles = {name: services[name].get("command", [])[-1:] for name in SCALE[1:]}
+    assert roles == {
+        "committer": ["committer"], "committer-standby": ["committer"],
+        "reducer-0": ["reducer"], "reducer-1": ["reducer"],
+    }  # fmt: skip
+    p = int(envs["committer"]["FEDBUS_SCALE__PARTITIONS"])
+    owned = [json.loads(envs[r]["FEDBUS_SCALE__REDUCER_PARTITIONS"]) for r in SCALE[3:]]
+    assert sorted(x for parts in owned for x in parts) == list(range(p))
+    for r in SCALE[3:]:
+        assert int(envs[r]["FEDBUS_SCALE__PARTITIONS"]) == p
+    ids = {name: envs[name]["FEDBUS_MQTT__IDENTIFIER"] for name in SCALE}
+    assert ids["committer"] == ids["committer-standby"]
+    assert len({ids[n] for n in SCALE if n != "committer-standby"}) == len(SCALE) - 1
+    assert _toml("mqtt")["mqtt"]["identifier"] not in ids.values()
+    assert services["committer"]["volumes"] == services["committer-standby"]["volumes"]
+    assert envs["committer"]["FEDBUS_MODEL"] != DEMO_MODEL  # never beside worker-mqtt's model
+
+
+def _as_overrides(env: dict[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in env.items():
+        parts = key.removeprefix("FEDBUS_").lower().split("__")
+        if value.startswith("${"):
+            value = "x"
+        if len(parts) == 2:
+            out.setdefault(parts[0], {})[parts[1]] = (
+                json.loads(value) if value.startswith("[") else value
+            )
+        else:
+            out[parts[0]] = value
+    return out
+
+
 def test_mqtt_model_init_does_not_reuse_worker_client_id(services: dict[str, Any]) -> None:
     """Same MQTT client id as the worker would wipe the worker's persistent session."""
     env = _env(services["model-init-mqtt"])
@@ -809,19 +856,16 @@ def test_asyncapi_mqtt_bindings(asyncapi: dict[str, Any]) -> None:
     assert update_sends and all(op["bindings"]["mqtt"]["retain"] is False for op in update_sends)
 
 
-def test_asyncapi_documents_share_subscription(asyncapi: dict[str, Any]) -> None:
-    """FedBuff reads through ``$share/<group>/...`` with the group the worker config uses;
-    FedAsync through the plain filter."""
-    group = _toml("mqtt")["mqtt"]["shared_group"]
+def test_asyncapi_documents_partitioned_subscription(asyncapi: dict[str, Any]) -> None:
+    """Reducers read partitions through plain subscriptions (no ``$share``, which loses
+    queued updates on a Mosquitto restart); FedAsync and the all worker the plain filter."""
+    assert "shared_group" not in _toml("mqtt")["mqtt"]
     subs = {
         op["x-mqtt-subscription"]
         for op in asyncapi["operations"].values()
         if "x-mqtt-subscription" in op
     }
-    assert subs == {
-        f"$share/{group}/fedbus/v1/{{model}}/updates/+",
-        "fedbus/v1/{model}/updates/+",
-    }
+    assert subs == {"fedbus/v1/{model}/updates/{p}/+", "fedbus/v1/{model}/updates/+"}
 
 
 def test_asyncapi_kafka_bindings_match_topics_init(

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import itertools
 import math
+from typing import Any
 
 import numpy as np
 import pytest
 
+from fedbus.aggregation import ServerSGD
 from fedbus.sim import (
     MLP,
     FleetData,
@@ -16,8 +18,10 @@ from fedbus.sim import (
     digits_fleet,
     dirichlet_partition,
     load_digits_split,
+    owned_labels_partition,
     run_async,
     run_sync_fedavg,
+    synthetic_dataset,
 )
 from fedbus.wire.layout import Layout
 
@@ -380,3 +384,95 @@ def test_engine_rejects_bad_arguments(fleet: FleetData, timing: FleetTiming) -> 
         run_async(server, fleet, SOFTMAX, FleetTiming(10), client_lr=1.0, max_uploads=1)
     with pytest.raises(ValueError, match="cohort"):
         run_sync_fedavg(server.params, fleet, SOFTMAX, timing, cohort=250, rounds=1, client_lr=1.0)
+
+
+# -- the downlink, server optimisers, label ownership, the synthetic problem ------------------
+class _SpyModel(SoftmaxRegression):
+    """Records the parameters every local training starts from."""
+
+    def __init__(self) -> None:
+        super().__init__(64, 10)
+        self.bases: list[np.ndarray] = []
+
+    def local_train(self, params: np.ndarray, *a: Any, **kw: Any) -> Any:
+        self.bases.append(params.copy())
+        return super().local_train(params, *a, **kw)
+
+
+def test_download_hook_feeds_decoded_weights_and_counts_every_job(
+    fleet: FleetData, timing: FleetTiming
+) -> None:
+    """Devices train from (and take their delta against) what they decoded; each job pays
+    the model's bytes once, dropped jobs included."""
+    calls: list[np.ndarray] = []
+
+    def down(params: np.ndarray) -> tuple[np.ndarray, int]:
+        calls.append(params.copy())
+        return np.round(params, 2), 11  # a coarse "codec" the test can recompute
+
+    model = _SpyModel()
+    server = BufferServer(model.init_params(0), k=5)
+    r = run_async(server, fleet, model, timing, max_uploads=200, client_lr=1.0,
+                  eval_every=5.0, download=down, record_jobs=True)  # fmt: skip
+    assert r.jobs is not None
+    assert r.down_bytes == 11 * len(r.jobs)  # one download per job started
+    assert any(j.dropped for j in r.jobs)
+    assert r.history[0].down_bytes == 11 * 100  # the first 100 jobs start at time 0
+    assert len(model.bases) == 200
+    for b in model.bases:  # every training starts from a rounded (decoded) model
+        np.testing.assert_array_equal(b, np.round(b, 2))
+    assert len(calls) == len({j.base_version for j in r.jobs})  # once per version
+
+
+def test_sync_with_a_server_optimizer_is_fedavgm(fleet: FleetData, timing: FleetTiming) -> None:
+    seen: list[tuple[int, np.ndarray]] = []
+
+    def capture(client: int, delta: np.ndarray) -> tuple[np.ndarray, int]:
+        seen.append((client, delta.copy()))
+        return delta, 1
+
+    init = SOFTMAX.init_params(0)
+    opt = ServerSGD(lr=0.5, momentum=0.9)
+    r = run_sync_fedavg(init, fleet, SOFTMAX, timing, rounds=2, server_optimizer=opt,
+                        client_lr=1.0, encode=capture)  # fmt: skip
+    assert len(seen) == 200 and r.version == 2
+    sizes = fleet.sizes
+    means = []
+    for chunk in (seen[:100], seen[100:]):
+        w = np.array([sizes[c] for c, _ in chunk], dtype=np.float64)
+        means.append(sum(wi * d for wi, (_, d) in zip(w, chunk, strict=True)) / w.sum())
+    # torch's SGD with momentum on the pseudo-gradient -ubar, by hand
+    m1 = means[0]
+    x1 = init + 0.5 * m1
+    m2 = 0.9 * m1 + means[1]
+    np.testing.assert_allclose(r.params, x1 + 0.5 * m2, rtol=1e-10, atol=1e-13)
+    with pytest.raises(ValueError, match="not both"):
+        run_sync_fedavg(init, fleet, SOFTMAX, timing, rounds=1, server_lr=2.0,
+                        server_optimizer=opt, client_lr=1.0)  # fmt: skip
+
+
+def test_owned_labels_live_only_on_their_owners() -> None:
+    labels = np.repeat(np.arange(10), 50)
+    owners = np.arange(40, 50)
+    parts = owned_labels_partition(labels, 50, owners, (8, 9), 0.5, seed=1)
+    allidx = np.concatenate(parts)
+    assert np.array_equal(np.sort(allidx), np.arange(labels.size))  # disjoint and covering
+    for c, p in enumerate(parts):
+        owned = np.isin(labels[p], (8, 9))
+        assert owned.all() if c >= 40 else not owned.any()
+        assert p.size >= 2
+
+
+def test_synthetic_problem_is_fixed_and_learnable() -> None:
+    a = synthetic_dataset(2000, 500, seed=0)
+    b = synthetic_dataset(2000, 500, seed=0)
+    np.testing.assert_array_equal(a.x_train, b.x_train)
+    assert a.x_train.shape == (2000, 100) and a.n_classes == 20
+    assert a.x_train.min() >= 0.0 and a.x_train.max() <= 1.0
+    model = SoftmaxRegression(100, 20)
+    w = model.init_params(0)
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        w, _, _ = model.local_train(w, a.x_train, a.y_train, batch_size=64, lr=0.5, rng=rng)
+    acc = model.accuracy(w, a.x_test, a.y_test)
+    assert 0.5 < acc < 0.99  # learnable, and not trivially separable
