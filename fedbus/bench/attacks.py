@@ -160,17 +160,17 @@ IDENTITY = Defence("identity")
 GRID: dict[str, tuple[Defence, ...]] = {
     "clip": tuple(
         Defence("clip", clip_norm=c, lr_scale=m)
-        for c in (0.025, 0.05, 0.1)
-        for m in (2.0, 4.0, 8.0)
+        for c in (0.0125, 0.025, 0.05, 0.1)
+        for m in (2.0, 4.0, 8.0, 16.0)
     ),
     "median": (
-        *(Defence("median", robust="median", lr_scale=m) for m in (1.0, 2.0)),
+        *(Defence("median", robust="median", lr_scale=m) for m in (1.0, 2.0, 4.0)),
         Defence("median", robust="median", buffer_k=20),
     ),
     "trimmed_mean": (
         *(
             Defence("trimmed_mean", robust="trimmed_mean", trim_beta=b, lr_scale=m)
-            for b in (0.2, 0.3)
+            for b in (0.2, 0.3, 0.4)
             for m in (1.0, 2.0)
         ),
         Defence("trimmed_mean", robust="trimmed_mean", trim_beta=0.1),
@@ -178,10 +178,11 @@ GRID: dict[str, tuple[Defence, ...]] = {
 }
 """Honest updates have a median norm of about 0.1 here, so every clip norm binds most of
 them and the server lr has to grow to keep the step (a first pass with the convergence
-report's lr found the best clip at the smallest C and the largest lr tried, hence this
-range). A buffer's coordinate-wise median or trimmed mean of label-skewed updates is not
-its mean (each device pulls toward its own few classes) and may be smaller, hence their lr
-grid too; K = 20 makes it rarer that attackers hold half a buffer."""
+report's lr, and a second one up to lr 16 and down to C = 0.025, both found the best clip
+at the smallest C and the largest lr tried, hence this range). A buffer's coordinate-wise
+median or trimmed mean of label-skewed updates is not its mean (each device pulls toward
+its own few classes) and may be smaller, hence their lr grid too; K = 20 makes it rarer
+that attackers hold half a buffer."""
 
 
 # -- the attacked server -------------------------------------------------------------------
