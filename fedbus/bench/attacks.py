@@ -89,8 +89,9 @@ GOAL_ATTACKS = ("sign_flip", "scaled")
 GOAL_POINTS = 0.02
 
 SERVER_LR = 2.0
-"""FedBuff's best server lr (K = 10, no momentum) in the convergence report when these
-attacks were measured; a constant, so this report does not move when that one does."""
+"""The undefended baseline's server lr: FedBuff's best (K = 10, plain SGD, by plateau
+accuracy) in the convergence report's first version; a constant, so this report does not
+move when that one does."""
 DURATION_S = 600.0
 SCALE = 10.0
 SIGN_FLIP = 4.0
