@@ -236,6 +236,43 @@ async def test_connection_drop_redelivers_and_ignores_stale_acks(
     assert rest[0].payload == b"end"  # the acked ones did not come a third time
 
 
+async def test_messages_received_before_a_broker_crash_are_still_handed_over(
+    mosquitto_factory: Callable[..., MosquittoBroker], model_id: str
+) -> None:
+    """Updates that reached the worker's socket before the broker died are still handed to
+    the worker: a broker killed before it saved them (here: no persistence at all) cannot
+    redeliver them. Guards the receive path (``_queued`` and aiomqtt's iterator both give
+    what is queued before they report the lost connection)."""
+    broker = mosquitto_factory()
+    async with (
+        MqttTransport(config(broker)) as worker,
+        MqttTransport(config(broker, clean_start=True)) as device,
+    ):
+        await worker.subscribe_updates(model_id)
+        for i in range(3):
+            await device.publish_update(model_id, "dev-1", f"u{i}".encode())
+        client = worker._client
+        assert client is not None
+        async with asyncio.timeout(WAIT):
+            while len(client.messages) < 3:  # arrived, not yet taken
+                await asyncio.sleep(0.01)
+        broker.kill()
+        async with asyncio.timeout(WAIT):
+            await asyncio.wait({client._disconnected})
+        assert client._disconnected.exception() is not None  # gone, and the worker knows it
+        broker.start()
+        async with contextlib.aclosing(worker.messages()) as it:
+            got = await take(it, 3)
+            pending = asyncio.ensure_future(anext(it))  # reconnects and subscribes again
+            async with asyncio.timeout(WAIT):
+                while worker.reconnects == 0:
+                    await asyncio.sleep(0.01)
+            await device.publish_update(model_id, "dev-1", b"after")
+            got.append(await asyncio.wait_for(pending, WAIT))
+            await worker.ack(got)
+    assert [m.payload for m in got] == [b"u0", b"u1", b"u2", b"after"]
+
+
 @pytest.mark.parametrize("how", ["stop", "kill"])
 async def test_broker_restart_keeps_retained_model_and_session(
     mosquitto_factory: Callable[..., MosquittoBroker], model_id: str, how: str
