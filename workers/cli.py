@@ -63,7 +63,8 @@ def worker(
         Role | None,
         typer.Option(
             help="all: one process per model; reducer: fold a share of the updates; "
-            "committer: merge partials and commit (a second one waits as standby)."
+            "committer: merge partials and commit (a second one waits as standby); "
+            "leader, helper: the two aggregators of secure aggregation ([secure])."
         ),
     ] = None,
 ) -> None:

@@ -3,8 +3,8 @@
 ``all`` is one process per model that consumes, folds and commits; ``reducer`` folds a
 share of the updates into partial sums (:mod:`.reducer`); ``committer`` merges partials,
 commits and publishes (:mod:`.committer_role`), and a second committer with the same
-``worker_id`` waits as its standby. A later role (secure aggregation's ``helper`` or
-``leader``) is one more entry in :data:`ROLES`.
+``worker_id`` waits as its standby. ``leader`` and ``helper`` are secure aggregation's two
+aggregators (:mod:`.secure_roles`), one process each.
 
 Several models in one process (``models = [...]``) run side by side on one event loop, each
 with its own transport, state directory and policy, behind one metrics endpoint (every
@@ -118,10 +118,18 @@ async def serve_committer(settings: WorkerSettings, stop: asyncio.Event, **share
         lock.release()
 
 
+async def serve_secure(settings: WorkerSettings, stop: asyncio.Event, **shared: Any) -> None:
+    from workers.secure_roles import serve_secure as serve
+
+    await serve(settings, stop, **shared)
+
+
 ROLES: dict[str, Serve] = {
     "all": serve_all,
     "reducer": serve_reducer,
     "committer": serve_committer,
+    "leader": serve_secure,
+    "helper": serve_secure,
 }
 
 

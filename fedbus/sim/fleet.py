@@ -32,6 +32,7 @@ from fedbus.sim.models import FlatModel
 from fedbus.sim.timing import FleetTiming
 from fedbus.transport.base import Transport
 from fedbus.wire.codecs import CodecSpec
+from fedbus.wire.envelope import UpdateEnvelope
 
 __all__ = ["FleetConfig", "FleetReport", "LayoutMismatchError", "run_fleet"]
 
@@ -190,7 +191,11 @@ async def run_fleet(
                 )
                 update = await device(i).submit(base, new, n, {"loss": float(metrics["loss"])})
                 report.uploads += 1
-                report.bytes_uploaded += len(update.payload)
+                report.bytes_uploaded += (
+                    len(update.payload)
+                    if isinstance(update, UpdateEnvelope)
+                    else len(update.leader_share) + len(update.helper_share)
+                )
                 if cfg.max_uploads is not None and report.uploads >= cfg.max_uploads:
                     done.set()
             finally:

@@ -1,0 +1,273 @@
+"""Secure aggregation end to end on a real Mosquitto: devices, leader and helper.
+
+Deltas are integers times 2^-f (f the model's fractional bits), so quantisation is exact
+and the reference is plain NumPy: the integer sum of ``w_int * q`` over a buffer (``w_int``
+= round(2^10 * (1 + tau)^-0.5), computed here by hand), and the model
+``x0 + (S / 2^(f+10)) / K`` in float64 (K = 4, lr = 1: every step is exact) cast to fp32.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import math
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from fedbus.client.device import Device, SecureIdentities
+from fedbus.client.updates import read_model
+from fedbus.secure.sealing import generate_keypair as x25519_keypair
+from fedbus.store import secure_keys
+from fedbus.wire import envelope as env
+from tests.integration import harness as h
+from workers.main import make_transport
+from workers.secure_roles import HelperWorker, LeaderWorker, SecureRole, secure_config
+from workers.settings import WorkerSettings
+
+pytestmark = pytest.mark.timeout(120)
+
+K = 4
+
+
+def secure_settings(
+    broker: Any, model: str, root: Path, role: str, **aggregation: Any
+) -> WorkerSettings:
+    s = h.settings_for(
+        "mqtt",
+        broker,
+        model,
+        root / f"{role}-state",
+        algorithm="fedbuff",
+        buffer_size=K,
+        staleness="polynomial",
+        clip_norm=1.0,
+        max_staleness=4,
+        server_lr=1.0,
+        **aggregation,
+    )
+    return s.model_copy(
+        update={
+            "role": role,
+            "worker_id": role,
+            "secure": s.secure.model_copy(
+                update={"enabled": True, "keys_dir": root / f"{role}-keys"}
+            ),
+        }
+    )
+
+
+def provision(root: Path) -> SecureIdentities:
+    leader, helper = secure_keys.provision_pair(root / "leader-keys", root / "helper-keys")
+    return SecureIdentities(leader, helper)
+
+
+def weight(tau: int) -> int:
+    """Polynomial 0.5 at g = 10, rounded half up (as both aggregators must)."""
+    return math.floor(2**10 * (1.0 + tau) ** -0.5 + 0.5)
+
+
+def exact_deltas(rng: np.random.Generator, frac_bits: int, count: int) -> list[np.ndarray]:
+    """Deltas that quantise without rounding: integers (|q| <= 2000) times 2^-f."""
+    return [rng.integers(-2000, 2001, h.N) * 2.0**-frac_bits for _ in range(count)]
+
+
+@contextlib.asynccontextmanager
+async def running(settings: WorkerSettings) -> AsyncIterator[Any]:
+    """A leader or helper in this process, ready."""
+    stop = asyncio.Event()
+    async with make_transport(settings, role=settings.role) as transport:
+        cls = LeaderWorker if settings.role == "leader" else HelperWorker
+        worker: SecureRole = cls(settings, transport)
+        task = asyncio.create_task(worker.run(stop))
+        try:
+            for _ in range(200):
+                if worker.ready.is_set() or task.done():
+                    break
+                await asyncio.sleep(0.05)
+            if task.done():
+                task.result()
+            assert worker.ready.is_set(), "secure worker did not become ready"
+            yield worker
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 30)
+
+
+async def wait_version(settings: WorkerSettings, version: int, timeout: float = 30.0) -> Any:
+    """The published model once it reaches ``version``."""
+    async with make_transport(h.client_settings(settings), role="reader") as t:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while asyncio.get_running_loop().time() < deadline:
+            raw = await t.latest_model(settings.model, timeout=1.0)
+            if raw is not None:
+                gm = read_model(raw)
+                if gm.version >= version:
+                    return gm, env.decode(raw)
+            await asyncio.sleep(0.1)
+    raise AssertionError(f"version {version} was not published")
+
+
+async def send(
+    settings: WorkerSettings, ids: SecureIdentities, clients: list[str], deltas: list[np.ndarray]
+) -> None:
+    """Each device on its own connection: fetch the model, send one update, disconnect."""
+    for client, delta in zip(clients, deltas, strict=True):
+        async with make_transport(h.client_settings(settings), role="device") as t:
+            device = Device(t, settings.model, client, secure=ids)
+            gm = await device.fetch_model()
+            assert gm is not None
+            await device.submit(gm, gm.weights + delta, 5)
+
+
+def reference(x0: np.ndarray, buffers: list[tuple[list[np.ndarray], int]], f: int) -> Any:
+    """Integer sums per buffer and the fp32 model after applying them in order."""
+    x = x0.astype(np.float32).astype(np.float64)
+    sums = []
+    for deltas, tau in buffers:
+        q = [np.round(d * 2.0**f).astype(np.int64) for d in deltas]
+        total = weight(tau) * np.sum(q, axis=0)
+        sums.append(total)
+        x = x + (total.astype(np.float64) * 2.0 ** -(f + 10)) / K
+    return sums, x.astype(np.float32)
+
+
+async def test_unmasked_buffer_sums_equal_the_plain_quantised_sums(
+    mosquitto: Any, tmp_path: Path, model_id: str
+) -> None:
+    ids = provision(tmp_path)
+    leader_s = secure_settings(mosquitto, model_id, tmp_path, "leader")
+    helper_s = secure_settings(mosquitto, model_id, tmp_path, "helper")
+    f = secure_config(leader_s).frac_bits
+    assert f is not None
+    x0 = np.random.default_rng(0).normal(0, 0.1, h.N)
+    await h.init_model(leader_s, x0)
+    rng = np.random.default_rng(1)
+    first, second = exact_deltas(rng, f, K), exact_deltas(rng, f, K)
+    clients = [f"dev-{i}" for i in range(K)]
+    async with running(helper_s), running(leader_s) as leader:
+        assert isinstance(leader, LeaderWorker)
+        await send(leader_s, ids, clients, first)
+        gm1, _ = await wait_version(leader_s, 1)
+        # Still trained on version 0: folded into the buffer applied at 1, staleness 1.
+        await send_on_base(leader_s, ids, clients, second, base=0, x0=x0)
+        gm2, message = await wait_version(leader_s, 2)
+        totals = leader.combined_totals
+    sums, expected = reference(x0, [(first, 0), (second, 1)], f)
+    assert weight(1) == 724  # the hand-derived weight the reference uses
+    assert [t.tolist() for t in totals] == [s.tolist() for s in sums]
+    assert np.array_equal(gm2.weights.astype(np.float32), expected)
+    assert gm1.version == 1 and gm2.version == 2
+    assert message.updates_folded == 2 * K
+
+
+async def send_on_base(
+    settings: WorkerSettings,
+    ids: SecureIdentities,
+    clients: list[str],
+    deltas: list[np.ndarray],
+    *,
+    base: int,
+    x0: np.ndarray,
+) -> None:
+    """Updates trained on an older version ``base`` (x0 at version 0)."""
+    from fedbus.client.updates import GlobalModel
+
+    for client, delta in zip(clients, deltas, strict=True):
+        async with make_transport(h.client_settings(settings), role="device") as t:
+            device = Device(t, settings.model, client, secure=ids)
+            gm = await device.fetch_model()
+            assert gm is not None
+            old = GlobalModel(
+                settings.model, base, gm.layout, x0.astype(np.float32).astype(np.float64)
+            )
+            await device.submit(old, old.weights + delta, 5)
+
+
+async def test_devices_that_drop_before_or_after_publishing_do_not_block_a_buffer(
+    mosquitto: Any, tmp_path: Path, model_id: str
+) -> None:
+    ids = provision(tmp_path)
+    leader_s = secure_settings(mosquitto, model_id, tmp_path, "leader")
+    helper_s = secure_settings(mosquitto, model_id, tmp_path, "helper")
+    f = secure_config(leader_s).frac_bits
+    assert f is not None
+    x0 = np.zeros(h.N)
+    await h.init_model(leader_s, x0)
+    deltas = exact_deltas(np.random.default_rng(2), f, K)
+    async with running(helper_s), running(leader_s):
+        # One device reads the keys and the model, then vanishes without publishing.
+        async with make_transport(h.client_settings(leader_s), role="device") as t:
+            quitter = Device(t, model_id, "quitter", secure=ids)
+            assert await quitter.fetch_model() is not None
+            await quitter.secure_keys()
+        # The others publish once and disconnect at once (send closes each connection).
+        await send(leader_s, ids, [f"dev-{i}" for i in range(K)], deltas)
+        gm, message = await wait_version(leader_s, 1)
+    _, expected = reference(x0, [(deltas, 0)], f)
+    assert np.array_equal(gm.weights.astype(np.float32), expected)
+    assert message.updates_folded == K
+
+
+async def test_wrong_key_replayed_and_moved_shares_are_dead_lettered_with_a_reason(
+    mosquitto: Any, tmp_path: Path, model_id: str
+) -> None:
+    ids = provision(tmp_path)
+    leader_s = secure_settings(mosquitto, model_id, tmp_path, "leader")
+    helper_s = secure_settings(mosquitto, model_id, tmp_path, "helper")
+    f = secure_config(leader_s).frac_bits
+    assert f is not None
+    x0 = np.zeros(h.N)
+    await h.init_model(leader_s, x0)
+    deltas = exact_deltas(np.random.default_rng(3), f, K + 2)
+    subscribed = asyncio.Event()
+    letters = asyncio.create_task(
+        h.read_channel(
+            leader_s, "deadletter", until=lambda got: len(got) >= 3, subscribed=subscribed
+        )
+    )
+    await asyncio.wait_for(subscribed.wait(), 10)
+    async with running(helper_s) as helper, running(leader_s) as leader:
+        async with make_transport(h.client_settings(leader_s), role="device") as t:
+            device = Device(t, model_id, "dev-0", secure=ids)
+            gm = await device.fetch_model()
+            assert gm is not None
+            keys = await device.secure_keys()
+            from fedbus.secure import SecureUpdateEncoder
+
+            def encoder(client: str, k: Any = keys) -> SecureUpdateEncoder:
+                return SecureUpdateEncoder(client, gm.layout, k)
+
+            # 1. sealed to a key that is not the leader's (same epoch, as an attacker would)
+            wrong = dataclasses.replace(keys, leader_key=x25519_keypair()[1])
+            bad_key = encoder("mallory", wrong).encode(deltas[K], 0, 5)
+            # 2. an honest update, published twice (the second is a replay)
+            honest = [encoder(f"dev-{i}").encode(deltas[i], 0, 5) for i in range(K)]
+            # 3. the leader share of one update moved into another update's header
+            donor = encoder("eve").encode(deltas[K + 1], 0, 5)
+            moved = dataclasses.replace(
+                encoder("trudy").encode(deltas[K + 1], 0, 5), leader_share=donor.leader_share
+            )
+            for m in [bad_key, honest[0], honest[0], moved, *honest[1:]]:
+                await t.publish_update(model_id, m.client, env.encode(m))
+        gm1, message = await wait_version(leader_s, 1)
+        got = await asyncio.wait_for(letters, 30)
+        leader_refused = list(leader.refused)
+        helper_refused = list(helper.refused)
+    records = [env.decode(raw) for raw in got]
+    reasons = {(r.client, r.reason) for r in records if isinstance(r, env.DeadLetterEnvelope)}
+    assert ("mallory", "bad_share") in reasons
+    assert ("dev-0", "duplicate") in reasons
+    assert ("trudy", "bad_share") in reasons
+    assert ("bad_share", "mallory", bad_key.update_id) in leader_refused
+    assert ("duplicate", "dev-0", honest[0].update_id) in leader_refused
+    assert ("bad_share", "trudy", moved.update_id) in leader_refused
+    assert not any(client == "mallory" for _, client, _ in helper_refused)  # its seed opened
+    # Only the four honest updates made the version, each once.
+    _, expected = reference(x0, [(deltas[:K], 0)], f)
+    assert np.array_equal(gm1.weights.astype(np.float32), expected)
+    assert message.updates_folded == K
