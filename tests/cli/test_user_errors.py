@@ -59,7 +59,7 @@ def assert_one_line(result: subprocess.CompletedProcess[str], *needles: str) -> 
         (["worker", "--transport", "amqp"], ["--transport", "amqp"]),
         (["worker", "--metrics-port", "99999"], ["--metrics-port", "99999"]),
         (["worker", "--log-format", "xml"], ["--log-format"]),
-        (["worker", "--role", "leader"], ["--role", "leader"]),
+        (["worker", "--role", "leader"], ["role leader", "secure.enabled", "secure.keys_dir"]),
         (["worker", "--role", "reducer", "--algorithm", "fedasync"], ["role reducer", "fedbuff"]),
         (["worker", "--role", "committer", "--transport", "kafka"], ["role committer", "MQTT"]),
         (["worker", "--config", "no-such-file.toml"], ["--config", "no-such-file.toml"]),
