@@ -28,6 +28,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from fedbus.bench.convergence import codec_hook
+from fedbus.bench.convergence.output import algorithm_colours
 from fedbus.cli.errors import UserError
 from fedbus.client.updates import UpdateEncoder, read_model
 from fedbus.sim.data import FleetData, digits_fleet
@@ -415,12 +416,12 @@ def plot(results: list[RunResult], cfg: DemoConfig, path: Path) -> None:
 
     fig, (ax_t, ax_b) = plt.subplots(1, 2, figsize=(12, 4.5))
     styles = {"fp32": "-", "int8": "--", "topk+int8": ":"}
-    colors = {"fedbuff": "tab:blue", "fedasync": "tab:orange", "sync-fedavg": "tab:green"}
+    colors = algorithm_colours()  # the convergence report's: one colour per algorithm
     for r in results:
         t, b, a = zip(*r.curve, strict=True)
         kw = {
             "ls": styles.get(r.codec, "-"),
-            "color": colors.get(r.algorithm),
+            "color": colors.get(r.algorithm.replace("-", "_")),
             "label": f"{r.algorithm} {r.codec}",
         }
         ax_t.plot(t, a, **kw)

@@ -10,7 +10,15 @@ from fedbus.bench.convergence.report import Report
 from fedbus.bench.convergence.setting import ALGORITHMS, OPTIMISERS, grid
 
 COLOURS = "tab10"
-"""The one colour map: an algorithm keeps its colour in every panel."""
+"""The one colour map: an algorithm keeps its colour in every panel and every plot."""
+
+
+def algorithm_colours() -> dict[str, Any]:
+    """Each algorithm's colour, the same in this report and in ``fedbus demo``'s plot."""
+    import matplotlib.pyplot as plt
+
+    cmap = plt.get_cmap(COLOURS)
+    return {a: cmap(i) for i, a in enumerate(ALGORITHMS)}
 
 
 def to_json(report: Report) -> list[dict[str, Any]]:
@@ -191,8 +199,7 @@ def plot(report: Report, path: str | os.PathLike[str]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cmap = plt.get_cmap(COLOURS)
-    colour = {a: cmap(i) for i, a in enumerate(ALGORITHMS)}
+    colour = algorithm_colours()
     dashes = {"plain": "-", "momentum": "--", "adam": ":"}
     fig, (ax_lr, ax_t) = plt.subplots(1, 2, figsize=(13, 4.8))
     for name, col in report.lr_table.items():
