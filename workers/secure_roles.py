@@ -570,12 +570,14 @@ async def serve_secure(settings: WorkerSettings, stop: asyncio.Event, **shared: 
     lock = lock_state(settings)
     transport = make_transport(settings, role=settings.role)
     try:
+        # Keys and the overflow budget are checked before the broker: a mistake there is
+        # the user's to fix, in one line, whether or not the broker is up.
+        cls = LeaderWorker if settings.role == "leader" else HelperWorker
+        worker = cls(settings, transport, **shared)
         try:
             await transport.start()
         except TransportError as exc:
             raise reach_error(settings, exc) from None
-        cls = LeaderWorker if settings.role == "leader" else HelperWorker
-        worker = cls(settings, transport, **shared)
         if on_worker is not None:
             on_worker(worker)
         await worker.run(stop)
