@@ -324,6 +324,11 @@ class WorkerSettings(BaseSettings):
                     f"role {self.role} needs aggregation.clip_norm and aggregation.max_staleness "
                     "(they bound the secure sum)"
                 )
+            if a.privacy_budget is not None:
+                raise ValueError(
+                    f"role {self.role}: aggregation.privacy_budget is not supported in secure "
+                    "mode yet; unset it (dp_noise_multiplier works)"
+                )
         elif self.secure.enabled:
             raise ValueError("secure.enabled needs role leader or helper (one process each)")
         return self

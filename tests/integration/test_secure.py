@@ -271,3 +271,35 @@ async def test_wrong_key_replayed_and_moved_shares_are_dead_lettered_with_a_reas
     _, expected = reference(x0, [(deltas[:K], 0)], f)
     assert np.array_equal(gm1.weights.astype(np.float32), expected)
     assert message.updates_folded == K
+
+
+async def test_central_dp_noise_is_added_to_the_unmasked_sum(
+    mosquitto: Any, tmp_path: Path, model_id: str
+) -> None:
+    """With dp_noise_multiplier z the leader's model is the exact noiseless step plus
+    Gaussian noise of standard deviation z * C / K (C = 1, K = 4, z = 1: 0.25), drawn fresh
+    per flush (no insecure seed): the difference from the float64 reference must look like
+    that noise, and nothing else."""
+    ids = provision(tmp_path)
+    clients = [f"dev-{i}" for i in range(K)]
+    dp = {"dp_noise_multiplier": 1.0}
+    leader_s = secure_settings(mosquitto, model_id, tmp_path, "leader", signed_by=clients, **dp)
+    helper_s = secure_settings(mosquitto, model_id, tmp_path, "helper", signed_by=clients, **dp)
+    f = secure_config(leader_s).frac_bits
+    assert f is not None
+    x0 = np.zeros(h.N)
+    await h.init_model(leader_s, x0)
+    deltas = exact_deltas(np.random.default_rng(4), f, K)
+    async with running(helper_s), running(leader_s):
+        for client, delta in zip(clients, deltas, strict=True):
+            async with make_transport(h.client_settings(leader_s), role="device") as t:
+                device = Device(t, model_id, client, secure=ids, private_key=h.device_key(client))
+                gm = await device.fetch_model()
+                assert gm is not None
+                await device.submit(gm, gm.weights + delta, 5)
+        gm1, _ = await wait_version(leader_s, 1)
+    _, noiseless = reference(x0, [(deltas, 0)], f)
+    noise = gm1.weights - noiseless.astype(np.float64)
+    sigma = 1.0 * 1.0 / K
+    assert 0.8 * sigma < float(noise.std()) < 1.2 * sigma  # ~6 standard errors either side
+    assert abs(float(noise.mean())) < 5 * sigma / np.sqrt(h.N)
