@@ -420,9 +420,16 @@ class LeaderWorker(SecureRole):
             self.layout, strategy = restored.layout, restored.strategy
         assert isinstance(strategy, FedBuff)
         self.strategy = strategy
+        # Shares wait here for the helper's receipts: a burst can put thousands ahead of a
+        # slower helper, and refusing them (client_busy) would lose them. Bounded in bytes
+        # like FedBuff's deferred updates.
+        waiting = max(
+            4 * self.config.buffer_size,
+            (s.aggregation.max_deferred_bytes or 256 << 20) // (4 * self.layout.n_params),
+        )
         self.leader = Leader(
             self.model, self.config, self.layout.n_params, version=strategy.version,
-            identity_key=self.identity, helper_identity=self.peer,
+            identity_key=self.identity, helper_identity=self.peer, max_waiting=waiting,
         )  # fmt: skip
         if saved is not None:
             self.leader.load_state_dict(saved["leader"])
