@@ -557,13 +557,10 @@ class AggregatorWorker:
         summary = ProgressLog(self.log, self.settings.log_summary_interval_s)
         try:
             while not stop.is_set():
-                try:
-                    # Fast path: under load the queue is rarely empty, and waiting on a new
-                    # task per message would cost more than handling a small update.
-                    msg: Message | None = queue.get_nowait()
-                except asyncio.QueueEmpty:
-                    msg = None
-                    timeout = min(
+                msg, ended = await queue.next(
+                    stop_task,
+                    pump_task,
+                    lambda: min(
                         t
                         for t in (
                             interval,
@@ -571,22 +568,10 @@ class AggregatorWorker:
                             publisher.due_in(self.strategy.version, time.monotonic()),
                         )
                         if t is not None
-                    )
-                    get = asyncio.create_task(queue.get())
-                    done, _ = await asyncio.wait(
-                        {get, stop_task, pump_task},
-                        timeout=timeout,
-                        return_when=asyncio.FIRST_COMPLETED,
-                    )
-                    # Judge by the task, not by ``done``: it may have taken a message after
-                    # the wait woke up, and cancelling it then would drop that message.
-                    if get.done():
-                        msg = get.result()
-                    else:
-                        get.cancel()
-                    if pump_task in done:
-                        pump_task.result()  # re-raise a transport failure
-                        break
+                    ),
+                )
+                if ended:
+                    break
                 if msg is not None:
                     await self._handle(msg)
                     if self.budget_spent:  # its last version is committed: stop consuming

@@ -88,10 +88,11 @@ class CommitterWorker(AggregatorWorker):
             self.book.total_folded += e.count
             if self.strategy.version > self._announced:
                 self._versions_made()
-                await self._commit()
-                return
-        if len(self.committer.unacked) >= self.settings.ack_every:
-            await self._commit()
+        # Every partial is committed (and answered) at once: its reducer holds its updates
+        # unacknowledged until then, and Mosquitto sends a reducer at most 20 of them, so
+        # waiting for ack_every partials or checkpoint_interval_s would stall the reducers.
+        # A partial already carries many updates, so this is one log flush per partial.
+        await self._commit()
 
     def _refuse_partial(self, msg: Message, r: PartialRefused) -> None:
         self.partials_refused += 1

@@ -10,6 +10,8 @@ single message is ``max_message_bytes``, checked by ingest and announced to the 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from typing import Any
 
 from fedbus.transport.base import Message
 
@@ -55,3 +57,33 @@ class Inbox:
     async def get(self) -> Message:
         """Wait for a message and take it (cancelling the wait takes nothing)."""
         return self._took(await self._queue.get())
+
+    async def next(
+        self,
+        stop: asyncio.Future[Any],
+        pump: asyncio.Future[None],
+        timeout: Callable[[], float | None],
+    ) -> tuple[Message | None, bool]:
+        """The next message, or None once ``timeout()`` seconds pass or ``stop`` is done; the
+        flag says the pump has ended (its failure is re-raised here) and the loop must too.
+
+        Under load the inbox is rarely empty, so the first message is taken without a task,
+        and ``timeout`` is only computed when there is a wait to bound. The wait is judged
+        by its task, not by what ``asyncio.wait`` returned: the task may have taken a message
+        after the wait woke, and cancelling it then would drop that message.
+        """
+        try:
+            return self.get_nowait(), False
+        except asyncio.QueueEmpty:
+            pass
+        get = asyncio.create_task(self.get())
+        done, _ = await asyncio.wait(
+            {get, stop, pump}, timeout=timeout(), return_when=asyncio.FIRST_COMPLETED
+        )
+        msg = get.result() if get.done() else None
+        if msg is None:
+            get.cancel()
+        if pump in done:
+            pump.result()
+            return msg, True
+        return msg, False

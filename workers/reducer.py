@@ -109,6 +109,8 @@ class ReducerWorker:
         self.ingest: Ingest
         self.strategy: FedBuff
         self._open: list[_Entry] = []
+        # A partial never holds more than the committer's K (it would be refused whole).
+        self._flush_at = min(settings.scale.flush_updates, settings.aggregation.buffer_size)
         self._opened_at = 0.0
         self._in_flight: dict[int, _Partial] = {}
         self._by_key: dict[tuple[str, str], _Entry] = {}  # open or in flight
@@ -192,6 +194,20 @@ class ReducerWorker:
             self.version = version
             self.strategy.version = version  # weights already in the buffer keep theirs
 
+    async def _dead_letter(self, msg: Message, verdict: Refusal) -> None:
+        await dead_letter(
+            self.transport, self.model, self.settings.worker_id, msg, verdict, self.metrics,
+            self.log, keep_payload=self.settings.deadletter_keep_payload,
+        )  # fmt: skip
+
+    def _next_wake(self) -> float | None:
+        """Seconds until the open partial's flush or an unanswered one's resend is due."""
+        waits = [self._resend_due()]
+        if self._open:
+            flush_s = self.settings.scale.flush_ms / 1000
+            waits.append(max(0.0, self._opened_at + flush_s - time.monotonic()))
+        return min((w for w in waits if w is not None), default=None)
+
     async def _consume(self, stop: asyncio.Event) -> None:
         queue = Inbox(INBOX_MESSAGES, self.settings.max_inbox_bytes)  # bounded in bytes too
 
@@ -204,27 +220,9 @@ class ReducerWorker:
         flush_s = self.settings.scale.flush_ms / 1000
         try:
             while not stop.is_set():
-                try:
-                    msg: Message | None = queue.get_nowait()
-                except asyncio.QueueEmpty:
-                    msg = None
-                    waits = [self._resend_due()]
-                    if self._open:
-                        waits.append(max(0.0, self._opened_at + flush_s - time.monotonic()))
-                    wait = min((w for w in waits if w is not None), default=None)
-                    get = asyncio.create_task(queue.get())
-                    done, _ = await asyncio.wait(
-                        {get, stop_task, pump_task},
-                        timeout=wait,
-                        return_when=asyncio.FIRST_COMPLETED,
-                    )
-                    if get.done():
-                        msg = get.result()
-                    else:
-                        get.cancel()
-                    if pump_task in done:
-                        pump_task.result()
-                        break
+                msg, ended = await queue.next(stop_task, pump_task, self._next_wake)
+                if ended:
+                    break
                 if msg is not None:
                     if msg.topic == self.watermark_topic:
                         await self._watermark(msg)
@@ -263,16 +261,7 @@ class ReducerWorker:
                 self.metrics.redelivered.labels(self.model).inc()
                 await self.transport.ack([msg])
                 return
-            await dead_letter(
-                self.transport,
-                self.model,
-                self.settings.worker_id,
-                msg,
-                verdict,
-                self.metrics,
-                self.log,
-                keep_payload=self.settings.deadletter_keep_payload,
-            )
+            await self._dead_letter(msg, verdict)
             await self.transport.ack([msg])
             return
         self._m_accepted.inc()
@@ -288,7 +277,7 @@ class ReducerWorker:
             # next buffer with this update.
             await self._flush()
         self._add(entry)
-        if len(self._open) >= self.settings.scale.flush_updates:
+        if len(self._open) >= self._flush_at:
             await self._flush()
 
     def _add(self, entry: _Entry) -> None:
@@ -390,16 +379,7 @@ class ReducerWorker:
             source = Source(self.settings.transport, msg.topic, msg.key, msg.principal)
             verdict = self._judge(msg.payload, source, policy)
             if isinstance(verdict, Refusal):  # e.g. stale by now
-                await dead_letter(
-                    self.transport,
-                    self.model,
-                    self.settings.worker_id,
-                    msg,
-                    verdict,
-                    self.metrics,
-                    self.log,
-                    keep_payload=self.settings.deadletter_keep_payload,
-                )
+                await self._dead_letter(msg, verdict)
                 await self.transport.ack(e.messages)
                 continue
             e.staleness = verdict.outcome.staleness or 0

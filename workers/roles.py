@@ -41,13 +41,25 @@ async def serve_reducer(settings: WorkerSettings, stop: asyncio.Event, **shared:
     # (and the MQTT session, with its unacknowledged updates) when that one dies.
     if await _lease(settings, stop, state=False) is None:
         return
-    transport = make_transport(settings, role="reducer")
+    await _run(settings, "reducer", ReducerWorker, stop, on_worker, shared)
+
+
+async def _run(
+    settings: WorkerSettings,
+    role: str,
+    worker_class: Any,
+    stop: asyncio.Event,
+    on_worker: Callable[[Any], None] | None,
+    shared: dict[str, Any],
+) -> None:
+    """Connect, build the role's worker, run it until ``stop``, disconnect."""
+    transport = make_transport(settings, role=role)
     try:
         try:
             await transport.start()
         except TransportError as exc:
             raise reach_error(settings, exc) from None
-        worker = ReducerWorker(settings, transport, **shared)
+        worker = worker_class(settings, transport, **shared)
         if on_worker is not None:
             on_worker(worker)
         await worker.run(stop)
@@ -103,18 +115,9 @@ async def serve_committer(settings: WorkerSettings, stop: asyncio.Event, **share
     lock = await _lease(settings, stop)
     if not isinstance(lock, DirectoryLock):
         return
-    transport = make_transport(settings, role="committer")
     try:
-        try:
-            await transport.start()
-        except TransportError as exc:
-            raise reach_error(settings, exc) from None
-        worker = CommitterWorker(settings, transport, **shared)
-        if on_worker is not None:
-            on_worker(worker)
-        await worker.run(stop)
+        await _run(settings, "committer", CommitterWorker, stop, on_worker, shared)
     finally:
-        await transport.close()
         lock.release()
 
 
@@ -146,6 +149,11 @@ async def serve(settings: WorkerSettings, stop: asyncio.Event) -> None:
 
     async def one(model: str) -> None:
         per_model = settings.model_copy(update={"model": model, "models": None})
+        if settings.mqtt.identifier:  # one MQTT session per model, never shared between them
+            mqtt = settings.mqtt.model_copy(
+                update={"identifier": f"{settings.mqtt.identifier}-{model}"}
+            )
+            per_model = per_model.model_copy(update={"mqtt": mqtt})
         await role(per_model, stop, metrics=metrics, health=health, on_worker=workers.append)
 
     try:

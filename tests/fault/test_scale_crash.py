@@ -258,11 +258,10 @@ async def test_mosquitto_restarted_three_times_mid_stream_with_reducers_running(
 ) -> None:
     """Nothing may be counted twice, and the retained model must be the newest version.
 
-    Known loss, not the reducers': about one update per restart never reaches the consumer
-    (measured 2-3 of 450 over three restarts, SIGTERM or SIGKILL, with reducers and equally
-    with one ``all`` worker on this code's MQTT transport; a bare aiomqtt subscriber with
-    automatic PUBACK lost none in the same sequence). The device had its PUBACK. Until that
-    is found, a loss is reported as an expected failure once the assertions above pass."""
+    Known loss, not the reducers': an update the device had its PUBACK for can fail to reach
+    any consumer (SIGKILL: 0-1 of 450 per run; earlier 2-3 of 450 with either signal, and
+    equally with one ``all`` worker, while a bare aiomqtt subscriber lost none). Until that is
+    found, a loss is reported as an expected failure once the assertions above pass."""
     broker = mosquitto_factory(persistence=True)
     committer = _role(broker, model_id, tmp_path / "c", "committer", "committer")
     reducers = [

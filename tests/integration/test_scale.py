@@ -122,7 +122,7 @@ async def test_two_reducers_and_a_committer_fold_every_update_once(
     reducers = [
         scale_settings(
             mosquitto, model_id, tmp_path / f"r{i}", "reducer", f"reducer-{i}",
-            reducer_partitions=parts,
+            reducer_partitions=parts, flush_updates=15,  # past K: partials stop at K
         )
         for i, parts in enumerate(([0, 1], [2, 3]))
     ]  # fmt: skip
@@ -148,7 +148,9 @@ async def test_several_models_in_one_process_each_exact(
     models = [f"t-{uuid.uuid4().hex[:10]}" for _ in range(2)]
     role = "all" if layout == "all" else "committer"
     main = scale_settings(mosquitto, models[0], tmp_path / "c", role, "committer")
-    main = main.model_copy(update={"models": models})
+    # an explicit MQTT identifier: each model still gets a session of its own
+    mqtt = main.mqtt.model_copy(update={"identifier": f"fedbus-multi-{models[0]}"})
+    main = main.model_copy(update={"models": models, "mqtt": mqtt})
     reducer = scale_settings(mosquitto, models[0], tmp_path / "r", "reducer", "reducer-0")
     reducer = reducer.model_copy(update={"models": models})
     x0 = {m: np.random.default_rng(i).normal(0, 0.1, h.N) for i, m in enumerate(models)}
