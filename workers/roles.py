@@ -22,7 +22,7 @@ from fedbus import log as fedlog
 from fedbus.cli.errors import UserError
 from fedbus.store.lock import DirectoryLock, LockHeld
 from fedbus.transport.base import TransportError
-from workers.main import make_transport, port_error, reach_error, serve_all
+from workers.main import lock_state, make_transport, port_error, reach_error, serve_all
 from workers.observability import HealthServer, Metrics
 from workers.settings import WorkerSettings
 
@@ -122,9 +122,16 @@ async def serve_committer(settings: WorkerSettings, stop: asyncio.Event, **share
 
 
 async def serve_secure(settings: WorkerSettings, stop: asyncio.Event, **shared: Any) -> None:
-    from workers.secure_roles import serve_secure as serve
+    """Roles ``leader`` and ``helper``: one process each, with its own state directory."""
+    on_worker = shared.pop("on_worker", None)
+    from workers.secure_roles import worker_class
 
-    await serve(settings, stop, **shared)
+    worker = worker_class(settings)  # keys and the overflow budget, before the broker
+    lock = lock_state(settings)
+    try:
+        await _run(settings, settings.role, worker, stop, on_worker, shared)
+    finally:
+        lock.release()
 
 
 ROLES: dict[str, Serve] = {

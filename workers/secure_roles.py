@@ -33,6 +33,7 @@ from fedbus.ingest import Refusal
 from fedbus.secure import (
     CombinedBuffer,
     Helper,
+    Keyring,
     Leader,
     SecureConfig,
     ShareOpener,
@@ -80,6 +81,22 @@ def secure_config(settings: WorkerSettings) -> SecureConfig:
         raise UserError(f"[secure] / [aggregation]: {exc}") from None
 
 
+def _keys(settings: WorkerSettings, role: str) -> tuple[bytes, bytes, bytes, Keyring]:
+    """This role's identity (private, public), the peer's identity, the model's keyring;
+    made on first use except the peer's, which the operator copies in."""
+    keys_dir = settings.secure.keys_dir
+    assert keys_dir is not None  # settings check it
+    identity, identity_pub = secure_keys.identity(Path(keys_dir))
+    try:
+        peer = secure_keys.peer(Path(keys_dir))
+    except (FileNotFoundError, ValueError) as exc:
+        other = "helper" if role == "leader" else "leader"
+        raise UserError(
+            f"secure.keys_dir has no usable peer.pub ({exc}): copy the {other}'s identity.pub there"
+        ) from None
+    return identity, identity_pub, peer, secure_keys.keyring(Path(keys_dir), settings.model, role)
+
+
 class SecureRole:
     """What both aggregators share: keys, the loop, the state file, the commit order."""
 
@@ -101,18 +118,7 @@ class SecureRole:
         )
         self.ready = asyncio.Event()
         self.progress = asyncio.Event()
-        keys_dir = settings.secure.keys_dir
-        assert keys_dir is not None  # settings check it
-        self.identity, self.identity_pub = secure_keys.identity(Path(keys_dir))
-        try:
-            self.peer = secure_keys.peer(Path(keys_dir))
-        except (FileNotFoundError, ValueError) as exc:
-            other = "helper" if self.role == "leader" else "leader"
-            raise UserError(
-                f"secure.keys_dir has no usable peer.pub ({exc}): copy the {other}'s "
-                "identity.pub there"
-            ) from None
-        self.keyring = secure_keys.keyring(Path(keys_dir), self.model, self.role)
+        self.identity, self.identity_pub, self.peer, self.keyring = _keys(settings, self.role)
         self.config = secure_config(settings)
         keys = load_public_keys(settings.public_keys_dir) if settings.public_keys_dir else {}
         self.verifier = Verifier(keys, required=settings.require_signatures)
@@ -566,28 +572,11 @@ class LeaderWorker(SecureRole):
             await self._step(step, Message(topic=self.t_manifests, payload=b""))
 
 
-async def serve_secure(settings: WorkerSettings, stop: asyncio.Event, **shared: Any) -> None:
-    """Roles ``leader`` and ``helper``: one process each, MQTT."""
-    on_worker = shared.pop("on_worker", None)
-    from fedbus.transport.base import TransportError
-    from workers.main import lock_state, make_transport, reach_error
-
+def worker_class(settings: WorkerSettings) -> type[SecureRole]:
+    """The role's worker class, once its keys and parameters check out: called before the
+    broker is reached, so a mistake there is one line whether or not the broker is up."""
     if settings.transport != "mqtt":
         raise UserError(f"role {settings.role} runs on MQTT for now; use --transport mqtt")
-    lock = lock_state(settings)
-    transport = make_transport(settings, role=settings.role)
-    try:
-        # Keys and the overflow budget are checked before the broker: a mistake there is
-        # the user's to fix, in one line, whether or not the broker is up.
-        cls = LeaderWorker if settings.role == "leader" else HelperWorker
-        worker = cls(settings, transport, **shared)
-        try:
-            await transport.start()
-        except TransportError as exc:
-            raise reach_error(settings, exc) from None
-        if on_worker is not None:
-            on_worker(worker)
-        await worker.run(stop)
-    finally:
-        await transport.close()
-        lock.release()
+    _keys(settings, settings.role)
+    secure_config(settings)
+    return LeaderWorker if settings.role == "leader" else HelperWorker
