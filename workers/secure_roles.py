@@ -21,9 +21,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import time
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from fedbus import log as fedlog
 from fedbus.aggregation.fedbuff import FedBuff, PartialBuffer
@@ -396,16 +399,57 @@ class LeaderWorker(SecureRole):
         self._later: dict[int, env.SecureSumEnvelope] = {}  # sums that came before their turn
         self._open_since: tuple[int, float] | None = None
         self.combined_totals: list[Any] = []  # each unmasked integer sum, in order (tests)
+        self._share_files: set[str] = set()
         self.t_manifests = topics.mqtt_secure(self.model, "manifests")
         self.t_receipts = topics.mqtt_secure(self.model, "receipts")
         self.t_sums = topics.mqtt_secure(self.model, "sums")
 
     def _state(self) -> dict[str, Any]:
         return {
-            "leader": self.leader.state_dict(),
+            "leader": self.leader.state_dict(shares=False),
             "strategy": self.strategy.state_dict(),
             "total_folded": self.total_folded,
         }
+
+    # Waiting shares (4 bytes a parameter each, and a burst ahead of the helper can hold
+    # hundreds) are written once each, as files beside the state file, instead of into
+    # every save. Order: new share files, then the state file naming them, then the files
+    # it no longer names: whatever a crash interrupts, every share the state names exists.
+    @property
+    def _shares_dir(self) -> Path:
+        return self.state_path.parent / "secure-leader-shares"
+
+    @staticmethod
+    def _share_file(client: str, update_id: str) -> str:
+        return hashlib.sha256(f"{client}\0{update_id}".encode()).hexdigest()[:32] + ".u32"
+
+    def _save(self) -> None:
+        state = {"layout": self.layout.to_wire(), **self._state()}
+        fsync = self.settings.checkpoint_fsync
+        self._shares_dir.mkdir(parents=True, exist_ok=True)
+        named: dict[str, None] = {}
+        for client, update_id, _ in state["leader"]["shares"]:
+            name = self._share_file(client, update_id)
+            named[name] = None
+            if name not in self._share_files:
+                share = self.leader.waiting_share((client, update_id))
+                atomic_write(self._shares_dir / name, share.tobytes(), fsync=fsync)
+        atomic_write(self.state_path, dumps(state), fsync=fsync)
+        for name in self._share_files - named.keys():
+            (self._shares_dir / name).unlink(missing_ok=True)
+        self._share_files = set(named)
+
+    def _load(self) -> dict[str, Any] | None:
+        saved = super()._load()
+        if saved is None:
+            return None
+        shares = []
+        for client, update_id, base in saved["leader"]["shares"]:
+            raw = (self._shares_dir / self._share_file(client, update_id)).read_bytes()
+            shares.append([client, update_id, base, np.frombuffer(raw, dtype="<u4")])
+        saved["leader"]["shares"] = shares
+        self._share_files = {self._share_file(c, u) for c, u, _, _ in shares}
+        return saved
 
     async def _start(self, stop: asyncio.Event) -> None:
         s = self.settings
