@@ -303,3 +303,42 @@ async def test_central_dp_noise_is_added_to_the_unmasked_sum(
     sigma = 1.0 * 1.0 / K
     assert 0.8 * sigma < float(noise.std()) < 1.2 * sigma  # ~6 standard errors either side
     assert abs(float(noise.mean())) < 5 * sigma / np.sqrt(h.N)
+
+
+async def test_the_leaders_view_of_each_update_is_uniform_while_the_update_is_not(
+    mosquitto: Any, tmp_path: Path, model_id: str
+) -> None:
+    """Everything the leader keeps of an update it cannot fold yet (the helper is away) is
+    its share file. Small integer updates sit in the lowest and highest 1/16 of the ring;
+    the shares must fill all 16 slices evenly (chi-square over 16 bins of the top 4 bits, 15
+    degrees of freedom: 50 is exceeded with probability about 1e-5), which a share that
+    leaked its update (or a fixed mask) would not."""
+    ids = provision(tmp_path)
+    leader_s = secure_settings(mosquitto, model_id, tmp_path, "leader")
+    helper_s = secure_settings(mosquitto, model_id, tmp_path, "helper")
+    f = secure_config(leader_s).frac_bits
+    assert f is not None
+    await h.init_model(leader_s, np.zeros(h.N))
+    async with running(helper_s):
+        pass  # its key stays retained; its session queues what comes while it is away
+    count = 20
+    deltas = exact_deltas(np.random.default_rng(6), f, count)
+    async with running(leader_s) as leader:
+        assert isinstance(leader, LeaderWorker)
+        await send(leader_s, ids, [f"dev-{i}" for i in range(count)], deltas)
+        shares_dir = leader.state_path.parent / "secure-leader-shares"
+        for _ in range(200):
+            if len(list(shares_dir.glob("*.u32"))) == count:
+                break
+            await asyncio.sleep(0.05)
+        views = [np.frombuffer(p.read_bytes(), "<u4") for p in shares_dir.glob("*.u32")]
+    assert len(views) == count and all(v.size == h.N for v in views)
+
+    def chi2(values: np.ndarray) -> float:
+        counts = np.bincount((values >> 28).astype(np.int64), minlength=16)
+        expected = values.size / 16
+        return float(((counts - expected) ** 2 / expected).sum())
+
+    plain = np.concatenate([np.round(d * 2.0**f).astype(np.int64) for d in deltas])
+    assert chi2(plain.astype(np.uint32)) > 1000  # the updates themselves are far from uniform
+    assert chi2(np.concatenate(views)) < 50
