@@ -54,7 +54,7 @@ from fedbus.wire.errors import Reason, WireError
 from fedbus.wire.layout import Layout
 from fedbus.wire.signing import Verifier
 from workers import events, recovery
-from workers.aggregator import dead_letter
+from workers.aggregator import dead_letter, privacy
 from workers.crashpoints import CrashPoints
 from workers.observability import HealthServer, Metrics
 from workers.publication import ModelPublisher, Weights
@@ -584,11 +584,13 @@ class LeaderWorker(SecureRole):
         s.take_noise_keys()  # the state file, not a log, holds the noised model
         self.total_folded += count
         self.metrics.version.labels(self.model).set(s.version)
+        spent = privacy(s, s.version, self.metrics, self.model)
+        extra = {"privacy": spent} if spent is not None else None
         self._events.append(
             events.model_published(
                 self.model, self.settings.worker_id, s.version, updates_folded=count,
                 staleness_histogram={}, bytes_received=0, rejects_by_reason={},
-                total_updates_folded=self.total_folded,
+                total_updates_folded=self.total_folded, extra=extra,
             )
         )  # fmt: skip
         self._to_publish = True

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import math
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -290,6 +291,11 @@ async def test_central_dp_noise_is_added_to_the_unmasked_sum(
     x0 = np.zeros(h.N)
     await h.init_model(leader_s, x0)
     deltas = exact_deltas(np.random.default_rng(4), f, K)
+    subscribed = asyncio.Event()
+    published = asyncio.create_task(
+        h.read_channel(leader_s, "events", until=lambda got: len(got) >= 1, subscribed=subscribed)
+    )
+    await asyncio.wait_for(subscribed.wait(), 10)
     async with running(helper_s), running(leader_s):
         for client, delta in zip(clients, deltas, strict=True):
             async with make_transport(h.client_settings(leader_s), role="device") as t:
@@ -303,6 +309,11 @@ async def test_central_dp_noise_is_added_to_the_unmasked_sum(
     sigma = 1.0 * 1.0 / K
     assert 0.8 * sigma < float(noise.std()) < 1.2 * sigma  # ~6 standard errors either side
     assert abs(float(noise.mean())) < 5 * sigma / np.sqrt(h.N)
+    # The version's event states what it spent: one Gaussian mechanism at z = 1 (RDP).
+    event = json.loads((await asyncio.wait_for(published, 30))[0])
+    spent = event["data"]["privacy"]
+    assert spent["steps"] == 1 and spent["noise_multiplier"] == 1.0 and spent["delta"] == 1e-5
+    assert 4.0 < spent["epsilon"] < 5.5  # RDP of one Gaussian mechanism, z = 1, delta 1e-5: ~4.7
 
 
 async def test_the_leaders_view_of_each_update_is_uniform_while_the_update_is_not(
