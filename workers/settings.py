@@ -329,8 +329,6 @@ class WorkerSettings(BaseSettings):
                     f"role {self.role}: aggregation.privacy_budget is not supported in secure "
                     "mode yet; unset it (dp_noise_multiplier works)"
                 )
-        elif self.secure.enabled:
-            raise ValueError("secure.enabled needs role leader or helper (one process each)")
         return self
 
     @property

@@ -36,7 +36,7 @@ K = 4
 
 
 def secure_settings(
-    broker: Any, model: str, root: Path, role: str, **aggregation: Any
+    broker: Any, model: str, root: Path, role: str, max_staleness: int = 4, **aggregation: Any
 ) -> WorkerSettings:
     s = h.settings_for(
         "mqtt",
@@ -47,7 +47,7 @@ def secure_settings(
         buffer_size=K,
         staleness="polynomial",
         clip_norm=1.0,
-        max_staleness=4,
+        max_staleness=max_staleness,
         server_lr=1.0,
         **aggregation,
     )
@@ -353,3 +353,37 @@ async def test_the_leaders_view_of_each_update_is_uniform_while_the_update_is_no
     plain = np.concatenate([np.round(d * 2.0**f).astype(np.int64) for d in deltas])
     assert chi2(plain.astype(np.uint32)) > 1000  # the updates themselves are far from uniform
     assert chi2(np.concatenate(views)) < 50
+
+
+async def test_a_simulated_fleet_of_secure_devices_trains_the_model(
+    mosquitto: Any, tmp_path: Path, model_id: str
+) -> None:
+    """``fedbus client simulate --secure``'s engine: SDK devices training digits, every one
+    of 40 uploads folded exactly once (10 versions of K = 4), and the model learns."""
+    from fedbus.sim.data import digits_fleet
+    from fedbus.sim.fleet import FleetConfig, run_fleet
+    from fedbus.sim.models import SoftmaxRegression
+    from fedbus.sim.timing import FleetTiming
+    from fedbus.wire.model_message import encode_model_message
+
+    ids = provision(tmp_path)
+    # 10 devices in flight for buffers of 4: staleness reaches past 4
+    leader_s = secure_settings(mosquitto, model_id, tmp_path, "leader", max_staleness=50)
+    helper_s = secure_settings(mosquitto, model_id, tmp_path, "helper", max_staleness=50)
+    net = SoftmaxRegression(64, 10)
+    async with make_transport(h.client_settings(leader_s), role="init") as t:
+        raw = encode_model_message(model_id, 0, net.wire_layout(), net.init_params(0), "fp32")
+        await t.publish_model(model_id, raw, 0)
+    fleet, timing = digits_fleet(40, 0.3, 0), FleetTiming(40, seed=0)
+    cfg = FleetConfig(
+        model=model_id, concurrency=10, duration_s=60.0, speed=50.0, max_uploads=40,
+        settle_s=0.5, clip_norm=1.0, secure=ids,
+    )  # fmt: skip
+    async with running(helper_s), running(leader_s):
+        async with make_transport(h.client_settings(leader_s), role="fleet") as t:
+            report = await run_fleet(t, fleet, net, timing, cfg)
+        gm, message = await wait_version(leader_s, 40 // K)
+    assert report.uploads == 40
+    assert gm.version == 40 // K and message.updates_folded == 40
+    accuracy = net.accuracy(gm.weights, fleet.x_test, fleet.y_test)
+    assert accuracy > report.initial_accuracy + 0.1
