@@ -176,7 +176,7 @@ def rows_markdown(report: Report) -> str:
     ]
     for r in rows:
         t = r["time_to_target_s"]
-        times = " / ".join(_t(t.get(a)) for a in ALGORITHMS)
+        times = " / ".join(_t(t[a]) if a in t else "not run" for a in ALGORITHMS)
         out.append(
             f"| {r['setting']} | {times} | {_n(r['fedbuff_speedup_vs_sync'], '.2f')}x "
             f"({_n(r['fedbuff_speedup_min_seed'], '.2f')}x) | "

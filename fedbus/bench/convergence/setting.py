@@ -69,13 +69,13 @@ EVAL_EVERY_S = 2.5
 TARGET_FRACTION = 0.99
 MOMENTUM = 0.9
 
-LR_GRID = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0)
+LR_GRID = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0)
 """Server learning rates for synchronous FedAvg and FedBuff, plain and with momentum. With
 momentum the grid value is the effective step ``lr / (1 - momentum)``, so the same value
 means the same long-run step for both optimisers. It reaches 512 because synchronous
-FedAvg's fastest value on time sat on the edge of shorter grids (64, then 128): an optimum
-on the edge is not an optimum, so the grid grew for it (the search only runs the values it
-needs)."""
+FedAvg's fastest value on time sat on the edge of shorter grids (64, then 128), and down to
+0.125 because FedBuff's sat on 0.5 at 1,000 in flight: an optimum on the edge is not an
+optimum, so the grid grew for it (the search only runs the values it needs)."""
 ALPHA_GRID = (0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0)
 """FedAsync's mixing weight. Capped at 1: above it the server would overshoot the client's
 own model, and FedAsync is defined on (0, 1]. A choice at 1 is an edge choice and marks
