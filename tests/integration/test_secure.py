@@ -387,3 +387,57 @@ async def test_a_simulated_fleet_of_secure_devices_trains_the_model(
     assert gm.version == 40 // K and message.updates_folded == 40
     accuracy = net.accuracy(gm.weights, fleet.x_test, fleet.y_test)
     assert accuracy > report.initial_accuracy + 0.1
+
+
+async def test_a_rotated_leader_key_is_announced_and_shares_in_flight_still_open(
+    mosquitto: Any, tmp_path: Path, model_id: str
+) -> None:
+    """Updates sealed to epoch 0 before the rotation still count after it; devices that
+    read the keys afterwards seal to epoch 1; once epoch 0's file is deleted, a share
+    sealed to it is refused as wrong_key_epoch."""
+    from fedbus.secure import SecureUpdateEncoder
+
+    ids = provision(tmp_path)
+    leader_s = secure_settings(mosquitto, model_id, tmp_path, "leader")
+    helper_s = secure_settings(mosquitto, model_id, tmp_path, "helper")
+    keys_dir = leader_s.secure.keys_dir
+    assert keys_dir is not None
+    f = secure_config(leader_s).frac_bits
+    assert f is not None
+    x0 = np.zeros(h.N)
+    await h.init_model(leader_s, x0)
+    deltas = exact_deltas(np.random.default_rng(7), f, K + 1)
+    async with running(helper_s):
+        async with (
+            running(leader_s),
+            make_transport(h.client_settings(leader_s), role="device") as t,
+        ):
+            old_keys = await Device(t, model_id, "dev-0", secure=ids).secure_keys()
+        assert old_keys.leader_epoch == 0
+        layout = h.LAYOUT
+        early = [SecureUpdateEncoder(f"dev-{i}", layout, old_keys).encode(deltas[i], 0, 5)
+                 for i in range(2)]  # fmt: skip
+        late_old = SecureUpdateEncoder("dev-9", layout, old_keys).encode(deltas[K], 0, 5)
+        assert secure_keys.rotate(keys_dir, model_id) == 1
+        async with running(leader_s):
+            async with make_transport(h.client_settings(leader_s), role="device") as t:
+                new_keys = await Device(t, model_id, "dev-2", secure=ids).secure_keys()
+                assert new_keys.leader_epoch == 1 and new_keys.leader_key != old_keys.leader_key
+                late = [SecureUpdateEncoder(f"dev-{i}", layout, new_keys).encode(deltas[i], 0, 5)
+                        for i in range(2, K)]  # fmt: skip
+                for m in early + late:
+                    await t.publish_update(model_id, m.client, env.encode(m))
+            gm, message = await wait_version(leader_s, 1)
+        (keys_dir / model_id / "0.x25519").unlink()
+        async with running(leader_s) as leader:
+            async with make_transport(h.client_settings(leader_s), role="device") as t:
+                await t.publish_update(model_id, late_old.client, env.encode(late_old))
+            for _ in range(100):
+                if leader.refused:
+                    break
+                await asyncio.sleep(0.05)
+            refused = list(leader.refused)
+    _, expected = reference(x0, [(deltas[:K], 0)], f)
+    assert np.array_equal(gm.weights.astype(np.float32), expected)
+    assert message.updates_folded == K
+    assert refused == [("wrong_key_epoch", "dev-9", late_old.update_id)]
