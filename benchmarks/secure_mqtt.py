@@ -36,7 +36,8 @@ from fedbus.wire.layout import Layout
 from fedbus.wire.model_message import encode_model_message
 from workers.aggregator import AggregatorWorker
 from workers.main import make_transport
-from workers.secure_roles import HelperWorker, LeaderWorker
+from workers.secure_helper import HelperWorker
+from workers.secure_leader import LeaderWorker
 from workers.settings import WorkerSettings, load
 
 K = 10

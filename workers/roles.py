@@ -4,7 +4,7 @@
 share of the updates into partial sums (:mod:`.reducer`); ``committer`` merges partials,
 commits and publishes (:mod:`.committer_role`), and a second committer with the same
 ``worker_id`` waits as its standby. ``leader`` and ``helper`` are secure aggregation's two
-aggregators (:mod:`.secure_roles`), one process each.
+aggregators (:mod:`.secure_leader`, :mod:`.secure_helper`), one process each.
 
 Several models in one process (``models = [...]``) run side by side on one event loop, each
 with its own transport, state directory and policy, behind one metrics endpoint (every

@@ -1,12 +1,9 @@
-"""Secure aggregation's two worker roles, ``leader`` and ``helper`` (:mod:`fedbus.secure`).
+"""What secure aggregation's two worker roles share (:mod:`.secure_leader`,
+:mod:`.secure_helper`; the protocol is :mod:`fedbus.secure`).
 
-Each is one process per model with its own key directory, state directory and MQTT session,
-and both read every secure update of the model: the leader opens its share vector, the
-helper its seed. The helper confirms what it holds in signed receipts; the leader closes a
-buffer of confirmed updates and sends its signed manifest; the helper answers with its
-share-sum; the leader unmasks the buffer's exact weighted sum and applies it with FedBuff's
-own server step (division by K, central DP noise from FedBuff's CSPRNG, the server
-optimiser), then commits and publishes the model like the ``all`` worker.
+Each role is one process per model with its own key directory, state directory and MQTT
+session, and both read every secure update of the model: the leader opens its share vector,
+the helper its seed.
 
 Delivery: a message's effects are saved (one atomic state file) *before* what they cause
 is sent and before the message is acknowledged, so a kill -9 at any point loses nothing:
@@ -21,28 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from fedbus import log as fedlog
-from fedbus.aggregation.fedbuff import FedBuff, PartialBuffer
 from fedbus.cli.errors import UserError
-from fedbus.downlink import DownlinkEncoder
 from fedbus.ingest import Refusal
-from fedbus.secure import (
-    CombinedBuffer,
-    Helper,
-    Keyring,
-    Leader,
-    SecureConfig,
-    ShareOpener,
-    Step,
-    refusal_row,
-)
+from fedbus.secure import Keyring, SecureConfig, ShareOpener
 from fedbus.store import secure_keys
 from fedbus.store.checkpoint import dumps, loads
 from fedbus.store.files import atomic_write
@@ -50,14 +33,12 @@ from fedbus.store.keys import load_public_keys
 from fedbus.transport import topics
 from fedbus.transport.base import Message, Transport
 from fedbus.wire import envelope as env
-from fedbus.wire.errors import Reason, WireError
+from fedbus.wire.errors import Reason
 from fedbus.wire.layout import Layout
 from fedbus.wire.signing import Verifier
-from workers import events, recovery
-from workers.aggregator import dead_letter, privacy
+from workers.aggregator import dead_letter
 from workers.crashpoints import CrashPoints
 from workers.observability import HealthServer, Metrics
-from workers.publication import ModelPublisher, Weights
 from workers.settings import WorkerSettings
 from workers.strategy import staleness_function
 
@@ -295,329 +276,6 @@ class SecureRole:
             await asyncio.gather(pump_task, stop_task, return_exceptions=True)
 
 
-class HelperWorker(SecureRole):
-    """The second aggregator: holds seeds, confirms them, answers manifests with sums."""
-
-    role = "helper"
-
-    def __init__(self, settings: WorkerSettings, transport: Transport, **kw: Any) -> None:
-        super().__init__(settings, transport, **kw)
-        self.helper: Helper
-        self.rows: list[list[Any]] = []
-        self.t_manifests = topics.mqtt_secure(self.model, "manifests")
-        self.t_receipts = topics.mqtt_secure(self.model, "receipts")
-        self.t_sums = topics.mqtt_secure(self.model, "sums")
-
-    def _state(self) -> dict[str, Any]:
-        return {"helper": self.helper.state_dict()}
-
-    async def _start(self, stop: asyncio.Event) -> None:
-        saved = await asyncio.to_thread(self._load)
-        if saved is not None:
-            self.layout = Layout.from_wire(saved["layout"])
-            version = int(saved["helper"]["version"])
-        else:
-            restored = await recovery.from_published_model(
-                self.settings, self.transport, stop, self.log
-            )
-            self.layout, version = restored.layout, restored.strategy.version
-        self.helper = Helper(
-            self.model, self.config, self.layout.n_params, version=version,
-            identity_key=self.identity, leader_identity=self.peer,
-        )  # fmt: skip
-        if saved is not None:
-            self.helper.load_state_dict(saved["helper"])
-        self._open_shares()
-        await self.transport.subscribe_updates(self.model)
-        await self.transport.subscribe(self.t_manifests)
-        self.log.info("helper state", version=self.helper.version)
-
-    def _pending_outputs(self) -> None:
-        if self.rows:
-            receipt = self.helper.receipt(self.rows)
-            self.outbox.append((self.t_receipts, env.encode(receipt)))
-            self.rows = []
-
-    async def _handle(self, msg: Message) -> None:
-        if msg.topic == self.t_manifests:
-            await self._on_manifest(msg)
-        else:
-            await self._on_update(msg)
-
-    async def _on_update(self, msg: Message) -> None:
-        try:
-            update = env.decode_secure_update(
-                msg.payload, max_bytes=self.settings.max_message_bytes
-            )
-        except WireError as exc:
-            await self._refuse(msg, exc.reason, exc.detail, None, None)
-            return
-        try:
-            self.rows.append(self.helper.receive(self.opener.open(update)))
-            self._m_accepted.inc()
-        except WireError as exc:
-            key = (update.client, update.update_id)
-            if exc.reason is Reason.DUPLICATE and self.helper.holds(key):
-                # Saved before a crash took its receipt: confirm it again (the leader
-                # ignores a confirmation it already has).
-                self.rows.append([update.client, update.update_id, update.base_version, None])
-                return
-            self.rows.append(refusal_row(update.client, update.update_id, update.base_version, exc))
-            if exc.reason is not Reason.DUPLICATE:
-                await self._refuse(msg, exc.reason, exc.detail, update.client, update.update_id)
-
-    async def _on_manifest(self, msg: Message) -> None:
-        try:
-            manifest = env.decode(
-                msg.payload, max_bytes=self.settings.max_message_bytes, expect="secure_manifest"
-            )
-            assert isinstance(manifest, env.SecureManifestEnvelope)
-            self._pending_outputs()  # the leader learns every confirmation before the sum
-            answer = self.helper.apply(manifest)
-        except WireError as exc:
-            await self._refuse(msg, exc.reason, exc.detail, None, None)
-            return
-        self.outbox.append((self.t_sums, env.encode(answer)))
-        self.urgent = True
-        self.log.info("buffer summed", version=answer.version, count=answer.count)
-
-
-class LeaderWorker(SecureRole):
-    """The first aggregator: forms buffers, unmasks their sums, runs FedBuff's server step."""
-
-    role = "leader"
-
-    def __init__(self, settings: WorkerSettings, transport: Transport, **kw: Any) -> None:
-        super().__init__(settings, transport, **kw)
-        self.leader: Leader
-        self.strategy: FedBuff
-        self.publisher: ModelPublisher
-        self.total_folded = 0
-        self.published_version = -1
-        self._to_publish = False
-        self._events: list[dict[str, Any]] = []
-        self._later: dict[int, env.SecureSumEnvelope] = {}  # sums that came before their turn
-        self._open_since: tuple[int, float] | None = None
-        self.combined_totals: list[Any] = []  # each unmasked integer sum, in order (tests)
-        self._share_files: set[str] = set()
-        self.t_manifests = topics.mqtt_secure(self.model, "manifests")
-        self.t_receipts = topics.mqtt_secure(self.model, "receipts")
-        self.t_sums = topics.mqtt_secure(self.model, "sums")
-
-    def _state(self) -> dict[str, Any]:
-        return {
-            "leader": self.leader.state_dict(shares=False),
-            "strategy": self.strategy.state_dict(),
-            "total_folded": self.total_folded,
-        }
-
-    # Waiting shares (4 bytes a parameter each, and a burst ahead of the helper can hold
-    # hundreds) are written once each, as files beside the state file, instead of into
-    # every save. Order: new share files, then the state file naming them, then the files
-    # it no longer names: whatever a crash interrupts, every share the state names exists.
-    @property
-    def _shares_dir(self) -> Path:
-        return self.state_path.parent / "secure-leader-shares"
-
-    @staticmethod
-    def _share_file(client: str, update_id: str) -> str:
-        return hashlib.sha256(f"{client}\0{update_id}".encode()).hexdigest()[:32] + ".u32"
-
-    def _save(self) -> None:
-        state = {"layout": self.layout.to_wire(), **self._state()}
-        fsync = self.settings.checkpoint_fsync
-        self._shares_dir.mkdir(parents=True, exist_ok=True)
-        named: dict[str, None] = {}
-        for client, update_id, _ in state["leader"]["shares"]:
-            name = self._share_file(client, update_id)
-            named[name] = None
-            if name not in self._share_files:
-                share = self.leader.waiting_share((client, update_id))
-                atomic_write(self._shares_dir / name, share.tobytes(), fsync=fsync)
-        atomic_write(self.state_path, dumps(state), fsync=fsync)
-        for name in self._share_files - named.keys():
-            (self._shares_dir / name).unlink(missing_ok=True)
-        self._share_files = set(named)
-
-    def _load(self) -> dict[str, Any] | None:
-        saved = super()._load()
-        if saved is None:
-            return None
-        shares = []
-        for client, update_id, base in saved["leader"]["shares"]:
-            raw = (self._shares_dir / self._share_file(client, update_id)).read_bytes()
-            shares.append([client, update_id, base, np.frombuffer(raw, dtype="<u4")])
-        saved["leader"]["shares"] = shares
-        self._share_files = {self._share_file(c, u) for c, u, _, _ in shares}
-        return saved
-
-    async def _start(self, stop: asyncio.Event) -> None:
-        s = self.settings
-        if s.aggregation.robust is not None:
-            raise UserError("secure aggregation reveals only sums: unset aggregation.robust")
-        saved = await asyncio.to_thread(self._load)
-        restored = await recovery.from_published_model(s, self.transport, stop, self.log) \
-            if saved is None else None  # fmt: skip
-        if saved is not None:
-            from workers.strategy import build
-
-            self.layout = Layout.from_wire(saved["layout"])
-            strategy = build(s.aggregation, saved["strategy"]["model"], 0)
-            strategy.load_state_dict(saved["strategy"])
-            self.total_folded = int(saved["total_folded"])
-        else:
-            assert restored is not None
-            self.layout, strategy = restored.layout, restored.strategy
-        assert isinstance(strategy, FedBuff)
-        self.strategy = strategy
-        # Shares wait here for the helper's receipts: a burst can put thousands ahead of a
-        # slower helper, and refusing them (client_busy) would lose them. Bounded in bytes
-        # like FedBuff's deferred updates.
-        waiting = max(
-            4 * self.config.buffer_size,
-            (s.aggregation.max_deferred_bytes or 256 << 20) // (4 * self.layout.n_params),
-        )
-        self.leader = Leader(
-            self.model, self.config, self.layout.n_params, version=strategy.version,
-            identity_key=self.identity, helper_identity=self.peer, max_waiting=waiting,
-        )  # fmt: skip
-        if saved is not None:
-            self.leader.load_state_dict(saved["leader"])
-        self._open_shares()
-        self.publisher = ModelPublisher(
-            self.transport, self.model,
-            DownlinkEncoder(self.model, self.layout, s.model_codec, s.model_diff_codec or None,
-                            s.model_keyframe_every),
-            0.0, confirmed=-1, crash=self.crash, log=self.log, on_published=self._published,
-        )  # fmt: skip
-        await self.transport.subscribe_updates(self.model)
-        await self.transport.subscribe(self.t_receipts)
-        await self.transport.subscribe(self.t_sums)
-        # Whatever a crash left unsent: the newest model, and the manifests still open.
-        await self._publish_model()
-        for manifest in self.leader.open_manifests():
-            await self.transport.publish(self.t_manifests, env.encode(manifest))
-        self.log.info(
-            "leader state", version=strategy.version, buffer_version=self.leader.version,
-            open_manifests=len(self.leader.open_manifests()),
-        )  # fmt: skip
-
-    def _published(self, version: int) -> None:
-        self.published_version = version
-        self.metrics.published.labels(self.model).inc()
-        self.progress.set()
-
-    async def _publish_model(self) -> None:
-        v = self.strategy.version
-        weights = self.strategy.model.astype("float32")
-        await self.publisher.publish(Weights(v, weights, self.total_folded), crash_point=False)
-
-    async def _after_save(self) -> None:
-        for event in self._events:
-            await self.transport.publish_event(self.model, events.to_json(event))
-        self._events = []
-        if self._to_publish:
-            self._to_publish = False
-            await self._publish_model()
-
-    # -- messages ------------------------------------------------------------------------
-    async def _handle(self, msg: Message) -> None:
-        try:
-            if msg.topic == self.t_receipts:
-                receipt = env.decode(msg.payload, max_bytes=self.settings.max_message_bytes,
-                                     expect="secure_receipt")  # fmt: skip
-                assert isinstance(receipt, env.SecureReceiptEnvelope)
-                await self._step(self.leader.on_receipt(receipt), msg)
-            elif msg.topic == self.t_sums:
-                answer = env.decode(msg.payload, max_bytes=self.settings.max_message_bytes,
-                                    expect="secure_sum")  # fmt: skip
-                assert isinstance(answer, env.SecureSumEnvelope)
-                await self._on_sum(answer)
-            else:
-                await self._on_update(msg)
-        except WireError as exc:
-            await self._refuse(msg, exc.reason, exc.detail, None, None)
-
-    async def _on_update(self, msg: Message) -> None:
-        update = env.decode_secure_update(msg.payload, max_bytes=self.settings.max_message_bytes)
-        try:
-            step = self.leader.receive(self.opener.open(update))
-        except WireError as exc:
-            await self._refuse(msg, exc.reason, exc.detail, update.client, update.update_id)
-            return
-        self._m_accepted.inc()
-        await self._step(step, msg)
-
-    async def _step(self, step: Step, msg: Message) -> None:
-        for manifest in step.manifests:
-            self.outbox.append((self.t_manifests, env.encode(manifest)))
-            self.urgent = True
-            self.log.info("buffer closed", version=manifest.version, count=len(manifest.entries))
-        for client, update_id, reason in step.dropped:
-            dropped = Message(topic=topics.mqtt_update(self.model, client), payload=b"")
-            await self._refuse(
-                dropped, Reason(reason), "dropped before it could join a buffer", client,
-                update_id,
-            )  # fmt: skip
-
-    async def _on_sum(self, answer: env.SecureSumEnvelope) -> None:
-        if answer.version < self.strategy.version:
-            self.log.debug("sum for an applied version ignored", version=answer.version)
-            return
-        self._later[answer.version] = answer
-        while self.strategy.version in self._later:
-            self._apply(self.leader.combine(self._later.pop(self.strategy.version)))
-
-    def _apply(self, combined: CombinedBuffer) -> None:
-        """FedBuff's server step on the unmasked sum: divided by K, DP noise (when
-        configured) from FedBuff's own CSPRNG keys, the server optimiser."""
-        s = self.strategy
-        count = len(combined.entries)
-        clients = frozenset(str(c) for c, _, _ in combined.entries)
-        before = s.version
-        s.apply_partial(
-            PartialBuffer(combined.delta_sum, count, combined.weight_sum, clients, s.version)
-        )
-        if s.version == before:
-            s.drain()  # a buffer closed early (timeout, min_buffer): still divided by K
-        self.combined_totals.append(combined.total)
-        s.take_noise_keys()  # the state file, not a log, holds the noised model
-        self.total_folded += count
-        self.metrics.version.labels(self.model).set(s.version)
-        spent = privacy(s, s.version, self.metrics, self.model)
-        extra = {"privacy": spent} if spent is not None else None
-        self._events.append(
-            events.model_published(
-                self.model, self.settings.worker_id, s.version, updates_folded=count,
-                staleness_histogram={}, bytes_received=0, rejects_by_reason={},
-                total_updates_folded=self.total_folded, extra=extra,
-            )
-        )  # fmt: skip
-        self._to_publish = True
-        self.urgent = True
-        self.log.info("version applied", version=s.version, updates=count)
-
-    # -- buffer timeout ------------------------------------------------------------------
-    def _wait(self) -> float | None:
-        timeout = self.settings.aggregation.buffer_timeout_s
-        if timeout is None or self.leader.pending == 0:
-            self._open_since = None
-            return None
-        now = time.monotonic()
-        if self._open_since is None or self._open_since[0] != self.leader.version:
-            self._open_since = (self.leader.version, now)
-        return max(0.0, self._open_since[1] + timeout - now)
-
-    async def _tick(self) -> None:
-        if self._wait() == 0.0:
-            pending = self.leader.pending
-            step = self.leader.close_partial()
-            self._open_since = None
-            if step.manifests:
-                self.log.info("buffer timeout: closing early", updates=pending)
-            await self._step(step, Message(topic=self.t_manifests, payload=b""))
-
-
 def worker_class(settings: WorkerSettings) -> type[SecureRole]:
     """The role's worker class, once its keys and parameters check out: called before the
     broker is reached, so a mistake there is one line whether or not the broker is up."""
@@ -625,4 +283,10 @@ def worker_class(settings: WorkerSettings) -> type[SecureRole]:
         raise UserError(f"role {settings.role} runs on MQTT for now; use --transport mqtt")
     _keys(settings, settings.role)
     secure_config(settings)
-    return LeaderWorker if settings.role == "leader" else HelperWorker
+    if settings.role == "leader":
+        from workers.secure_leader import LeaderWorker
+
+        return LeaderWorker
+    from workers.secure_helper import HelperWorker
+
+    return HelperWorker

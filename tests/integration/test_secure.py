@@ -27,7 +27,9 @@ from fedbus.store import secure_keys
 from fedbus.wire import envelope as env
 from tests.integration import harness as h
 from workers.main import make_transport
-from workers.secure_roles import HelperWorker, LeaderWorker, SecureRole, secure_config
+from workers.secure_helper import HelperWorker
+from workers.secure_leader import LeaderWorker
+from workers.secure_roles import SecureRole, secure_config
 from workers.settings import WorkerSettings
 
 pytestmark = pytest.mark.timeout(120)
