@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,9 @@ class LeaderWorker(SecureRole):
         self.publisher: ModelPublisher
         self.total_folded = 0
         self.published_version = -1
-        self._to_publish = False
+        self._to_publish = False  # a saved version not published yet
+        self._saved_version = -1
+        self._last_publish = -math.inf
         self._events: list[dict[str, Any]] = []
         self._later: dict[int, env.SecureSumEnvelope] = {}  # sums that came before their turn
         self._open_since: tuple[int, float] | None = None
@@ -149,6 +152,7 @@ class LeaderWorker(SecureRole):
         await self.transport.subscribe(self.t_sums)
         # Whatever a crash left unsent: the newest model, and the manifests still open.
         await self._publish_model()
+        self._saved_version, self._last_publish = strategy.version, time.monotonic()
         for manifest in self.leader.open_manifests():
             await self.transport.publish(self.t_manifests, env.encode(manifest))
         self.log.info(
@@ -170,9 +174,22 @@ class LeaderWorker(SecureRole):
         for event in self._events:
             await self.transport.publish_event(self.model, events.to_json(event))
         self._events = []
+        self._saved_version = self.strategy.version
         if self._to_publish:
+            await self._maybe_publish()
+
+    async def _maybe_publish(self, *, force: bool = False) -> None:
+        """The newest saved version, at most once per ``model_publish_interval_s`` (as the
+        ``all`` worker; the rest wait for ``_tick``, and shutdown forces the last)."""
+        now = time.monotonic()
+        if force or now - self._last_publish >= self.settings.model_publish_interval_s:
             self._to_publish = False
+            self._last_publish = now
             await self._publish_model()
+
+    async def _closing(self) -> None:
+        if self._to_publish and self.strategy.version == self._saved_version:
+            await self._maybe_publish(force=True)
 
     # -- messages ------------------------------------------------------------------------
     async def _handle(self, msg: Message) -> None:
@@ -253,6 +270,16 @@ class LeaderWorker(SecureRole):
 
     # -- buffer timeout ------------------------------------------------------------------
     def _wait(self) -> float | None:
+        waits = [w for w in (self._buffer_wait(), self._publish_wait()) if w is not None]
+        return min(waits) if waits else None
+
+    def _publish_wait(self) -> float | None:
+        if not self._to_publish:
+            return None
+        interval = self.settings.model_publish_interval_s
+        return max(0.0, self._last_publish + interval - time.monotonic())
+
+    def _buffer_wait(self) -> float | None:
         timeout = self.settings.aggregation.buffer_timeout_s
         if timeout is None or self.leader.pending == 0:
             self._open_since = None
@@ -263,7 +290,9 @@ class LeaderWorker(SecureRole):
         return max(0.0, self._open_since[1] + timeout - now)
 
     async def _tick(self) -> None:
-        if self._wait() == 0.0:
+        if self._publish_wait() == 0.0 and self.strategy.version == self._saved_version:
+            await self._maybe_publish()  # a newer unsaved version publishes after its save
+        if self._buffer_wait() == 0.0:
             pending = self.leader.pending
             step = self.leader.close_partial()
             self._open_since = None

@@ -191,6 +191,9 @@ class SecureRole:
     async def _after_save(self) -> None:
         """The leader publishes a new model here."""
 
+    async def _closing(self) -> None:
+        """After the last commit of a clean stop (the leader's last publication)."""
+
     # -- main loop -----------------------------------------------------------------------
     async def run(self, stop: asyncio.Event | None = None) -> None:
         stop = stop or asyncio.Event()
@@ -209,6 +212,7 @@ class SecureRole:
             if hasattr(self, "layout"):
                 with contextlib.suppress(Exception):
                     await self._commit()
+                    await self._closing()
             if self._own_health:
                 await self.health.stop()
             self.log.info("stopped")

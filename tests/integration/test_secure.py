@@ -377,6 +377,9 @@ async def test_a_simulated_fleet_of_secure_devices_trains_the_model(
         raw = encode_model_message(model_id, 0, net.wire_layout(), net.init_params(0), "fp32")
         await t.publish_model(model_id, raw, 0)
     fleet, timing = digits_fleet(40, 0.3, 0), FleetTiming(40, seed=0)
+    # The default publication policy here (at most one model a second, the last one
+    # when due even without a further message), as a deployment runs it.
+    leader_s = leader_s.model_copy(update={"model_publish_interval_s": 1.0})
     cfg = FleetConfig(
         model=model_id, concurrency=10, duration_s=60.0, speed=50.0, max_uploads=40,
         settle_s=0.5, clip_norm=1.0, secure=ids,
