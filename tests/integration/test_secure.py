@@ -446,3 +446,33 @@ async def test_a_rotated_leader_key_is_announced_and_shares_in_flight_still_open
     assert np.array_equal(gm.weights.astype(np.float32), expected)
     assert message.updates_folded == K
     assert refused == [("wrong_key_epoch", "dev-9", late_old.update_id)]
+
+
+async def test_a_buffer_timeout_closes_a_buffer_of_min_buffer_updates(
+    mosquitto: Any, tmp_path: Path, model_id: str
+) -> None:
+    """Two devices only, K = 4: with min_buffer 2 and a 0.3 s buffer timeout the leader
+    closes the buffer early and the helper agrees; the step is still divided by K. A
+    single update is never summed alone (below min_buffer it waits)."""
+    ids = provision(tmp_path)
+    settings = {}
+    for role in ("leader", "helper"):
+        s = secure_settings(mosquitto, model_id, tmp_path, role, buffer_timeout_s=0.3)
+        settings[role] = s.model_copy(
+            update={"secure": s.secure.model_copy(update={"min_buffer": 2})}
+        )
+    f = secure_config(settings["leader"]).frac_bits
+    assert f is not None
+    x0 = np.zeros(h.N)
+    await h.init_model(settings["leader"], x0)
+    deltas = exact_deltas(np.random.default_rng(8), f, 2)
+    async with running(settings["helper"]), running(settings["leader"]) as leader:
+        assert isinstance(leader, LeaderWorker)
+        await send(settings["leader"], ids, ["dev-0"], deltas[:1])
+        await asyncio.sleep(1.0)  # three timeouts: one update is not a buffer
+        assert leader.strategy.version == 0 and leader.leader.pending == 1
+        await send(settings["leader"], ids, ["dev-1"], deltas[1:])
+        gm, message = await wait_version(settings["leader"], 1)
+    _, expected = reference(x0, [(deltas, 0)], f)  # the reference divides by K = 4
+    assert np.array_equal(gm.weights.astype(np.float32), expected)
+    assert message.updates_folded == 2
