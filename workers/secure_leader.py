@@ -23,7 +23,7 @@ from fedbus.aggregation.fedbuff import FedBuff, PartialBuffer
 from fedbus.cli.errors import UserError
 from fedbus.downlink import DownlinkEncoder
 from fedbus.secure import CombinedBuffer, Leader, Step
-from fedbus.store.checkpoint import dumps
+from fedbus.store.checkpoint import dumps, loads
 from fedbus.store.files import atomic_write
 from fedbus.transport import topics
 from fedbus.transport.base import Message, Transport
@@ -57,6 +57,7 @@ class LeaderWorker(SecureRole):
         self._open_since: tuple[int, float] | None = None
         self.combined_totals: list[Any] = []  # each unmasked integer sum, in order (tests)
         self._share_files: set[str] = set()
+        self._strategy_saved = -1  # the version whose FedBuff state file is on disk
         self.t_manifests = topics.mqtt_secure(self.model, "manifests")
         self.t_receipts = topics.mqtt_secure(self.model, "receipts")
         self.t_sums = topics.mqtt_secure(self.model, "sums")
@@ -64,14 +65,18 @@ class LeaderWorker(SecureRole):
     def _state(self) -> dict[str, Any]:
         return {
             "leader": self.leader.state_dict(shares=False),
-            "strategy": self.strategy.state_dict(),
+            "strategy_version": self.strategy.version,
             "total_folded": self.total_folded,
         }
 
-    # Waiting shares (4 bytes a parameter each, and a burst ahead of the helper can hold
-    # hundreds) are written once each, as files beside the state file, instead of into
-    # every save. Order: new share files, then the state file naming them, then the files
-    # it no longer names: whatever a crash interrupts, every share the state names exists.
+    # Two things are written once each, beside the state file, instead of into every save:
+    # the waiting shares (4 bytes a parameter each, and a burst ahead of the helper can
+    # hold hundreds) and the FedBuff state (model, optimiser: it changes once a version),
+    # one file per version. Order: new files, then the state file naming them, then the
+    # files it no longer names: whatever a crash interrupts, everything it names exists.
+    def _strategy_file(self, version: int) -> Path:
+        return self.state_path.parent / f"secure-leader-strategy-{version}.state"
+
     @property
     def _shares_dir(self) -> Path:
         return self.state_path.parent / "secure-leader-shares"
@@ -91,10 +96,18 @@ class LeaderWorker(SecureRole):
             if name not in self._share_files:
                 share = self.leader.waiting_share((client, update_id))
                 atomic_write(self._shares_dir / name, share.tobytes(), fsync=fsync)
+        version = self.strategy.version
+        if version != self._strategy_saved:
+            atomic_write(
+                self._strategy_file(version), dumps(self.strategy.state_dict()), fsync=fsync
+            )
         atomic_write(self.state_path, dumps(state), fsync=fsync)
         for name in self._share_files - named.keys():
             (self._shares_dir / name).unlink(missing_ok=True)
         self._share_files = set(named)
+        if version != self._strategy_saved:
+            self._strategy_file(self._strategy_saved).unlink(missing_ok=True)
+            self._strategy_saved = version
 
     def _load(self) -> dict[str, Any] | None:
         saved = super()._load()
@@ -106,6 +119,8 @@ class LeaderWorker(SecureRole):
             shares.append([client, update_id, base, np.frombuffer(raw, dtype="<u4")])
         saved["leader"]["shares"] = shares
         self._share_files = {self._share_file(c, u) for c, u, _, _ in shares}
+        self._strategy_saved = int(saved["strategy_version"])
+        saved["strategy"] = loads(self._strategy_file(self._strategy_saved).read_bytes())
         return saved
 
     async def _start(self, stop: asyncio.Event) -> None:
