@@ -104,6 +104,28 @@ async def dead_letter(
     await transport.publish_event(model, events.to_json(event))
 
 
+def privacy(strategy: Any, version: int, metrics: Metrics, model: str) -> dict[str, Any] | None:
+    """What central DP has spent by ``version``: every noised flush counts one Gaussian
+    mechanism for any client that took part (no amplification claimed, see
+    fedbus.aggregation.dp); None without DP. The ``all`` worker and the secure leader."""
+    dp = getattr(strategy, "dp", None)
+    steps_now = getattr(strategy, "dp_steps", 0)
+    if dp is None or dp.noise_multiplier == 0:
+        return None
+    steps = max(0, steps_now - (strategy.version - version))
+    eps = dpmod.Accountant(dp.noise_multiplier).epsilon(steps, dp.delta)
+    if version == strategy.version:
+        metrics.privacy_epsilon.labels(model).set(eps)
+    return {
+        "epsilon": eps,
+        "delta": dp.delta,
+        "accountant": dpmod.ACCOUNTANT,
+        "noise_multiplier": dp.noise_multiplier,
+        "steps": steps,
+        "budget": dp.budget,
+    }
+
+
 class AggregatorWorker:
     """One model, one transport, one aggregation policy."""
 
@@ -438,25 +460,7 @@ class AggregatorWorker:
         await self._commit(publish=True)
 
     def _privacy(self, version: int) -> dict[str, Any] | None:
-        """What central DP has spent by ``version``: every noised flush counts one Gaussian
-        mechanism for any client that took part (no amplification claimed, see
-        fedbus.aggregation.dp); None without DP."""
-        dp = getattr(self.strategy, "dp", None)
-        steps_now = getattr(self.strategy, "dp_steps", 0)
-        if dp is None or dp.noise_multiplier == 0:
-            return None
-        steps = max(0, steps_now - (self.strategy.version - version))
-        eps = dpmod.Accountant(dp.noise_multiplier).epsilon(steps, dp.delta)
-        if version == self.strategy.version:
-            self.metrics.privacy_epsilon.labels(self.model).set(eps)
-        return {
-            "epsilon": eps,
-            "delta": dp.delta,
-            "accountant": dpmod.ACCOUNTANT,
-            "noise_multiplier": dp.noise_multiplier,
-            "steps": steps,
-            "budget": dp.budget,
-        }
+        return privacy(self.strategy, version, self.metrics, self.model)
 
     @property
     def budget_spent(self) -> bool:

@@ -63,7 +63,8 @@ def worker(
         Role | None,
         typer.Option(
             help="all: one process per model; reducer: fold a share of the updates; "
-            "committer: merge partials and commit (a second one waits as standby)."
+            "committer: merge partials and commit (a second one waits as standby); "
+            "leader, helper: the two aggregators of secure aggregation ([secure])."
         ),
     ] = None,
 ) -> None:
@@ -172,6 +173,13 @@ def client_simulate(
         Path | None, typer.Option(help="Store-and-forward folder (survives broker outages).")
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of split, speeds, dropouts and training.")] = 0,
+    secure: Annotated[
+        tuple[Path, Path] | None,
+        typer.Option(
+            help="Secure aggregation: the leader's and the helper's identity.pub files "
+            "(devices then seal their updates to both aggregators' signed keys)."
+        ),
+    ] = None,
     mqtt_host: MqttHostOpt = None,
     mqtt_port: MqttPortOpt = None,
     kafka_bootstrap: KafkaBootstrapOpt = None,
@@ -202,6 +210,15 @@ def client_simulate(
     settings = _settings(
         config, model=model, **broker_overrides(transport, mqtt_host, mqtt_port, kafka_bootstrap)
     )
+    identities = None
+    if secure is not None:
+        from fedbus.client.device import SecureIdentities
+        from fedbus.store.keys import parse_key_file
+
+        try:
+            identities = SecureIdentities(*(parse_key_file(p) for p in secure))
+        except (OSError, ValueError) as exc:
+            raise UserError(f"--secure: {exc}") from None
     fedlog.configure("console", "warning")
     fleet = digits_fleet(devices, alpha, seed)
     net = example_model(example.value)
@@ -217,6 +234,7 @@ def client_simulate(
         clip_norm=clip_norm,
         spool_root=spool,
         seed=seed,
+        secure=identities,
     )
 
     def progress(r: FleetReport) -> None:

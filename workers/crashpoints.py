@@ -15,6 +15,9 @@ Points, in the order a commit passes them:
 - ``publish-pending``: a version's commit is durable and acknowledged, its model is not
   published yet (restart publishes the newest committed version).
 
+- ``secure-saved`` (roles ``leader`` and ``helper``): a secure aggregator's state file
+  holds its latest messages, nothing they cause is sent nor any of them acknowledged.
+
 ``policy`` does not kill: it raises inside the guarded policy step, so a test sees a real
 ``internal_error`` refusal on a real broker.
 """
@@ -30,7 +33,9 @@ from typing import Any
 from fedbus import log as fedlog
 
 ENV = "FEDBUS_CRASH_AT"
-KILL_POINTS = ("commit-in-flight", "torn-append", "acks-pending", "publish-pending")
+KILL_POINTS = (
+    "commit-in-flight", "torn-append", "acks-pending", "publish-pending", "secure-saved",
+)  # fmt: skip
 RAISE_POINTS = ("policy",)
 
 

@@ -74,7 +74,9 @@ def make_transport(settings: WorkerSettings, *, role: str = "worker") -> Transpo
         tls = aiomqtt.TLSParameters(
             ca_certs=m.tls_ca_certs, certfile=m.tls_certfile, keyfile=m.tls_keyfile
         )
-    shared = m.shared_group if settings.aggregation.algorithm == "fedbuff" else None
+    # Both secure aggregators read every update: neither may join a shared group.
+    secure = role in ("leader", "helper")
+    shared = m.shared_group if settings.aggregation.algorithm == "fedbuff" and not secure else None
     return MqttTransport(
         MqttConfig(
             hostname=m.hostname,
@@ -91,12 +93,12 @@ def make_transport(settings: WorkerSettings, *, role: str = "worker") -> Transpo
             connect_timeout=m.connect_timeout,
             status_topic=(
                 topics.mqtt_worker_status(settings.model, settings.worker_id)
-                if role in ("worker", "committer", "reducer")
+                if role in ("worker", "committer", "reducer", "leader", "helper")
                 else None
             ),
             instance=INSTANCE,
             session_expiry_interval=m.session_expiry_interval,
-            clean_start=role not in ("worker", "committer", "reducer"),
+            clean_start=role not in ("worker", "committer", "reducer", "leader", "helper"),
             shared_group=shared,
             update_partitions=settings.scale.partitions,
             tls_params=tls,

@@ -3,8 +3,8 @@
 ``all`` is one process per model that consumes, folds and commits; ``reducer`` folds a
 share of the updates into partial sums (:mod:`.reducer`); ``committer`` merges partials,
 commits and publishes (:mod:`.committer_role`), and a second committer with the same
-``worker_id`` waits as its standby. A later role (secure aggregation's ``helper`` or
-``leader``) is one more entry in :data:`ROLES`.
+``worker_id`` waits as its standby. ``leader`` and ``helper`` are secure aggregation's two
+aggregators (:mod:`.secure_leader`, :mod:`.secure_helper`), one process each.
 
 Several models in one process (``models = [...]``) run side by side on one event loop, each
 with its own transport, state directory and policy, behind one metrics endpoint (every
@@ -22,7 +22,7 @@ from fedbus import log as fedlog
 from fedbus.cli.errors import UserError
 from fedbus.store.lock import DirectoryLock, LockHeld
 from fedbus.transport.base import TransportError
-from workers.main import make_transport, port_error, reach_error, serve_all
+from workers.main import lock_state, make_transport, port_error, reach_error, serve_all
 from workers.observability import HealthServer, Metrics
 from workers.settings import WorkerSettings
 
@@ -121,10 +121,25 @@ async def serve_committer(settings: WorkerSettings, stop: asyncio.Event, **share
         lock.release()
 
 
+async def serve_secure(settings: WorkerSettings, stop: asyncio.Event, **shared: Any) -> None:
+    """Roles ``leader`` and ``helper``: one process each, with its own state directory."""
+    on_worker = shared.pop("on_worker", None)
+    from workers.secure_roles import worker_class
+
+    worker = worker_class(settings)  # keys and the overflow budget, before the broker
+    lock = lock_state(settings)
+    try:
+        await _run(settings, settings.role, worker, stop, on_worker, shared)
+    finally:
+        lock.release()
+
+
 ROLES: dict[str, Serve] = {
     "all": serve_all,
     "reducer": serve_reducer,
     "committer": serve_committer,
+    "leader": serve_secure,
+    "helper": serve_secure,
 }
 
 

@@ -155,6 +155,25 @@ class ScaleSettings(_Section):
         return self
 
 
+class SecureSettings(_Section):
+    """Secure aggregation (``role = "leader"`` / ``"helper"``; README, Secure aggregation).
+
+    ``keys_dir`` holds this aggregator's keys, never the other's: ``identity.key`` (Ed25519,
+    signs key messages, receipts, manifests and sums), ``peer.pub`` (the other aggregator's
+    identity), and ``<model>/<epoch>.x25519`` (the share-opening key of each epoch; the
+    newest is announced, older ones still open shares in flight, a removed one is retired).
+    Missing identity and model keys are created on first start.
+    """
+
+    enabled: bool = False
+    keys_dir: Path | None = None
+    # Fewest updates the helper agrees to sum (None: buffer_size); a buffer timeout closes
+    # a buffer early only when it holds at least this many.
+    min_buffer: int | None = Field(None, ge=2)
+    weight_bits: int = Field(10, ge=0, le=16)
+    frac_bits: int | None = Field(None, ge=0, le=30)  # None: the largest that cannot overflow
+
+
 class WorkerSettings(BaseSettings):
     """Everything ``fedbus worker`` needs. Precedence: flags > env > TOML file > defaults."""
 
@@ -170,12 +189,14 @@ class WorkerSettings(BaseSettings):
     # all: one process consumes, folds and commits (default); reducer: folds a share of the
     # updates into partial sums; committer: merges partials, commits and publishes (a second
     # one with the same worker_id waits as a standby).
-    role: Literal["all", "reducer", "committer"] = "all"
+    # leader / helper: the two aggregators of secure aggregation ([secure]).
+    role: Literal["all", "reducer", "committer", "leader", "helper"] = "all"
     worker_id: str = "worker-0"
     mqtt: MqttSettings = MqttSettings()
     kafka: KafkaSettings = KafkaSettings()
     aggregation: AggregationSettings = AggregationSettings()
     scale: ScaleSettings = ScaleSettings()
+    secure: SecureSettings = SecureSettings()
     checkpoint_dir: Path = Path("fedbus-state")
     checkpoint_keep: int = 3
     checkpoint_fsync: bool = True
@@ -292,6 +313,22 @@ class WorkerSettings(BaseSettings):
             )
         if self.role != "all" and self.aggregation.robust is not None:
             raise ValueError(f"role {self.role}: robust aggregation keeps every update, no sums")
+        if self.role in ("leader", "helper"):
+            if not self.secure.enabled or self.secure.keys_dir is None:
+                raise ValueError(
+                    f"role {self.role} needs secure.enabled = true and secure.keys_dir"
+                )
+            a = self.aggregation
+            if a.clip_norm is None or a.max_staleness is None:
+                raise ValueError(
+                    f"role {self.role} needs aggregation.clip_norm and aggregation.max_staleness "
+                    "(they bound the secure sum)"
+                )
+            if a.privacy_budget is not None:
+                raise ValueError(
+                    f"role {self.role}: aggregation.privacy_budget is not supported in secure "
+                    "mode yet; unset it (dp_noise_multiplier works)"
+                )
         return self
 
     @property

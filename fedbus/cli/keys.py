@@ -162,3 +162,44 @@ def ca(
         f"server certificate: {made.server_cert}  (valid for {', '.join(hosts)})\n"
         f"server key:         {made.server_key}"
     )
+
+
+@app.command("aggregator")
+def aggregator(
+    keys_dir: Annotated[
+        Path, typer.Option("--keys-dir", help="This aggregator's secure.keys_dir.")
+    ],
+    peer: Annotated[
+        Path | None,
+        typer.Option(help="The other aggregator's identity.pub, copied in as peer.pub."),
+    ] = None,
+    rotate: Annotated[
+        str | None, typer.Option(help="Add the next key epoch of this model (then restart).")
+    ] = None,
+) -> None:
+    """Secure aggregation: create this aggregator's identity (identity.key, identity.pub)
+    if it has none, install the peer's identity, and rotate a model's share key.
+
+    \b
+    Example: fedbus keys aggregator --keys-dir /etc/fedbus/leader --peer helper-identity.pub
+    """
+    from fedbus.store import secure_keys
+    from fedbus.store.keys import parse_key_file
+    from fedbus.wire.errors import WireError
+    from fedbus.wire.ids import validate_id
+
+    _, public = secure_keys.identity(keys_dir)
+    print(f"identity: {keys_dir / secure_keys.IDENTITY_PUB} ({public.hex()})")
+    if peer is not None:
+        try:
+            key = parse_key_file(peer)
+        except (OSError, ValueError) as exc:
+            raise UserError(f"--peer: {exc}") from None
+        print(f"peer:     {secure_keys.write_peer(keys_dir, key)}")
+    if rotate is not None:
+        try:
+            model = validate_id(rotate, "model")
+        except WireError as exc:
+            raise UserError(f"--rotate: {exc.detail}") from None
+        epoch = secure_keys.rotate(keys_dir, model)
+        print(f"model {model}: epoch {epoch} added; restart the worker to announce it")

@@ -24,6 +24,8 @@ class Role(StrEnum):
     all = "all"
     reducer = "reducer"
     committer = "committer"
+    leader = "leader"
+    helper = "helper"
 
 
 class LogFormat(StrEnum):

@@ -9,8 +9,13 @@ Raspberry-Pi-class device. The user supplies one callback::
 and the device turns ``new - start`` into an update: clipped, error-feedback compressed,
 signed when a key is configured, spooled to disk, then published QoS 1 with retries and
 exponential backoff. An update survives a broker outage and a device restart in the spool.
-One larger than the broker takes (:class:`~fedbus.transport.base.MessageTooLarge`, known
-before sending on MQTT 5) is never retried: ``submit`` raises it, and the spool drops it.
+A device on a model in secure aggregation (``secure=SecureIdentities(...)``) reads both
+aggregators' retained key messages, accepts them only when signed by the identities it was
+provisioned with, and sends its delta quantised and split into two sealed shares, still one
+message per job (:mod:`fedbus.secure.device`).
+
+An update larger than the broker takes (:class:`~fedbus.transport.base.MessageTooLarge`,
+known before sending on MQTT 5) is never retried: ``submit`` raises it, and the spool drops it.
 
 The model: by default a device fetches the latest one when it starts a job (one reused
 broker connection, one full model a job). With ``follow=True`` it also subscribes to the
@@ -23,8 +28,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -32,11 +40,26 @@ from fedbus import log as fedlog
 from fedbus.client.spool import Spool
 from fedbus.client.updates import GlobalModel, UpdateEncoder, read_model
 from fedbus.downlink import Reconstruction
+from fedbus.transport import topics
 from fedbus.transport.base import MessageTooLarge, Transport
 from fedbus.transport.retry import backoff
 from fedbus.wire import envelope as env
 from fedbus.wire.codecs import CodecSpec
-from fedbus.wire.errors import WireError
+from fedbus.wire.errors import Reason, WireError
+
+KEY_REFRESH_S = 300.0
+"""A secure device reads the aggregators' keys again this often (they rotate per model)."""
+
+
+@dataclass(frozen=True)
+class SecureIdentities:
+    """The two aggregators' Ed25519 identity keys, pinned when the device is provisioned:
+    a key message signed by anyone else is refused (whoever can write the key channel could
+    otherwise substitute keys of its own and open both shares)."""
+
+    leader: bytes
+    helper: bytes
+
 
 TrainFn = Callable[
     [dict[str, np.ndarray], int], tuple[Mapping[str, np.ndarray], int, Mapping[str, float] | None]
@@ -61,6 +84,7 @@ class Device:
         retry_max: float = 30.0,
         seed: int | None = None,
         follow: bool = False,
+        secure: SecureIdentities | None = None,
     ) -> None:
         self.transport = transport
         self.model = model
@@ -74,6 +98,8 @@ class Device:
         self._encoder: UpdateEncoder | None = None
         self.reconstruction = Reconstruction(model) if follow else None
         self._following: asyncio.Task[None] | None = None
+        self.secure = secure
+        self._secure_keys: tuple[float, Any] | None = None  # (read at, DeviceKeys)
         self.sent = 0
         self.log = fedlog.get("fedbus.device").bind(model=model, client=client)
 
@@ -133,28 +159,62 @@ class Device:
             await asyncio.gather(self._following, return_exceptions=True)
             self._following = None
 
+    async def secure_keys(self, *, refresh: bool = False, timeout: float = 10.0) -> Any:
+        """Both aggregators' current keys (:class:`fedbus.secure.DeviceKeys`), checked
+        against the pinned identities; read again every :data:`KEY_REFRESH_S`. Raises
+        ``WireError`` when a key is missing or not signed by its aggregator."""
+        from fedbus.secure import DeviceKeys
+
+        assert self.secure is not None
+        cached = self._secure_keys
+        if cached is not None and not refresh and time.monotonic() - cached[0] < KEY_REFRESH_S:
+            return cached[1]
+        messages = []
+        for role in ("leader", "helper"):
+            raw = await self.transport.latest_retained(topics.mqtt_keys(self.model, role), timeout)
+            if raw is None:
+                raise WireError(Reason.WRONG_KEY_EPOCH, f"no {role} key announced for {self.model}")
+            messages.append(env.decode(raw, expect="secure_key"))
+        keys = DeviceKeys.from_messages(
+            *messages,  # type: ignore[arg-type]
+            leader_identity=self.secure.leader,
+            helper_identity=self.secure.helper,
+        )
+        self._secure_keys = (time.monotonic(), keys)
+        return keys
+
     async def submit(
         self,
         base: GlobalModel,
         new_weights: np.ndarray | Mapping[str, np.ndarray],
         num_examples: int,
         metrics: Mapping[str, float] | None = None,
-    ) -> env.UpdateEnvelope:
+    ) -> env.UpdateEnvelope | env.SecureUpdateEnvelope:
         """Encode the delta against ``base`` and send it (through the spool, if any)."""
         flat = (
             base.layout.flatten(new_weights)
             if isinstance(new_weights, Mapping)
             else np.asarray(new_weights, dtype=np.float64)
         )
-        update = self.encoder_for(base).build(
-            base.version, base.weights, flat, num_examples, dict(metrics) if metrics else None
-        )
+        update: env.UpdateEnvelope | env.SecureUpdateEnvelope
+        if self.secure is not None:
+            from fedbus.secure import SecureUpdateEncoder
+
+            encoder = SecureUpdateEncoder(
+                self.client, base.layout, await self.secure_keys(), private_key=self.private_key
+            )
+            update = encoder.encode(flat - base.weights, base.version, num_examples)
+        else:
+            update = self.encoder_for(base).build(
+                base.version, base.weights, flat, num_examples, dict(metrics) if metrics else None
+            )
         raw = env.encode(update)
         if self.spool is None:
             await self._send_with_retry(raw)
         else:
-            if update.seq is not None:
-                self.spool.record_seq(update.seq)
+            seq = getattr(update, "seq", None)
+            if seq is not None:
+                self.spool.record_seq(seq)
             self.spool.put(raw)
             await self.flush()
         return update

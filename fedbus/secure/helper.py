@@ -90,6 +90,11 @@ class Helper:
         self._held[key] = (opened.base_version, opened.seed)
         return [opened.client, opened.update_id, opened.base_version, None]
 
+    def holds(self, key: Key) -> bool:
+        """Confirmed and not yet folded: a repeat of it is confirmed again (a receipt lost
+        with a crash), not refused."""
+        return key in self._held
+
     def _check_foldable(self, base_version: int) -> None:
         if base_version + self.config.max_staleness < self.version:
             raise WireError(

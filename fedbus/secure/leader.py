@@ -252,14 +252,26 @@ class Leader:
         self._refused = {k: v for k, v in self._refused.items() if v[0] >= floor}
 
     # -- checkpoints -----------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """Plain types, bytes and arrays (copied); no private key."""
+    def waiting_share(self, key: Key) -> np.ndarray:
+        """An opened share still waiting for a buffer (read-only view)."""
+        view = self._shares[key].view()
+        view.flags.writeable = False
+        return view
+
+    def state_dict(self, *, shares: bool = True) -> dict[str, Any]:
+        """Plain types, bytes and arrays (copied); no private key. ``shares=False`` leaves
+        the waiting share vectors out (``[client, update_id, base]`` only): a worker that
+        stores each of them once, apart, need not rewrite them all on every save; it puts
+        them back (``[client, update_id, base, vector]``) before :meth:`load_state_dict`."""
         return {
             "role": "leader",
             "model": self.model,
             "version": self.version,
             "seen": [[c, u, b] for (c, u), b in self._seen.items()],
-            "shares": [[c, u, self._base[c, u], s.copy()] for (c, u), s in self._shares.items()],
+            "shares": [
+                [c, u, self._base[c, u], *([s.copy()] if shares else [])]
+                for (c, u), s in self._shares.items()
+            ],
             "ready": [[c, u] for c, u in self._ready],
             "early": [[c, u, b] for (c, u), b in self._early.items()],
             "refused": [[c, u, b, r] for (c, u), (b, r) in self._refused.items()],

@@ -25,13 +25,14 @@ from pathlib import Path
 
 import numpy as np
 
-from fedbus.client.device import Device, spool_path
+from fedbus.client.device import Device, SecureIdentities, spool_path
 from fedbus.client.updates import GlobalModel, read_model
 from fedbus.sim.data import FleetData
 from fedbus.sim.models import FlatModel
 from fedbus.sim.timing import FleetTiming
 from fedbus.transport.base import Transport
 from fedbus.wire.codecs import CodecSpec
+from fedbus.wire.envelope import UpdateEnvelope
 
 __all__ = ["FleetConfig", "FleetReport", "LayoutMismatchError", "run_fleet"]
 
@@ -56,6 +57,7 @@ class FleetConfig:
     eval_every_s: float = 1.0  # wall seconds between accuracy readings
     settle_s: float = 1.0  # after the last upload, time for its version to come back
     seed: int = 0
+    secure: SecureIdentities | None = None  # a model in secure aggregation: both identities
 
 
 @dataclass
@@ -143,6 +145,7 @@ async def run_fleet(
                 clip_norm=cfg.clip_norm,
                 spool_dir=spool_path(cfg.spool_root, cfg.model, client) if cfg.spool_root else None,
                 seed=cfg.seed * 1_000_003 + i,
+                secure=cfg.secure,
             )
         return devices[i]
 
@@ -190,7 +193,11 @@ async def run_fleet(
                 )
                 update = await device(i).submit(base, new, n, {"loss": float(metrics["loss"])})
                 report.uploads += 1
-                report.bytes_uploaded += len(update.payload)
+                report.bytes_uploaded += (
+                    len(update.payload)
+                    if isinstance(update, UpdateEnvelope)
+                    else len(update.leader_share) + len(update.helper_share)
+                )
                 if cfg.max_uploads is not None and report.uploads >= cfg.max_uploads:
                     done.set()
             finally:

@@ -151,6 +151,10 @@ class Transport(abc.ABC):
     async def latest_model(self, model: str, timeout: float = 5.0) -> bytes | None:
         """The latest published model, or ``None`` if there is none within ``timeout``."""
 
+    async def latest_retained(self, topic: str, timeout: float = 5.0) -> bytes | None:
+        """The message retained on a named channel (secure aggregation's keys, MQTT)."""
+        raise TransportError(f"{self.name} transport cannot read {topic!r}")
+
     @abc.abstractmethod
     def follow_models(self, model: str) -> AsyncIterator[bytes]:
         """The latest model (if any), then every new one as it is published."""

@@ -588,7 +588,10 @@ class MqttTransport(Transport):
         otherwise one clean reader this transport keeps (opened on the first fetch). It
         subscribes, takes the retained message and unsubscribes, so a device that fetches when
         it starts a job receives one model per job, not every version."""
-        topic = topics.mqtt_model(model)
+        return await self.latest_retained(topics.mqtt_model(model), timeout)
+
+    async def latest_retained(self, topic: str, timeout: float = 5.0) -> bytes | None:
+        """The message retained on ``topic``, read as :meth:`latest_model` reads the model."""
         if self.config.single_connection:
             return await self._latest_on_main(topic, timeout)
         async with self._fetch_lock:

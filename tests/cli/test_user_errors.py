@@ -59,7 +59,7 @@ def assert_one_line(result: subprocess.CompletedProcess[str], *needles: str) -> 
         (["worker", "--transport", "amqp"], ["--transport", "amqp"]),
         (["worker", "--metrics-port", "99999"], ["--metrics-port", "99999"]),
         (["worker", "--log-format", "xml"], ["--log-format"]),
-        (["worker", "--role", "leader"], ["--role", "leader"]),
+        (["worker", "--role", "leader"], ["role leader", "secure.enabled", "secure.keys_dir"]),
         (["worker", "--role", "reducer", "--algorithm", "fedasync"], ["role reducer", "fedbuff"]),
         (["worker", "--role", "committer", "--transport", "kafka"], ["role committer", "MQTT"]),
         (["worker", "--config", "no-such-file.toml"], ["--config", "no-such-file.toml"]),
@@ -171,3 +171,30 @@ def test_version_and_help_examples() -> None:
                  "[fedbuff|fedasync]", "[json|console]"):  # fmt: skip
         assert flag in worker_help
     assert "[a-z0-9-]" not in worker_help or "lowercase" in worker_help
+
+
+_SECURE = {
+    "FEDBUS_SECURE__ENABLED": "true",
+    "FEDBUS_AGGREGATION__CLIP_NORM": "1",
+    "FEDBUS_AGGREGATION__MAX_STALENESS": "4",
+    "FEDBUS_MQTT__CONNECT_TIMEOUT": "1",
+    "FEDBUS_METRICS_PORT": "0",
+}
+
+
+def test_secure_roles_name_a_missing_peer_key_or_an_overflowing_budget(tmp_path: Path) -> None:
+    """Checked before the broker is reached: no broker listens on the port given here."""
+    keys = tmp_path / "keys"
+    env = _SECURE | {"FEDBUS_SECURE__KEYS_DIR": str(keys)}
+    port = str(_free_port())
+    result = fedbus("worker", "--role", "helper", "--mqtt-port", port, env=env, cwd=tmp_path)
+    assert_one_line(result, "peer.pub", "leader's identity.pub")
+    (keys / "peer.pub").write_bytes((keys / "identity.pub").read_bytes())
+    env |= {"FEDBUS_AGGREGATION__CLIP_NORM": "1e9"}
+    result = fedbus("worker", "--role", "leader", "--mqtt-port", port, env=env, cwd=tmp_path)
+    assert_one_line(result, "cannot fit", "clip_norm")
+    result = fedbus(
+        "worker", "--role", "leader", "--transport", "kafka",
+        env=_SECURE | {"FEDBUS_SECURE__KEYS_DIR": str(keys)}, cwd=tmp_path,
+    )  # fmt: skip
+    assert_one_line(result, "role leader", "MQTT")

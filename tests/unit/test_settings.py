@@ -122,3 +122,41 @@ def test_downlink_settings_accept_the_documented_codecs() -> None:
         "topk:fraction=0.05",
         10,
     )
+
+
+_SECURE_AGG = {"algorithm": "fedbuff", "clip_norm": 1.0, "max_staleness": 4}
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"role": "leader", "aggregation": _SECURE_AGG}, "secure.enabled = true and secure"),
+        (
+            {"role": "helper", "secure": {"enabled": True, "keys_dir": "k"},
+             "aggregation": {"algorithm": "fedbuff", "clip_norm": 1.0}},
+            "aggregation.clip_norm and aggregation.max_staleness",
+        ),
+        (
+            {"role": "leader", "secure": {"enabled": True, "keys_dir": "k"},
+             "aggregation": {**_SECURE_AGG, "robust": "median"}, "require_signatures": True,
+             "public_keys_dir": "k"},
+            "robust aggregation keeps every update",
+        ),
+        (
+            {"role": "leader", "secure": {"enabled": True, "keys_dir": "k"},
+             "aggregation": {**_SECURE_AGG, "dp_noise_multiplier": 1.0, "privacy_budget": 5.0},
+             "require_signatures": True, "public_keys_dir": "k"},
+            "privacy_budget is not supported in secure mode",
+        ),
+        ({"secure": {"enabled": True, "min_buffer": 1}}, "secure.min_buffer"),
+    ],
+)  # fmt: skip
+def test_secure_roles_refuse_what_secure_mode_cannot_run(overrides: dict, message: str) -> None:
+    with pytest.raises(UserError, match=message) as refused:
+        load(None, **overrides)
+    assert "\n" not in str(refused.value)
+
+
+def test_a_secure_section_may_sit_in_a_config_every_tool_reads() -> None:
+    s = load(None, secure={"enabled": True, "keys_dir": "k"}, aggregation=_SECURE_AGG)
+    assert s.role == "all" and s.secure.enabled
