@@ -27,6 +27,8 @@ after it missed a difference, it fetches the latest full model as before.
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -41,7 +43,7 @@ from fedbus.client.spool import Spool
 from fedbus.client.updates import GlobalModel, UpdateEncoder, read_model
 from fedbus.downlink import Reconstruction
 from fedbus.transport import topics
-from fedbus.transport.base import MessageTooLarge, Transport
+from fedbus.transport.base import MessageTooLarge, Transport, TransportError
 from fedbus.transport.retry import backoff
 from fedbus.wire import envelope as env
 from fedbus.wire.codecs import CodecSpec
@@ -64,6 +66,17 @@ class SecureIdentities:
 TrainFn = Callable[
     [dict[str, np.ndarray], int], tuple[Mapping[str, np.ndarray], int, Mapping[str, float] | None]
 ]
+
+
+RESEND_AFTER_RECONNECT = 3
+"""Updates a device sends again once its broker connection has been replaced.
+
+Mosquitto acknowledges a QoS 1 PUBLISH before it has saved it: a broker killed right after a
+PUBACK loses what it had just acknowledged (measured: the last one or two PUBACKs before a
+SIGKILL, however tight its autosave). The worker takes an exact repeat as a redelivery
+(acknowledged quietly, counted, never folded twice), so a resend costs bytes, never a double
+count. Only the last few are kept: older ones had the broker's save interval to be stored.
+"""
 
 
 class Device:
@@ -101,6 +114,11 @@ class Device:
         self.secure = secure
         self._secure_keys: tuple[float, Any] | None = None  # (read at, DeviceKeys)
         self.sent = 0
+        self.resent = 0
+        # (connection generation, message) of the last updates the broker acknowledged
+        self._acked: collections.deque[tuple[int, bytes]] = collections.deque(
+            maxlen=RESEND_AFTER_RECONNECT
+        )
         self.log = fedlog.get("fedbus.device").bind(model=model, client=client)
 
     def encoder_for(self, gm: GlobalModel) -> UpdateEncoder:
@@ -235,8 +253,29 @@ class Device:
             on_retry=note,
         ):
             with retry:
+                await self._resend_if_reconnected()
                 await self.transport.publish_update(self.model, self.client, raw)
         self.sent += 1
+        # The transport may have reconnected inside that publish: resend now, not next time.
+        with contextlib.suppress(TransportError):  # still kept: the next send tries again
+            await self._resend_if_reconnected()
+        if self.secure is None:  # secure aggregators refuse repeats as duplicates: not kept
+            self._acked.append((self.transport.connection_generation, raw))
+
+    async def _resend_if_reconnected(self) -> None:
+        """Send again what a replaced connection's broker acknowledged last (see
+        :data:`RESEND_AFTER_RECONNECT`), before anything new."""
+        generation = self.transport.connection_generation
+        stale = [raw for g, raw in self._acked if g != generation]
+        if not stale:
+            return
+        for raw in stale:
+            await self.transport.publish_update(self.model, self.client, raw)
+        self._acked = collections.deque(
+            ((generation, raw) for _, raw in self._acked), maxlen=RESEND_AFTER_RECONNECT
+        )
+        self.resent += len(stale)
+        self.log.info("resent after reconnect", updates=len(stale))
 
     async def flush(self, attempts: int | None = 1) -> int:
         """Send what the spool holds, oldest first; stop at the first failure (kept)."""

@@ -57,6 +57,12 @@ class Message:
 class Transport(abc.ABC):
     """Updates in, models/events/dead letters out; ``async with transport:`` to connect."""
 
+    @property
+    def connection_generation(self) -> int:
+        """Changes whenever the broker connection is replaced. A transport whose broker has
+        stored a message once it acknowledges it (Kafka with ``acks=all``) keeps it at 0."""
+        return 0
+
     name: str = "transport"
 
     # -- lifecycle ----------------------------------------------------------------------

@@ -320,6 +320,10 @@ class MqttTransport(Transport):
                 f"unreachable for {limit} s: {exc}"
             ) from exc
 
+    @property
+    def connection_generation(self) -> int:
+        return self._generation
+
     async def _reconnect(self, failed_generation: int) -> None:
         async with self._reconnect_lock:
             if self._closing:

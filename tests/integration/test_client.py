@@ -101,3 +101,34 @@ async def test_store_and_forward_across_outage_and_restart(
         for u in map(env.decode_update, raws)
     )
     np.testing.assert_allclose(deltas, [0.0, 1.0, 2.0], atol=0.02)
+
+
+async def test_an_update_a_killed_broker_acknowledged_is_sent_again(
+    tmp_path: Path, model_id: str, mosquitto_factory: Any
+) -> None:
+    """Mosquitto acknowledges a QoS 1 PUBLISH before it has saved it. Here the broker saves
+    nothing (no persistence) and is killed right after acknowledging update A, queued for the
+    worker's offline session: the device's next send, on a new connection, sends A again
+    before B, so the worker still gets both (an exact repeat it already had would be taken
+    as a redelivery)."""
+    broker = mosquitto_factory()
+    settings = h.settings_for("mqtt", broker, model_id, tmp_path)
+    await h.init_model(settings, np.zeros(h.N))
+    async with make_transport(settings) as w:  # the worker's session, offline from here on
+        await w.subscribe_updates(model_id)
+    cfg = MqttConfig(port=broker.port, identifier="dev-1-sdk", connect_timeout=1.0)
+    async with MqttTransport(cfg) as t:
+        dev = Device(t, model_id, "dev-1", retry_initial=0.05)
+        gm = await dev.fetch_model()
+        assert gm is not None
+        a = await dev.submit(gm, gm.weights + 1.0, 10)  # PUBACKed
+        broker.kill()
+        broker.start()  # same port, nothing kept: A and the worker's session are gone
+        async with make_transport(settings) as w:
+            await w.subscribe_updates(model_id)
+        b = await dev.submit(gm, gm.weights + 2.0, 10)
+        assert dev.resent == 1
+    raws = await _consume(settings, 2)
+    assert sorted(env.decode_update(r).update_id for r in raws) == sorted(
+        [a.update_id, b.update_id]
+    )
