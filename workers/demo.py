@@ -336,6 +336,21 @@ def embedded_broker(choice: str = "auto") -> Any:
             )
 
 
+def _run_settings(kind: str, broker: Any, state: Path) -> WorkerSettings:
+    overrides: dict[str, Any] = {
+        "transport": kind,
+        "checkpoint_dir": state,
+        "checkpoint_fsync": False,
+        "metrics_port": 0,
+        "log_level": "warning",
+    }
+    if kind == "mqtt":
+        overrides["mqtt"] = {"port": broker.port}
+    else:
+        overrides["kafka"] = broker.kafka_settings()
+    return load(None, **overrides)
+
+
 class _Quiet:
     def start(self, label: str) -> None:
         return None
@@ -372,21 +387,10 @@ async def run_demo(
     try:
         with (
             tempfile.TemporaryDirectory(prefix="fedbus-demo-") as tmp,
-            embedded_broker(cfg.broker) as (kind, broker, which),
+            contextlib.ExitStack() as on_exit,
         ):
+            kind, broker, which = on_exit.enter_context(embedded_broker(cfg.broker))
             announce(which)
-            overrides: dict[str, Any] = {
-                "transport": kind,
-                "checkpoint_dir": Path(tmp) / "state",
-                "checkpoint_fsync": False,
-                "metrics_port": 0,
-                "log_level": "warning",
-            }
-            if kind == "mqtt":
-                overrides["mqtt"] = {"port": broker.port}
-            else:
-                overrides["kafka"] = broker.kafka_settings()
-            settings = load(None, **overrides)
             for algorithm in cfg.algorithms:
                 for codec in cfg.codecs:
                     if halt.is_set():
@@ -396,6 +400,13 @@ async def run_demo(
                     if algorithm == "sync-fedavg":
                         r = await asyncio.to_thread(_sync_run, cfg, fleet, timing, codec, halt)
                     else:
+                        if kind == "kafka" and results:
+                            # A fresh Tansu per run: its in-memory store slows down as the
+                            # topics of earlier runs grow (the broker, not the worker, becomes
+                            # CPU-bound), which made later runs several times slower.
+                            on_exit.close()
+                            kind, broker, _ = on_exit.enter_context(embedded_broker("tansu"))
+                        settings = _run_settings(kind, broker, Path(tmp) / f"state-{len(results)}")
                         r = await _async_run(
                             cfg, settings, fleet, timing, algorithm, codec, view, halt
                         )
