@@ -63,6 +63,10 @@ async def _run(
         if on_worker is not None:
             on_worker(worker)
         await worker.run(stop)
+    except OSError as exc:  # the health and metrics port
+        if exc.errno == errno.EADDRINUSE:
+            raise port_error(settings) from None
+        raise
     finally:
         await transport.close()
 

@@ -145,14 +145,15 @@ def test_no_broker_listening(tmp_path: Path) -> None:
     assert_one_line(result, "cannot reach the broker", str(port), "--mqtt-port")
 
 
-def test_busy_metrics_port(tmp_path: Path, mosquitto: MosquittoBroker) -> None:
+@pytest.mark.parametrize("role", ["all", "reducer"])
+def test_busy_metrics_port(tmp_path: Path, mosquitto: MosquittoBroker, role: str) -> None:
     with socket.socket() as held:
         held.bind(("127.0.0.1", 0))
         held.listen()
         port = held.getsockname()[1]
         result = fedbus(
             "worker", "--mqtt-port", str(mosquitto.port), "--metrics-port", str(port),
-            "--model", "busy-port", cwd=tmp_path,
+            "--model", f"busy-port-{role}", "--role", role, cwd=tmp_path,
         )  # fmt: skip
     assert_one_line(result, "metrics port", str(port), "--metrics-port")
 
