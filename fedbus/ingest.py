@@ -39,7 +39,7 @@ import dataclasses
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from fedbus.aggregation.update import Outcome, Update
 from fedbus.transport import topics
@@ -266,10 +266,20 @@ def _fingerprint(upd: env.UpdateEnvelope) -> bytes:
     header = dataclasses.replace(upd, payload=b"", signature=None)
     h.update(env.signing_bytes(header))
     h.update(len(payload).to_bytes(8, "little"))
-    h.update(payload[:_SAMPLE])
-    h.update(payload[-_SAMPLE:])
-    h.update(payload[::stride][:_SAMPLE])
+    for sample in (payload[:_SAMPLE], payload[-_SAMPLE:], payload[::stride][:_SAMPLE]):
+        _update_holding_gil(h, sample)
     return h.digest()
+
+
+# hashlib releases the GIL for an update of 2048 bytes or more; a worker's log thread then
+# takes it, and the loop waits to get it back. Smaller pieces hash to the same digest.
+_GIL_FREE_HASH = 2047
+
+
+def _update_holding_gil(h: Any, data: bytes) -> None:
+    view = memoryview(data)
+    for i in range(0, len(view), _GIL_FREE_HASH):
+        h.update(view[i : i + _GIL_FREE_HASH])
 
 
 def _describe(exc: BaseException) -> str:

@@ -15,8 +15,8 @@ for the first time.
 **What a commit writes.** Durability costs what was received, not the model's size
 (:mod:`fedbus.store.wal`). The log holds the raw messages the policy *accepted* (a refused
 message changed no policy state) and any partial-buffer drain (``buffer_timeout_s``), in the
-order the policy saw them; the log's own thread writes them as they come (``STREAM_BYTES``
-at a time). A commit appends one commit record with the worker's bookkeeping
+order the policy saw them; the log's own thread writes a commit's records in one go (one
+``writev``, see ``STREAM_BYTES``). A commit appends one commit record with the worker's bookkeeping
 (:mod:`.book`) and flushes (and fsyncs) the log: only records followed by a durable commit
 record count. Every ``snapshot_interval_s`` (or ``snapshot_log_bytes`` of log) a commit
 also takes a full snapshot (``state_dict()``: model, buffer, staged folds, optimizer, dedup
@@ -27,9 +27,10 @@ before that leaves the older snapshot and both segments, which replay in turn
 
 **The order of what leaves.** A commit is taken synchronously by the loop (its records are
 queued to the log's thread, and everything it needs later is detached from the live
-policy), then one task, the outbox, takes the commits in order: it waits for a commit's
-records to be durable, then sends its acknowledgements and the events of the versions it
-made side by side, then offers its weights (when it carries any) to the model publisher.
+policy), then the outbox takes the commits in order: it waits for a commit's records to be
+durable and sends its acknowledgements; then, in a second stage that the next commit's
+acknowledgements do not wait for, the events of the versions it made, and offers its
+weights (when it carries any) to the model publisher.
 The loop never waits for any of it: it keeps folding while up to ``MAX_IN_FLIGHT`` commits
 are on their way, and only a full pipeline makes it wait. Nothing here waits for a model
 publish: publication has its own task (:mod:`.publication`).
@@ -54,9 +55,11 @@ from workers.crashpoints import CrashPoints
 from workers.observability import Metrics
 from workers.publication import ModelPublisher, Weights
 
-# Accepted updates are handed to the log writer once this many bytes wait, so a commit
-# finds most of its records already written and only flushes them.
-STREAM_BYTES = 256 * 1024
+# A commit hands its records to the log writer in one piece: each hand-off wakes the
+# writer thread, which must then take the GIL back from the busy loop (up to the switch
+# interval, 5 ms), so streaming a 1 MB update at a time made commits late, not early. Only
+# a commit past this many bytes streams its records ahead (bounding what one write holds).
+STREAM_BYTES = 64 * 1024 * 1024
 
 # Commits taken but not yet through the outbox. Mosquitto delivers at most 20 unacknowledged
 # messages per client, so on MQTT the broker bounds this first at the default ack_every.
@@ -114,7 +117,8 @@ class Committer:
         self._writer: wal.LogWriter | None = None
         self._snapshot_task: asyncio.Task[None] | None = None  # at most one in flight
         self.last_snapshot_path: Path | None = None  # the newest snapshot written
-        self._outbox: asyncio.Queue[_Commit] = asyncio.Queue()
+        self._outbox: asyncio.Queue[_Commit] = asyncio.Queue()  # taken, not yet durable
+        self._announcing: asyncio.Queue[_Commit] = asyncio.Queue()  # acknowledged
         self._in_flight = 0
         self._room = asyncio.Event()
         self._room.set()
@@ -273,6 +277,25 @@ class Committer:
 
     # -- the outbox -----------------------------------------------------------------------
     async def _send(self) -> None:
+        """Two stages, each taking the commits in order: acknowledge a commit once it is
+        durable, then announce it (events, notices) and offer its weights. The events of
+        one commit wait for the broker's confirmation; the acknowledgements of the next
+        do not wait for them (they used to, and on MQTT the broker, which sends at most
+        ``max_inflight_messages`` unacknowledged updates, then held the worker idle)."""
+        stages = [
+            asyncio.create_task(self._acknowledge()),
+            asyncio.create_task(self._announce_commits()),
+        ]
+        try:
+            done, _ = await asyncio.wait(stages, return_when=asyncio.FIRST_EXCEPTION)
+            for stage in done:
+                stage.result()
+        finally:
+            for stage in stages:
+                stage.cancel()
+            await asyncio.gather(*stages, return_exceptions=True)
+
+    async def _acknowledge(self) -> None:
         while True:
             c = await self._outbox.get()
             await asyncio.wrap_future(c.durable)
@@ -282,14 +305,18 @@ class Committer:
             self._on_durable(c.version)
             if c.messages:
                 self.crash.hit("acks-pending", messages=len(c.messages), version=c.version)
+                await self.transport.ack(c.messages, c.offsets)
+            self._announcing.put_nowait(c)
+
+    async def _announce_commits(self) -> None:
+        while True:
+            c = await self._announcing.get()
             steps = []
-            if c.messages:
-                steps.append(self.transport.ack(c.messages, c.offsets))
             if c.events:
                 steps.append(self._announce(c.events))
             for topic, payload in c.notices:
                 steps.append(self.transport.publish(topic, payload))
-            # Both run to the end before a failure of either is raised.
+            # All run to the end before a failure of any is raised.
             for result in await asyncio.gather(*steps, return_exceptions=True):
                 if isinstance(result, BaseException):
                     raise result
