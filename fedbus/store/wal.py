@@ -45,7 +45,7 @@ _NAME = re.compile(r"^wal-(\d{8})\.log$")
 MESSAGE, DRAIN, COMMIT, NOISE_KEY = 1, 2, 3, 4
 _KINDS = {MESSAGE, DRAIN, COMMIT, NOISE_KEY}
 
-Chunks = list["bytes | memoryview"]
+Chunks = list["bytes | memoryview | _Head"]
 
 # At most this many buffers per writev(2) call (POSIX guarantees 16; Linux allows 1024).
 _IOV_MAX = min(1024, os.sysconf("SC_IOV_MAX")) if hasattr(os, "sysconf") else 16
@@ -65,18 +65,24 @@ def _crc(length: int, kind: int, parts: Iterable[bytes | memoryview]) -> int:
     return crc
 
 
-def _record(kind: int, parts: Iterable[bytes | memoryview]) -> Chunks:
-    """A record, its CRC computed here, by the caller (the worker's loop).
+class _Head:
+    """A record header whose CRC is computed when the record is written: on the writer
+    thread (``zlib.crc32`` releases the GIL), not on the worker's event loop, where a 1 MB
+    payload's CRC costs 0.2-0.5 ms per message on this project's machine."""
 
-    The writer thread could compute it, but every ``zlib.crc32`` of a large buffer releases
-    the GIL, and taking it back from a busy event loop costs the thread up to the
-    interpreter's switch interval (5 ms): with one CRC per message the writer fell behind
-    the loop by 100-400 ms a commit. A CRC here costs the loop about 0.17 ms per MB and
-    leaves the writer one call per commit that releases the GIL, its ``writev``.
-    """
+    __slots__ = ("kind", "length", "parts")
+
+    def __init__(self, kind: int, length: int, parts: list[bytes | memoryview]) -> None:
+        self.kind, self.length, self.parts = kind, length, parts
+
+    def __bytes__(self) -> bytes:
+        return _HEAD.pack(self.length, _crc(self.length, self.kind, self.parts), self.kind)
+
+
+def _record(kind: int, parts: Iterable[bytes | memoryview]) -> Chunks:
     body = list(parts)
     length = sum(memoryview(p).nbytes for p in body)
-    return [_HEAD.pack(length, _crc(length, kind, body), kind), *body]
+    return [_Head(kind, length, body), *body]
 
 
 def message_record(
@@ -101,8 +107,8 @@ def commit_record(state: Mapping[str, Any]) -> Chunks:
     return _record(COMMIT, [msgpack.packb(dict(state), use_bin_type=True)])
 
 
-def size(chunks: Iterable[bytes | memoryview]) -> int:
-    return sum(memoryview(c).nbytes for c in chunks)
+def size(chunks: Iterable[bytes | memoryview | _Head]) -> int:
+    return sum(_HEAD.size if isinstance(c, _Head) else memoryview(c).nbytes for c in chunks)
 
 
 @dataclass
@@ -187,14 +193,14 @@ class WriteAheadLog:
                 found.append(int(m.group(1)))
         return sorted(found)
 
-    def append(self, seq: int, chunks: Iterable[bytes | memoryview]) -> None:
+    def append(self, seq: int, chunks: Iterable[bytes | memoryview | _Head]) -> None:
         """Append one commit's records to segment ``seq`` and flush (and fsync) them."""
         f = self.write(seq, chunks)
         f.flush()
         if self.fsync:
             _datasync(f.fileno())
 
-    def write(self, seq: int, chunks: Iterable[bytes | memoryview]) -> BinaryIO:
+    def write(self, seq: int, chunks: Iterable[bytes | memoryview | _Head]) -> BinaryIO:
         """Append records without waiting for them (a later :meth:`append` makes them
         durable, with the commit record that makes them count)."""
         if self._seq != seq:
@@ -242,15 +248,16 @@ class WriteAheadLog:
 _datasync = getattr(os, "fdatasync", os.fsync)  # macOS has no fdatasync
 
 
-def _write_all(f: BinaryIO, chunks: list[bytes | memoryview]) -> None:
-    """Write every chunk, in order: one ``writev`` for up to ``_IOV_MAX`` of them (a single
-    release of the GIL for a whole commit), resuming after a short write."""
+def _write_all(f: BinaryIO, chunks: list[bytes | memoryview | _Head]) -> None:
+    """Write every chunk, in order: headers first get their CRCs, then one ``writev`` for up
+    to ``_IOV_MAX`` chunks (no copy into a buffer), resuming after a short write."""
+    data = [bytes(c) if isinstance(c, _Head) else c for c in chunks]
     if not hasattr(os, "writev"):  # Windows
-        for chunk in chunks:
+        for chunk in data:
             f.write(chunk)
         return
     fd = f.fileno()
-    views = [memoryview(c).cast("B") for c in chunks if len(c)]
+    views = [memoryview(c).cast("B") for c in data if len(c)]
     while views:
         batch = views[:_IOV_MAX]
         written = os.writev(fd, batch)
