@@ -279,11 +279,6 @@ def _lost_in_window(
     return chosen
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="intermittent, open: 2 of the last 8 runs lost about 115 of 450 across SIGTERM "
-    "restarts with reducers running (the others: none); cause not found yet",
-)
 @pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGKILL"])
 async def test_mosquitto_restarted_three_times_mid_stream_with_reducers_running(
     signal_name: str, mosquitto_factory: Any, tmp_path: Path, model_id: str
@@ -349,6 +344,15 @@ async def test_mosquitto_restarted_three_times_mid_stream_with_reducers_running(
         x0f = x0.astype(np.float32).astype(np.float64)
         expected = x0f + LR * total / K
         final = await wait_for_model(committer, expected, sent, timeout=30)
+        if signal_name == "SIGTERM" and final.updates_folded < sent:
+            # Tell a stall from a loss: a reconnect once waited out aiomqtt's 30 s SUBACK
+            # timeout (issue 10), and the updates queued behind it read as lost.
+            late = await wait_for_model(committer, expected, sent, timeout=60)
+            pytest.fail(
+                f"{sent - final.updates_folded} of {sent} not folded within 30 s of the last "
+                f"publish; {late.updates_folded - final.updates_folded} of them came later "
+                f"(a stall), the rest are lost\n{log.read_text()[-3000:]}"
+            )
         assert final.updates_folded <= sent  # never doubled
         async with make_transport(h.client_settings(committer), role="reader") as reader:
             raw = await reader.latest_model(model_id, timeout=10)
