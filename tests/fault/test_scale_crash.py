@@ -11,11 +11,9 @@ the devices sent is the reference, and the model message must count every update
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import signal
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +24,9 @@ from fedbus.client.updates import read_model
 from fedbus.testing.brokers import free_port
 from fedbus.transport.base import TransportError
 from fedbus.transport.mqtt import MqttTransport
+from tests.fault.common import log_records as _records
+from tests.fault.common import stop_all as _stop
+from tests.fault.common import updates_received as _received
 from tests.integration import harness as h
 from tests.integration.test_scale import LR, PARTITIONS, Fleet, scale_settings, wait_for_model
 from workers.crashpoints import ENV
@@ -59,41 +60,8 @@ def _role(
     return s.model_copy(update={"metrics_port": free_port()})
 
 
-def _received(port: int) -> float:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1) as r:
-            body = r.read().decode()
-    except OSError:
-        return 0.0
-    for line in body.splitlines():
-        if line.startswith("fedbus_updates_received_total{"):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
-
-
 async def _start(s: WorkerSettings, log: Path, extra: dict[str, str] | None = None) -> Any:
     return await h.start_worker_process(s, log, {**_env(s), **(extra or {})})
-
-
-def _records(log: Path) -> list[dict[str, Any]]:
-    out = []
-    for line in log.read_text().splitlines():
-        with contextlib.suppress(ValueError):
-            rec = json.loads(line)
-            if isinstance(rec, dict):
-                out.append(rec)
-    return out
-
-
-async def _stop(procs: list[Any]) -> None:
-    for p in procs:
-        if p.returncode is None:
-            p.send_signal(signal.SIGTERM)
-    for p in procs:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(p.wait(), 30)
-        if p.returncode is None:
-            p.kill()
 
 
 async def test_kill9_a_reducer_twice_under_a_steady_stream(
