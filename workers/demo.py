@@ -331,10 +331,8 @@ def embedded_broker(choice: str = "auto") -> Any:
     else:
         why = "" if choice == "tansu" else " (Mosquitto is not installed)"
         with TansuBroker() as broker:
-            yield (
-                "kafka",
-                broker,
-                (f"broker: embedded Tansu (Kafka protocol) on {broker.bootstrap_servers}{why}"),
+            yield "kafka", broker, (
+                f"broker: embedded Tansu (Kafka protocol) on {broker.bootstrap_servers}{why}"
             )
 
 
