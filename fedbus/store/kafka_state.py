@@ -44,6 +44,9 @@ from fedbus.transport.kafka import TOPIC_ALREADY_EXISTS, KafkaConfig, client_kwa
 
 CHUNK_BYTES = 1 << 20  # under Apache Kafka's default 1 MB message limit, whatever the topic's
 HEAD = b"snapshot"
+# Kafka compacts only closed log segments (by default 1 GB or 7 days): a changelog closes
+# one every 10 minutes or 64 MiB, so what a restart replays stays near the live state.
+COMPACTION = {"segment.ms": "600000", "segment.bytes": str(64 << 20)}
 _T = TypeVar("_T")
 
 
@@ -152,7 +155,11 @@ class KafkaState:
                     self.topic,
                     1,
                     self.config.replication_factor,
-                    topic_configs={"cleanup.policy": "compact", "max.message.bytes": size},
+                    topic_configs={
+                        "cleanup.policy": "compact",
+                        "max.message.bytes": size,
+                        **COMPACTION,
+                    },
                 )
                 response = await admin.create_topics([topic])
                 for name, code, message in response.topic_errors:

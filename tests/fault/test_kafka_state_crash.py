@@ -47,12 +47,19 @@ PHASES: list[tuple[str, int] | None] = [
 ]
 
 
+@pytest.mark.parametrize("transport_name", ["kafka", "mqtt"])
 async def test_a_new_worker_with_an_empty_directory_resumes_from_the_state_topic(
-    kafka_broker: Any, tmp_path: Path, model_id: str
+    transport_name: str,
+    kafka_broker: Any,
+    tmp_path: Path,
+    model_id: str,
+    request: pytest.FixtureRequest,
 ) -> None:
+    """On Kafka, and on MQTT with its state on a Kafka beside it."""
+    broker = kafka_broker if transport_name == "kafka" else request.getfixturevalue("mosquitto")
     settings = h.settings_for(
-        "kafka",
-        kafka_broker,
+        transport_name,
+        broker,
         model_id,
         tmp_path / "machine-0",
         algorithm="fedbuff",
@@ -64,6 +71,7 @@ async def test_a_new_worker_with_an_empty_directory_resumes_from_the_state_topic
     )
     base = {
         "FEDBUS_STATE_STORE": "kafka",
+        "FEDBUS_KAFKA__BOOTSTRAP_SERVERS": kafka_broker.bootstrap_servers,
         "FEDBUS_KAFKA__ENABLE_IDEMPOTENCE": "false",  # Tansu has no idempotent producer
         # a snapshot a second as well as at each start: restores read a snapshot and the
         # log after it, and deleted segments must stay deleted
@@ -90,6 +98,8 @@ async def test_a_new_worker_with_an_empty_directory_resumes_from_the_state_topic
             for phase in PHASES:
                 armed = {ENV: f"{phase[0]}:{phase[1]}"} if phase else {}
                 proc = await h.spawn_worker(settings, log, on_a_new_machine(armed))
+                while not fleet.sent and not h.worker_ready(settings.metrics_port):
+                    await asyncio.sleep(0.02)  # the first start creates the MQTT session
                 sending = asyncio.create_task(fleet.burst(dev, BURST))
                 if phase is None:  # from outside, once it is folding
                     while await asyncio.to_thread(_received, settings.metrics_port) < 10:
