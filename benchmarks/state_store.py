@@ -118,7 +118,7 @@ def main() -> None:
     p.add_argument("--updates", type=int, default=10, help="updates per commit (ack_every)")
     p.add_argument("--commits", type=int, default=50)
     p.add_argument("--snapshot-params", type=int, default=1_000_000)
-    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--idempotent", action="store_true", help="not on Tansu")
     p.add_argument("--json", type=Path, help="also write the records here")
     args = p.parse_args()
