@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -65,8 +65,11 @@ def open_state(settings: WorkerSettings) -> tuple[SnapshotStore, LogStore]:
 
         transport = make_transport(settings.model_copy(update={"transport": "kafka"}), role="state")
         assert isinstance(transport, KafkaTransport)
+        config = replace(
+            transport.config, replication_factor=settings.kafka.state_replication_factor
+        )
         state = KafkaState(
-            transport.config,
+            config,
             topics.kafka_state(settings.model),
             idempotent=settings.kafka.enable_idempotence,
         )

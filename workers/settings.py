@@ -76,6 +76,10 @@ class KafkaSettings(_Section):
     # never duplicated or reordered. Tansu has no idempotent producer: false there (each
     # record is keyed, so a duplicate write would change nothing read back).
     enable_idempotence: bool = True
+    # Replicas of the state topic when the worker creates it: 1 keeps it on one broker (it
+    # survives the worker's machine, not that broker's); 3 or more on a cluster, which then
+    # gets min.insync.replicas = 2.
+    state_replication_factor: int = Field(1, ge=1)
 
 
 class AggregationSettings(_Section):

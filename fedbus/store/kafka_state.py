@@ -42,7 +42,9 @@ from fedbus.store.checkpoint import CheckpointError, dumps, loads
 from fedbus.transport.base import TransportError
 from fedbus.transport.kafka import TOPIC_ALREADY_EXISTS, KafkaConfig, client_kwargs
 
-CHUNK_BYTES = 1 << 20  # under Apache Kafka's default 1 MB message limit, whatever the topic's
+# Under Apache Kafka's default message.max.bytes (1 MiB + 12) with key and batch overhead,
+# so a topic created by an operator with defaults takes every piece.
+CHUNK_BYTES = (1 << 20) - 4096
 HEAD = b"snapshot"
 # Kafka compacts only closed log segments (by default 1 GB or 7 days): a changelog closes
 # one every 10 minutes or 64 MiB, so what a restart replays stays near the live state.
@@ -151,14 +153,19 @@ class KafkaState:
             await admin.start()
             try:
                 size = str(self.config.max_message_bytes)
+                rf = self.config.replication_factor
+                # acks=all waits for every in-sync replica, and at least two must be: an
+                # acknowledged write survives the loss of one broker
+                insync = {"min.insync.replicas": "2"} if rf >= 3 else {}
                 topic = NewTopic(
                     self.topic,
                     1,
-                    self.config.replication_factor,
+                    rf,
                     topic_configs={
                         "cleanup.policy": "compact",
                         "max.message.bytes": size,
                         **COMPACTION,
+                        **insync,
                     },
                 )
                 response = await admin.create_topics([topic])

@@ -116,3 +116,30 @@ def test_an_unreachable_broker_is_one_error_naming_the_topic(model_id: str) -> N
     state = KafkaState(config, topics.kafka_state(model_id), idempotent=False, timeout_s=10)
     with pytest.raises(TransportError, match=topics.kafka_state(model_id)):
         KafkaSnapshots(state).load_latest()
+
+
+def test_state_store_setting_picks_the_store(tmp_path: Path) -> None:
+    from fedbus.store.wal import WriteAheadLog
+    from workers.recovery import open_state
+    from workers.settings import load
+
+    local, log = open_state(load(None, model="m1", checkpoint_dir=tmp_path))
+    assert isinstance(local, CheckpointStore) and isinstance(log, WriteAheadLog)
+    settings = load(
+        None,
+        model="m1",
+        transport="mqtt",  # the state on a Kafka beside an MQTT deployment
+        checkpoint_dir=tmp_path / "empty",
+        state_store="kafka",
+        kafka={
+            "bootstrap_servers": "kafka-a:9092",
+            "enable_idempotence": False,
+            "state_replication_factor": 3,
+        },
+    )
+    snaps, klog = open_state(settings)  # connects on first use, not here
+    assert isinstance(snaps, KafkaSnapshots) and isinstance(klog, KafkaLog)
+    assert snaps.state is klog.state and str(snaps.state) == "kafka:fedbus.m1.state"
+    assert snaps.state.config.bootstrap_servers == "kafka-a:9092"
+    assert snaps.state.config.replication_factor == 3 and not snaps.state.idempotent
+    assert not (tmp_path / "empty").exists()  # nothing on the disk
