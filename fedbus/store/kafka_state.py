@@ -93,6 +93,7 @@ class KafkaState:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._producer: AIOKafkaProducer | None = None
+        self._closed = False
 
     def __str__(self) -> str:
         return f"kafka:{self.topic}"
@@ -100,6 +101,8 @@ class KafkaState:
     # -- lifecycle ------------------------------------------------------------------------
     def open(self) -> None:
         with self._lock:
+            if self._closed:  # a write after close would otherwise connect and replay again
+                raise TransportError(f"Kafka state store {self.topic}: closed")
             if self._loop is not None:
                 return
             loop = asyncio.new_event_loop()
@@ -115,6 +118,7 @@ class KafkaState:
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             if self._loop is None:
                 return
             try:
