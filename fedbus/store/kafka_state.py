@@ -46,9 +46,15 @@ from fedbus.transport.kafka import TOPIC_ALREADY_EXISTS, KafkaConfig, client_kwa
 # so a topic created by an operator with defaults takes every piece.
 CHUNK_BYTES = (1 << 20) - 4096
 HEAD = b"snapshot"
-# Kafka compacts only closed log segments (by default 1 GB or 7 days): a changelog closes
-# one every 10 minutes or 64 MiB, so what a restart replays stays near the live state.
-COMPACTION = {"segment.ms": "600000", "segment.bytes": str(64 << 20)}
+# Kafka compacts only closed log segments (by default 1 GB or 7 days), and only once enough
+# of the log is garbage: the changelog closes one every 10 minutes or 64 MiB and must be
+# compacted within 15 minutes, so what a restart replays stays near the live state and the
+# updates a tombstone deleted leave the brokers' disks within about that (SECURITY.md).
+COMPACTION = {
+    "segment.ms": "600000",
+    "segment.bytes": str(64 << 20),
+    "max.compaction.lag.ms": "900000",
+}
 _T = TypeVar("_T")
 
 
