@@ -27,6 +27,7 @@ clients live on an event loop of their own, in a daemon thread.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import threading
 from collections.abc import Awaitable, Iterable, Mapping
@@ -119,6 +120,10 @@ class KafkaState:
             try:
                 self._call(self._open())
             except BaseException:
+                producer, self._producer = self._producer, None
+                if producer is not None:  # started, then the replay failed
+                    with contextlib.suppress(Exception):
+                        self._call(producer.stop())
                 self._stop_loop()
                 raise
 
