@@ -283,12 +283,13 @@ def test_quick_report_shape(report: cv.Report) -> None:
     assert fb[("topk", "int4")]["downlink_bytes"] == 369 * fb[("fp32", "fp32")]["jobs"]
     # coalesced publication: same schedule, fewer publications, staler updates
     p = s["publication"]["intervals"]
-    assert list(p) == ["0.0", "1.0", "5.0", "20.0"]
+    assert list(p) == ["0.0", "0.2", "1.0", "5.0", "20.0"]
     means = [p[i]["staleness_mean"] for i in p]
     assert means == sorted(means) and means[0] < means[-1]
     assert p["0.0"]["plateau_drop_vs_every_version"] == 0.0
     pubs = [p[i]["publications"] for i in p]
-    assert pubs[1] <= 61 and pubs[2] <= 13 and pubs[3] <= 4 < pubs[0]  # 60 simulated s
+    assert pubs[2] <= 61 and pubs[3] <= 13 and pubs[4] <= 4 < pubs[1] < pubs[0]  # 60 s
+    assert sorted(s["publication"]["default_interval_other_lrs"]) == ["16.0", "4.0"]
 
 
 def test_markdown_is_rebuilt_from_the_json_alone(report: cv.Report, tmp_path: Path) -> None:

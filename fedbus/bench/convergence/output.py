@@ -226,6 +226,15 @@ def publication_markdown(p: dict[str, Any]) -> str:
             f"{_n(r['time_to_target_vs_every_version'], '.2f')}x | "
             f"{r['publications_per_device_job']:.1f} |"
         )
+    other = p.get("default_interval_other_lrs", {})
+    if other:
+        cells = "; ".join(
+            f"lr {r['value']:g}: {_t(r['time_to_target_s'])} s "
+            f"({_n(r['time_to_target_vs_every_version'], '.2f')}x of every version at "
+            f"{p['value']:g}), plateau {r['plateau_accuracy']:.4f}"
+            for r in other.values()
+        )
+        out += ["", f"At the default interval with the lr's grid neighbours instead: {cells}."]
     return "\n".join(out)
 
 

@@ -17,7 +17,14 @@ from typing import Any
 
 import numpy as np
 
-from fedbus.bench.convergence.setting import PUBLISH_INTERVALS, Task, Trace
+from fedbus.bench.convergence import selection as sel
+from fedbus.bench.convergence.setting import (
+    DEFAULT_PUBLISH_INTERVAL,
+    PUBLISH_INTERVALS,
+    Task,
+    Trace,
+    grid,
+)
 from fedbus.bench.convergence.study import Runner, Study, finite, mean_tail, median, paired
 
 SPEC = ("fedbuff", "plain")
@@ -41,6 +48,19 @@ def runs(
     n = len(study.seeds)
     found = {i: out[k * n : (k + 1) * n] for k, i in enumerate(later)}
     return {i: study.traces[(*SPEC, value)] if i == 0 else found[i] for i in intervals}
+
+
+def retune_runs(study: Study, value: float, runner: Runner) -> dict[float, list[Trace]]:
+    """All seeds at the default interval with the lr's grid neighbours."""
+    others = sel.neighbours(grid(*SPEC), value)
+    tasks = [
+        Task(*SPEC, v, "fp32", seed, study.setting, publish_interval=DEFAULT_PUBLISH_INTERVAL)
+        for v in others
+        for seed in study.seeds
+    ]
+    out = runner(tasks)
+    n = len(study.seeds)
+    return {v: out[k * n : (k + 1) * n] for k, v in enumerate(others)}
 
 
 def quantile(hist: np.ndarray, q: float) -> int:
@@ -75,8 +95,14 @@ def staleness_stats(traces: Sequence[Trace]) -> dict[str, Any]:
     return out
 
 
-def summary(study: Study, value: float, found: dict[float, list[Trace]]) -> dict[str, Any]:
-    """The section's summary: one entry per interval, ratios paired against interval 0."""
+def summary(
+    study: Study,
+    value: float,
+    found: dict[float, list[Trace]],
+    retuned: dict[float, list[Trace]] | None = None,
+) -> dict[str, Any]:
+    """The section's summary: one entry per interval, ratios paired against interval 0;
+    with ``retuned``, the default interval at the lr's grid neighbours too."""
     tg = study.targets()
     base = found[0.0]
     devices = study.setting.devices
@@ -103,5 +129,16 @@ def summary(study: Study, value: float, found: dict[float, list[Trace]]) -> dict
             "seeds_reaching_target": sum(study.reaches(t, tg[t.task.seed]) for t in trs),
             "publications": median(float(t.publications) for t in trs),
             "publications_per_device_job": median(t.publications * devices / t.jobs for t in trs),
+        }
+    out["default_interval_other_lrs"] = {}
+    for v, trs in (retuned or {}).items():
+        ts = times(trs)
+        out["default_interval_other_lrs"][str(v)] = {
+            "value": v,
+            "publish_interval_s": DEFAULT_PUBLISH_INTERVAL,
+            "plateau_accuracy": median(mean_tail(t) for t in trs),
+            "time_to_target_s": finite(median(ts)),
+            "time_to_target_vs_every_version": paired(ts, times(base))[0],
+            "seeds_reaching_target": sum(study.reaches(t, tg[t.task.seed]) for t in trs),
         }
     return out

@@ -571,7 +571,8 @@ def sections(
             r["publish_interval_s"] = i
             r.update(publication.staleness_stats(trs))
             records.append(r)
-        summary["publication"] = publication.summary(std, value, found)
+        retuned = publication.retune_runs(std, value, runner)
+        summary["publication"] = publication.summary(std, value, found, retuned)
         summary["publication"]["chosen_on"] = chosen_on
     return Sections(records, summary, codec)
 

@@ -103,9 +103,12 @@ DOWN_CODECS: dict[str, CodecSpec] = {
 (blocks of 64, one float32 scale each: 0.57 byte a parameter) is what takes the total per
 job past 10x; the device SDK's model channel does not accept it yet (``fedbus.downlink``'s
 ``MODEL_CODECS``), so that row is what a device *would* pay."""
-PUBLISH_INTERVALS = (0.0, 1.0, 5.0, 20.0)
-"""``model_publish_interval_s`` values of the publication section: every version, the
-worker's default, and two longer ones."""
+PUBLISH_INTERVALS = (0.0, 0.2, 1.0, 5.0, 20.0)
+"""``model_publish_interval_s`` values of the publication section: every version, a shorter
+one, the worker's default, and two longer ones."""
+DEFAULT_PUBLISH_INTERVAL = 1.0
+"""The worker's default ``model_publish_interval_s``: the section also re-runs the lr's grid
+neighbours there, to tell a cost of coalescing from a cost of not re-tuning for it."""
 
 
 def grid(algorithm: str, optimiser: str) -> tuple[float, ...]:
