@@ -40,6 +40,10 @@ def _n(x: float | None, fmt: str) -> str:
     return "n/a" if x is None else format(x, fmt)
 
 
+def _x(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.2f}x"
+
+
 def _t(x: float | None) -> str:
     return "not reached" if x is None else f"{x:.0f}"
 
@@ -209,7 +213,7 @@ def publication_markdown(p: dict[str, Any]) -> str:
         "over seeds, ratios paired against interval 0):",
         "",
         f"| interval s | staleness p50 / p90 / p99 / max (mean) | uploads at staleness {bins} "
-        "| plateau (drop, points) | final "
+        "| plateau (drop vs 0, points) | final "
         "| time to target s (min-max) | vs every version | publications per device job |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -220,17 +224,17 @@ def publication_markdown(p: dict[str, Any]) -> str:
             f"| {r['publish_interval_s']:g} | {r['staleness_p50']:.0f} / {r['staleness_p90']:.0f}"
             f" / {r['staleness_p99']:.0f} / {r['staleness_max']:.0f} "
             f"({r['staleness_mean']:.1f}) | {hist} | {r['plateau_accuracy']:.4f} "
-            f"({100 * r['plateau_drop_vs_every_version']:+.2f}) | {r['final_accuracy']:.4f} | "
+            f"({100 * r['plateau_drop_vs_every_version']:.2f}) | {r['final_accuracy']:.4f} | "
             f"{_t(r['time_to_target_s'])} ({_t(r['time_to_target_min_s'])}-"
             f"{_t(r['time_to_target_max_s'])}) | "
-            f"{_n(r['time_to_target_vs_every_version'], '.2f')}x | "
+            f"{_x(r['time_to_target_vs_every_version'])} | "
             f"{r['publications_per_device_job']:.1f} |"
         )
     other = p.get("default_interval_other_lrs", {})
     if other:
         cells = "; ".join(
             f"lr {r['value']:g}: {_t(r['time_to_target_s'])} s "
-            f"({_n(r['time_to_target_vs_every_version'], '.2f')}x of every version at "
+            f"({_x(r['time_to_target_vs_every_version'])} of every version at "
             f"{p['value']:g}), plateau {r['plateau_accuracy']:.4f}"
             for r in other.values()
         )
