@@ -130,6 +130,8 @@ def bench_convergence(
             stored = merge.load(extend)
         except (ValueError, KeyError) as exc:
             raise UserError(f"--extend {extend}: not a convergence --json output ({exc})") from None
+        if stored.summary.get("quick"):
+            raise UserError(f"--extend {extend}: a --quick run; extend the full report's JSON")
         report = merge.extend_with_pool(stored, str(cache) if cache else None, workers, log)
     else:
         report = convergence.run(

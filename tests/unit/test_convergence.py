@@ -317,3 +317,20 @@ def test_plot_and_markdown(report: cv.Report, tmp_path: Path) -> None:
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = cv.markdown(report)
     assert "Target accuracy" in table and "| server lr (momentum: effective lr) |" in table
+
+
+def test_extend_refuses_what_it_cannot_extend(
+    report: cv.Report, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fedbus.cli import main
+
+    missing = ["bench", "convergence", "--extend", str(tmp_path / "none.json")]
+    assert main(missing) == 2
+    assert "no such file" in capsys.readouterr().err
+    quick = tmp_path / "quick.json"
+    quick.write_text(json.dumps(cv.to_json(report)))
+    assert main(["bench", "convergence", "--extend", str(quick)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "quick" in err and len(err.splitlines()) == 1
+    (tmp_path / "bad.json").write_text("[1]")
+    assert main(["bench", "convergence", "--extend", str(tmp_path / "bad.json")]) == 2

@@ -33,9 +33,11 @@ def load(path: str | os.PathLike[str]) -> Report:
     """A report from its ``--json`` list (records, then the summary); the grid table is
     rebuilt from the grid records as :func:`.report.run` builds it."""
     items = json.loads(Path(path).read_text())
+    if not isinstance(items, list) or not items or not isinstance(items[-1], dict):
+        raise ValueError("not a list of records ending with the summary")
     records, summary = items[:-1], items[-1]
     if not summary.get("summary"):
-        raise ValueError(f"{path}: the last item is not the report's summary")
+        raise ValueError("the last item is not the report's summary")
     lr_table: dict[str, dict[float, float | None]] = {}
     for r in records:
         if r["rule"] == "grid" and r["setting"] == summary["setting"]:

@@ -21,8 +21,11 @@ Protocol (all of it here and in :mod:`.selection`, so a reader can check it):
 - **Codecs.** int8 and top-k 5% + int8 (error feedback on every device), run on FedBuff at
   the value chosen on time and at the value chosen on final accuracy; the drop is the paired
   difference of plateaus. Bytes are reported as payloads and as whole messages (a real
-  envelope encoded). The downlink is counted per job (a device fetches the model when a job
-  starts), fp32 and int8.
+  envelope encoded, and split by field). The downlink is counted per job (a device fetches
+  the model when a job starts), fp32, int8 and int4; the both-ways figures describe the
+  fewest bytes (top-k up, int4 down).
+- **Publication.** FedBuff at its time-chosen lr with the worker's publication coalesced to
+  one per interval (:mod:`.publication`): staleness, plateau and time to target per interval.
 - **Rows.** The MLP, more local work and a paper-like regime, each tuned by the same rule on
   fewer seeds; label ownership by slow devices and a sensitivity table at the standard
   setting's choices (labelled untuned).
