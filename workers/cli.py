@@ -327,7 +327,9 @@ def bench_e2e(
         str,
         typer.Option(help="Comma-separated model_publish_interval_s values (0: every version)."),
     ] = "0,1",
-    model_codec: Annotated[str, typer.Option(help="Full-model codec: fp32, fp16, int8.")] = "fp32",
+    model_codec: Annotated[
+        str, typer.Option(help="Full-model codec: fp32, fp16, int8, int4.")
+    ] = "fp32",
     model_diff_codec: Annotated[
         str, typer.Option(help="Difference codec (int8, int4, topk:fraction=F); empty: none.")
     ] = "int8",

@@ -226,7 +226,7 @@ class WorkerSettings(BaseSettings):
     # on they also carry its first 64 KiB (data minimisation: off unless debugging needs it).
     deadletter_keep_payload: bool = False
     # The downlink (README, Model downlink): the model channel carries the newest full model
-    # in ``model_codec`` (fp32, fp16, int8); with ``model_diff_codec`` (int8, int4,
+    # in ``model_codec`` (fp32, fp16, int8, int4); with ``model_diff_codec`` (int8, int4,
     # topk:fraction=..., fp16; "" turns it off) the diffs channel that following devices
     # read carries a keyframe every ``model_keyframe_every`` publications and compressed
     # differences between them.

@@ -101,8 +101,7 @@ DOWN_CODECS: dict[str, CodecSpec] = {
 }
 """The model as devices download it: weights, not deltas, so nearest rounding. int4
 (blocks of 64, one float32 scale each: 0.57 byte a parameter) is what takes the total per
-job past 10x; the device SDK's model channel does not accept it yet (``fedbus.downlink``'s
-``MODEL_CODECS``), so that row is what a device *would* pay."""
+job past 10x; the worker publishes it with ``model_codec = "int4"``."""
 PUBLISH_INTERVALS = (0.0, 0.2, 1.0, 5.0, 20.0)
 """``model_publish_interval_s`` values of the publication section: every version, a shorter
 one, the worker's default, and two longer ones."""
