@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fedbus import log as fedlog
+from fedbus.cli.errors import UserError
 from fedbus.store.lock import DirectoryLock, LockHeld
 from fedbus.transport.base import TransportError
 from workers.main import lock_state, make_transport, port_error, reach_error, serve_all
@@ -36,6 +37,11 @@ async def serve_reducer(settings: WorkerSettings, stop: asyncio.Event, **shared:
         # The consumer group shares the partitions out and moves a dead reducer's on.
         from workers.kafka_reducer import KafkaReducerWorker
 
+        if settings.scale.reducer_partitions is not None or settings.scale.partitions:
+            raise UserError(
+                "scale.partitions and scale.reducer_partitions are MQTT's: on Kafka the "
+                "consumer group assigns partitions; set kafka.update_partitions instead"
+            )
         await _run(settings, "reducer", KafkaReducerWorker, stop, on_worker, shared)
         return
     # A second reducer with the same worker id stands by for it: it takes the partitions

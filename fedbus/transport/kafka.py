@@ -139,6 +139,7 @@ class KafkaTransport(Transport):
         # oldest message handed out and not acknowledged (a reducer settles out of order).
         self._outstanding: dict[int, set[int]] = {}
         self._handed_to: dict[int, int] = {}  # partition -> next offset after those handed out
+        self._acked_to: dict[int, int] = {}  # partition -> offset last committed by ack()
         self.assigned: set[int] = set()  # partitions of the consumed topic the group gave us
         self.assignment_changed = asyncio.Event()
 
@@ -160,7 +161,7 @@ class KafkaTransport(Transport):
             kwargs["sasl_plain_password"] = c.sasl_plain_password
         return kwargs
 
-    def _reader(self) -> AIOKafkaConsumer:
+    def _reader(self, fetch_max_wait_ms: int | None = None) -> AIOKafkaConsumer:
         """A group-less consumer: reads by explicit assignment, commits nothing."""
         return AIOKafkaConsumer(
             group_id=None,
@@ -168,7 +169,7 @@ class KafkaTransport(Transport):
             auto_offset_reset="earliest",
             max_partition_fetch_bytes=self.config.max_message_bytes,
             fetch_max_bytes=self.config.max_message_bytes,
-            fetch_max_wait_ms=self.config.fetch_max_wait_ms,
+            fetch_max_wait_ms=fetch_max_wait_ms or self.config.fetch_max_wait_ms,
             **self._common(),
         )
 
@@ -343,6 +344,7 @@ class KafkaTransport(Transport):
         self._outstanding = {p: self._outstanding.get(p, set()) if p in handed else set()
                              for p in kept}  # fmt: skip
         self._handed_to = handed
+        self._acked_to = {p: o for p, o in self._acked_to.items() if p in handed}
         if consumer is not None:
             for tp in assigned:
                 if tp.partition in handed and tp.partition not in self._pending_seeks:
@@ -380,11 +382,16 @@ class KafkaTransport(Transport):
         await self._ensure_named(topic)
         await self._send(topic, payload, None)
 
-    async def follow(self, topic: str) -> AsyncIterator[Message]:
+    async def follow(self, topic: str, fetch_max_wait_ms: int = 100) -> AsyncIterator[Message]:
         """What is published on a named topic from now on (a reducer's watermarks): the
-        reader is at the end when this returns, so nothing sent after it is missed."""
+        reader is at the end when this returns, so nothing sent after it is missed.
+
+        Its own fetch wait: Tansu answers an empty fetch only at the deadline, so the 1 ms
+        of the latency settings turns an idle reader into a poll a millisecond, which on a
+        shared machine takes CPU from the broker and the workers. A watermark only lets a
+        reducer commit offsets (nothing waits for it on Kafka), so 100 ms costs nothing."""
         await self._ensure_named(topic)
-        consumer = self._reader()
+        consumer = self._reader(fetch_max_wait_ms)
         await consumer.start()
         self._followers.append(consumer)
         tps = [TopicPartition(topic, p) for p in await self._partitions(topic)]
@@ -451,6 +458,9 @@ class KafkaTransport(Transport):
                 return  # close() was called
             for tp, records in batch.items():
                 outstanding = self._outstanding.setdefault(tp.partition, set())
+                if records and tp.partition not in self._handed_to:
+                    # where reading began: committing it again would change nothing
+                    self._acked_to.setdefault(tp.partition, records[0].offset)
                 for record in records:
                     outstanding.add(record.offset)
                     self._handed_to[tp.partition] = record.offset + 1
@@ -487,7 +497,9 @@ class KafkaTransport(Transport):
                 held = self._outstanding.get(tp.partition)
                 end = self._handed_to.get(tp.partition)
                 if end is not None:
-                    commit[tp] = min(held) if held else end
+                    upto = min(held) if held else end
+                    if upto > self._acked_to.get(tp.partition, -1):  # else nothing new
+                        commit[tp] = upto
         # After a rebalance some partitions may belong to another member: committing them
         # would fail, and that member's own checkpoint governs them now.
         assigned = consumer.assignment()
@@ -498,6 +510,9 @@ class KafkaTransport(Transport):
             await consumer.commit(commit)
         except (CommitFailedError, IllegalStateError, KafkaError) as exc:
             log.warning("kafka commit skipped (checkpoint still holds the offsets): %s", exc)
+            return
+        for tp, o in commit.items():
+            self._acked_to[tp.partition] = max(self._acked_to.get(tp.partition, -1), o)
 
     # -- publishing -----------------------------------------------------------------------
     async def _send(

@@ -124,6 +124,14 @@ def test_algorithm_flag_cannot_drop_dp_or_robust_aggregation(toml: str, tmp_path
         ({"FEDBUS_MQTT__PORT": "x"}, ["mqtt.port"]),
         ({"FEDBUS_AGGREGATION__SERVER_LR": "-1"}, ["aggregation.server_lr"]),
         ({"FEDBUS_TRANSPORT": "amqp"}, ["transport", "amqp"]),
+        (
+            {
+                "FEDBUS_TRANSPORT": "kafka",
+                "FEDBUS_ROLE": "reducer",
+                "FEDBUS_SCALE__PARTITIONS": "4",
+            },
+            ["kafka.update_partitions", "consumer group"],
+        ),
     ],
 )
 def test_environment_mistakes(env: dict[str, str], needles: list[str], tmp_path: Path) -> None:
