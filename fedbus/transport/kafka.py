@@ -19,6 +19,13 @@ Ordering: updates are keyed by client, so one client's updates keep their order 
 model's updates spread over partitions, which suits FedBuff reducers in one group. FedAsync
 folds every update in one global order and therefore needs ``update_partitions=1`` (one
 active consumer per model).
+
+Scale-out (``workers/kafka_reducer.py``, ``workers/kafka_committer.py``): group members use
+a sticky assignor, so a member that joins takes no partition a live member holds beyond its
+share; ``ack()`` without offsets commits, per partition, up to the oldest message handed out
+and not yet acknowledged (a reducer settles its updates out of order); partials and
+watermarks travel on named one-partition topics (:meth:`KafkaTransport.publish`,
+:meth:`KafkaTransport.consume`, :meth:`KafkaTransport.follow`).
 """
 
 from __future__ import annotations
