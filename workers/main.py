@@ -113,12 +113,10 @@ def make_transport(settings: WorkerSettings, *, role: str = "worker") -> Transpo
 def _group(settings: WorkerSettings, role: str) -> str:
     """The consumer group: reducers (and ``all`` workers) share the model's updates; the
     committer and its standby are the members of a group of their own over the partials."""
-    base = settings.kafka.group_id or f"fedbus-reducers-{settings.model}"
+    group = settings.kafka.group_id
     if role == "committer":
-        return f"{settings.kafka.group_id}-committer" if settings.kafka.group_id else (
-            f"fedbus-committer-{settings.model}"
-        )
-    return base
+        return f"{group}-committer" if group else f"fedbus-committer-{settings.model}"
+    return group or f"fedbus-reducers-{settings.model}"
 
 
 def _where(settings: WorkerSettings) -> str:
