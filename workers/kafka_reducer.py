@@ -24,6 +24,7 @@ reducer and its incarnation, ``epoch``).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -41,6 +42,16 @@ class KafkaReducerWorker(ReducerWorker):
         self.watermark_topic = topics.kafka_watermarks(self.model)
         self.partials_topic = topics.kafka_partials(self.model)
         self._marks: AsyncIterator[Message] | None = None
+
+    async def _start(self, stop: asyncio.Event) -> None:
+        await super()._start(stop)
+        parts = await self.kafka.partitions_of(topics.kafka_updates(self.model))
+        if len(parts) < 2:
+            self.log.warning(
+                "the updates topic has one partition: only one reducer of the group works; "
+                "create it with kafka.update_partitions > 1",
+                topic=topics.kafka_updates(self.model),
+            )
 
     async def _subscribe_watermarks(self) -> None:
         # At the topic's end before the first partial leaves: no answer can be missed.

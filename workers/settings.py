@@ -65,7 +65,9 @@ class KafkaSettings(_Section):
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
     group_id: str | None = None
-    update_partitions: int = 1  # FedAsync needs per-model order: keep one partition
+    # Partitions of a new updates topic. FedAsync needs per-model order: keep one. FedBuff
+    # reducers (role reducer) share the partitions: one reducer per partition at most works.
+    update_partitions: int = 1
     session_timeout_ms: int = 10000  # how long a dead worker holds its partitions
     heartbeat_interval_ms: int = 3000
     max_message_bytes: int = 64 * 1024 * 1024

@@ -302,6 +302,10 @@ class KafkaTransport(Transport):
         parts = await self._require_producer().partitions_for(topic)
         return sorted(parts)
 
+    async def partitions_of(self, topic: str) -> list[int]:
+        """The partitions a topic has (how many reducers can share it)."""
+        return await self._partitions(topic)
+
     # -- updates --------------------------------------------------------------------------
     async def subscribe_updates(self, model: str, partitions: Sequence[int] | None = None) -> None:
         if partitions is not None:
