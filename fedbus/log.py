@@ -62,7 +62,10 @@ def configure(fmt: Literal["json", "console"] = "json", level: str = "info") -> 
     structlog.configure(
         processors=[*shared, *tracebacks, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(number),
-        logger_factory=structlog.PrintLoggerFactory(file=_Stderr()),  # type: ignore[arg-type]
+        # One write() per line: ``print`` writes the text and its newline separately, so with
+        # an unbuffered stderr (PYTHONUNBUFFERED) two processes sharing a log file could
+        # splice their lines together and neither would parse as JSON.
+        logger_factory=structlog.WriteLoggerFactory(file=_Stderr()),  # type: ignore[arg-type]
         cache_logger_on_first_use=False,
     )
     handler = logging.StreamHandler(_Stderr())

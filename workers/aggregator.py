@@ -34,10 +34,8 @@ from fedbus import log as fedlog
 from fedbus.aggregation import dp as dpmod
 from fedbus.downlink import DownlinkEncoder
 from fedbus.ingest import Ingest, Refusal, Source, Verdict, judge
-from fedbus.store import wal
-from fedbus.store.checkpoint import CheckpointStore
 from fedbus.store.keys import load_public_keys
-from fedbus.transport.base import Message, Transport
+from fedbus.transport.base import Message, Transport, TransportError
 from fedbus.wire import envelope as env
 from fedbus.wire.errors import Reason
 from fedbus.wire.layout import Layout
@@ -148,11 +146,7 @@ class AggregatorWorker:
             self.metrics, settings.metrics_host, settings.metrics_port
         )
         self.ready = asyncio.Event()
-        directory = settings.checkpoint_dir / settings.model
-        self.store = CheckpointStore(
-            directory, keep=settings.checkpoint_keep, fsync=settings.checkpoint_fsync
-        )
-        self.wal = wal.WriteAheadLog(directory, fsync=settings.checkpoint_fsync)
+        self.store, self.wal = recovery.open_state(settings)
         keys = load_public_keys(settings.public_keys_dir) if settings.public_keys_dir else {}
         self.verifier = Verifier(keys, required=settings.require_signatures)
         self.crash = CrashPoints.from_env()
@@ -197,9 +191,12 @@ class AggregatorWorker:
     # -- start-up ------------------------------------------------------------------------
     async def _start(self, stop: asyncio.Event) -> None:
         s = self.settings
-        restored = await asyncio.to_thread(
-            recovery.from_checkpoint, s, self.store, self.wal, self.log
-        )
+        try:
+            restored = await asyncio.to_thread(
+                recovery.from_checkpoint, s, self.store, self.wal, self.log
+            )
+        except TransportError as exc:  # only the Kafka state store reaches a broker here
+            raise recovery.state_error(s, exc) from None
         if restored is not None:
             self.log.info(
                 "restored",

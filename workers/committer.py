@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from fedbus.store import wal
-from fedbus.store.checkpoint import CheckpointStore
+from fedbus.store.state import LogStore, SnapshotStore
 from fedbus.transport.base import Message, Transport
 from workers import events
 from workers.crashpoints import CrashPoints
@@ -83,8 +83,8 @@ class _Commit:
 class Committer:
     def __init__(
         self,
-        log_: wal.WriteAheadLog,
-        store: CheckpointStore,
+        log_: LogStore,
+        store: SnapshotStore,
         transport: Transport,
         model: str,
         publisher: ModelPublisher,
@@ -113,7 +113,7 @@ class Committer:
         self._log_bytes = 0  # handed to the writer for the current segment
         self._writer: wal.LogWriter | None = None
         self._snapshot_task: asyncio.Task[None] | None = None  # at most one in flight
-        self.last_snapshot_path: Path | None = None  # the newest snapshot written
+        self.last_snapshot_path: Path | str | None = None  # the newest snapshot written
         self._outbox: asyncio.Queue[_Commit] = asyncio.Queue()
         self._in_flight = 0
         self._room = asyncio.Event()

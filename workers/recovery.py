@@ -12,6 +12,10 @@ noise key, see :mod:`fedbus.aggregation.dp`; no snapshot holds one). A torn log 
 messages were never acknowledged.
 
 Without a checkpoint, from the model published on the model channel (``fedbus model init``).
+
+Where the snapshots and the log live is ``state_store`` (:func:`open_state`): the
+checkpoint directory, or a Kafka topic that a worker on another machine replays; the
+recovery above is the same for both.
 """
 
 from __future__ import annotations
@@ -19,16 +23,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
 from fedbus.aggregation.fedbuff import FedBuff
+from fedbus.cli.errors import UserError
 from fedbus.ingest import Ingest, Refusal, Source, TransportName, judge
 from fedbus.partials import PartialRefused, judge_partial
 from fedbus.store import wal
 from fedbus.store.checkpoint import CheckpointError, CheckpointStore
+from fedbus.store.state import LogStore, SnapshotStore
 from fedbus.transport import topics
 from fedbus.transport.base import Transport
 from fedbus.wire.errors import WireError
@@ -48,8 +54,43 @@ class Restored:
     replayed: int = 0  # log records replayed
 
 
+def open_state(settings: WorkerSettings) -> tuple[SnapshotStore, LogStore]:
+    """The model's snapshot store and write-ahead log, where ``state_store`` says. The Kafka
+    store connects on first use (recovery's thread), with the ``[kafka]`` settings whatever
+    the transport: an MQTT deployment can keep its state on a Kafka beside it."""
+    if settings.state_store == "kafka":
+        from fedbus.store.kafka_state import KafkaLog, KafkaSnapshots, KafkaState
+        from fedbus.transport.kafka import KafkaTransport
+        from workers.main import make_transport
+
+        transport = make_transport(settings.model_copy(update={"transport": "kafka"}), role="state")
+        assert isinstance(transport, KafkaTransport)
+        config = replace(
+            transport.config, replication_factor=settings.kafka.state_replication_factor
+        )
+        state = KafkaState(
+            config,
+            topics.kafka_state(settings.model),
+            idempotent=settings.kafka.enable_idempotence,
+        )
+        return KafkaSnapshots(state), KafkaLog(state)
+    directory = settings.checkpoint_dir / settings.model
+    store = CheckpointStore(
+        directory, keep=settings.checkpoint_keep, fsync=settings.checkpoint_fsync
+    )
+    return store, wal.WriteAheadLog(directory, fsync=settings.checkpoint_fsync)
+
+
+def state_error(settings: WorkerSettings, exc: Exception) -> UserError:
+    """The Kafka state store out of reach at start: the operator's to fix, in one line."""
+    return UserError(
+        f"state_store = kafka: cannot read the state topic {topics.kafka_state(settings.model)} "
+        f"at {settings.kafka.bootstrap_servers} (kafka.bootstrap_servers): {exc}"
+    )
+
+
 def from_checkpoint(
-    settings: WorkerSettings, store: CheckpointStore, log_: wal.WriteAheadLog, log: Any
+    settings: WorkerSettings, store: SnapshotStore, log_: LogStore, log: Any
 ) -> Restored | None:
     """The newest snapshot plus the committed log after it, or None without a snapshot.
     Blocking: run it on a thread, before anything is consumed."""

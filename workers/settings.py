@@ -74,6 +74,14 @@ class KafkaSettings(_Section):
     # How long a fetch that finds nothing waits: latency at low rates (aiokafka's default: 500).
     # At least 1: 0 turns an idle consumer into a busy loop.
     fetch_max_wait_ms: int = Field(10, ge=1)
+    # The state store's producer (state_store = "kafka"): idempotent, so a retried write is
+    # never duplicated or reordered. Tansu has no idempotent producer: false there (each
+    # record is keyed, so a duplicate write would change nothing read back).
+    enable_idempotence: bool = True
+    # Replicas of the state topic when the worker creates it: 1 keeps it on one broker (it
+    # survives the worker's machine, not that broker's); 3 or more on a cluster, which then
+    # gets min.insync.replicas = 2.
+    state_replication_factor: int = Field(1, ge=1)
 
 
 class AggregationSettings(_Section):
@@ -200,6 +208,10 @@ class WorkerSettings(BaseSettings):
     scale: ScaleSettings = ScaleSettings()
     secure: SecureSettings = SecureSettings()
     checkpoint_dir: Path = Path("fedbus-state")
+    # Where the committer's write-ahead log and snapshots live: "local" (checkpoint_dir) or
+    # "kafka" (a compacted topic fedbus.<model>.state on [kafka], which a worker on another
+    # machine replays: README, State on Kafka). checkpoint_dir still holds the lock.
+    state_store: Literal["local", "kafka"] = "local"
     checkpoint_keep: int = 3
     checkpoint_fsync: bool = True
     ack_every: int = Field(10, ge=1, le=20)  # Mosquitto delivers at most 20 unacked messages
@@ -315,6 +327,10 @@ class WorkerSettings(BaseSettings):
             )
         if self.role != "all" and self.aggregation.robust is not None:
             raise ValueError(f"role {self.role}: robust aggregation keeps every update, no sums")
+        if self.state_store == "kafka" and self.role in ("leader", "helper"):
+            raise ValueError(
+                f'role {self.role} keeps its state in checkpoint_dir: use state_store = "local"'
+            )
         if self.role in ("leader", "helper"):
             if not self.secure.enabled or self.secure.keys_dir is None:
                 raise ValueError(

@@ -31,11 +31,14 @@ from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import msgpack
 
 from fedbus.store.files import fsync_dir
+
+if TYPE_CHECKING:
+    from fedbus.store.state import LogStore
 
 MAGIC = b"FBWAL01\n"
 _HEAD = struct.Struct("<IIB")  # body length, crc32(length, kind, body), kind
@@ -256,7 +259,7 @@ class LogWriter:
     commits faster than the disk syncs pays one sync per group instead of one per commit.
     """
 
-    def __init__(self, log: WriteAheadLog) -> None:
+    def __init__(self, log: LogStore) -> None:
         self.log = log
         self._q: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
         self._error: BaseException | None = None

@@ -92,6 +92,25 @@ class KafkaConfig:
     fetch_max_wait_ms: int = 10
 
 
+def client_kwargs(c: KafkaConfig) -> dict[str, Any]:
+    """What every aiokafka client of this config takes: brokers, security, timeouts (the
+    transport's clients and the state store's, :mod:`fedbus.store.kafka_state`)."""
+    kwargs: dict[str, Any] = {
+        "bootstrap_servers": c.bootstrap_servers,
+        "security_protocol": c.security_protocol,
+        "request_timeout_ms": c.request_timeout_ms,
+    }
+    if c.client_id:
+        kwargs["client_id"] = c.client_id
+    if c.security_protocol in ("SSL", "SASL_SSL"):
+        kwargs["ssl_context"] = c.ssl_context or create_ssl_context()
+    if c.security_protocol.startswith("SASL"):
+        kwargs["sasl_mechanism"] = c.sasl_mechanism or "PLAIN"
+        kwargs["sasl_plain_username"] = c.sasl_plain_username
+        kwargs["sasl_plain_password"] = c.sasl_plain_password
+    return kwargs
+
+
 class _SeekOnAssign(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka is untyped
     """Applies checkpointed offsets when the group hands us the partition, which is the
     only moment a seek sticks: before assignment there is nothing to seek. Also carries
@@ -152,21 +171,7 @@ class KafkaTransport(Transport):
 
     # -- lifecycle ------------------------------------------------------------------------
     def _common(self) -> dict[str, Any]:
-        c = self.config
-        kwargs: dict[str, Any] = {
-            "bootstrap_servers": c.bootstrap_servers,
-            "security_protocol": c.security_protocol,
-            "request_timeout_ms": c.request_timeout_ms,
-        }
-        if c.client_id:
-            kwargs["client_id"] = c.client_id
-        if c.security_protocol in ("SSL", "SASL_SSL"):
-            kwargs["ssl_context"] = c.ssl_context or create_ssl_context()
-        if c.security_protocol.startswith("SASL"):
-            kwargs["sasl_mechanism"] = c.sasl_mechanism or "PLAIN"
-            kwargs["sasl_plain_username"] = c.sasl_plain_username
-            kwargs["sasl_plain_password"] = c.sasl_plain_password
-        return kwargs
+        return client_kwargs(self.config)
 
     def _reader(self, fetch_max_wait_ms: int | None = None) -> AIOKafkaConsumer:
         """A group-less consumer: reads by explicit assignment, commits nothing."""

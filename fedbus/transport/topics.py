@@ -239,6 +239,12 @@ def kafka_deadletter(model: str) -> str:
     return f"{KAFKA_PREFIX}.{validate_id(model, 'model')}.deadletter"
 
 
+def kafka_state(model: str) -> str:
+    """The committer's changelog (``state_store = "kafka"``): its write-ahead log and
+    snapshots, keyed and compacted, one partition (:mod:`fedbus.store.kafka_state`)."""
+    return f"{KAFKA_PREFIX}.{validate_id(model, 'model')}.state"
+
+
 def kafka_keys(model: str) -> str:
     """Keyed by role (``leader`` / ``helper``) and compacted: each aggregator's latest key."""
     return f"{KAFKA_PREFIX}.{validate_id(model, 'model')}.keys"

@@ -93,6 +93,8 @@ def test_flag_mistakes(args: list[str], needles: list[str], tmp_path: Path) -> N
         ),
         ("[scale]\npartitions = 4\nreducer_partitions = [4]\n", ["scale", "partition 4"]),
         ("models = []\n", ["models"]),
+        ('state_store = "s3"\n', ["state_store", "s3"]),
+        ('role = "helper"\nstate_store = "kafka"\n', ["role helper", "state_store"]),
     ],
 )
 def test_config_file_mistakes(toml: str, needles: list[str], tmp_path: Path) -> None:
@@ -207,3 +209,14 @@ def test_secure_roles_name_a_missing_peer_key_or_an_overflowing_budget(tmp_path:
         env=_SECURE | {"FEDBUS_SECURE__KEYS_DIR": str(keys)}, cwd=tmp_path,
     )  # fmt: skip
     assert_one_line(result, "role leader", "MQTT")
+
+
+def test_kafka_state_store_out_of_reach(tmp_path: Path, mosquitto: MosquittoBroker) -> None:
+    """An MQTT worker keeping its state on a Kafka that is not there: one line naming it."""
+    port = _free_port()
+    result = fedbus(
+        "worker", "--mqtt-port", str(mosquitto.port), "--metrics-port", "0",
+        "--model", "kafka-state-away", cwd=tmp_path,
+        env={"FEDBUS_STATE_STORE": "kafka", "FEDBUS_KAFKA__BOOTSTRAP_SERVERS": f"127.0.0.1:{port}"},
+    )  # fmt: skip
+    assert_one_line(result, "state_store = kafka", str(port), "kafka.bootstrap_servers")

@@ -4,7 +4,11 @@ traceback), and JSON tracebacks carry no frame locals (they could hold payload b
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Literal
 
 import pytest
@@ -38,3 +42,26 @@ def test_exception_logged_with_its_traceback(
     if fmt == "json":
         record = json.loads(err.strip().splitlines()[-1])
         assert record["exception"][0]["exc_type"] == "KeyError"
+
+
+def test_processes_sharing_a_log_file_never_splice_their_lines(tmp_path: Path) -> None:
+    """Fault tests run several workers into one log file and parse it; with an unbuffered
+    stderr (PYTHONUNBUFFERED, as CI sets) a line written in two calls (its text, then its
+    newline) let another process's line land in between, and neither parsed: the secure
+    crash test once "saw" no crash point fire that way."""
+    script = (
+        "from fedbus import log\n"
+        "log.configure('json', 'info')\n"
+        "for i in range(3000):\n"
+        "    log.get('t').warning('crash point', point='p', nth=i)\n"
+    )
+    path = tmp_path / "shared.log"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with path.open("ab") as out:
+        procs = [
+            subprocess.Popen([sys.executable, "-c", script], stderr=out, env=env) for _ in range(3)
+        ]
+        assert [p.wait(60) for p in procs] == [0, 0, 0]
+    lines = path.read_text().splitlines()
+    assert len(lines) == 9000
+    assert all(json.loads(line)["event"] == "crash point" for line in lines)
