@@ -100,12 +100,18 @@ async def test_kill9_a_reducer_and_the_survivor_takes_its_partitions(
         await _stop(procs)
 
 
+@pytest.mark.parametrize("store", ["local", "kafka"])
 async def test_kill9_the_active_committer_mid_commit_and_the_standby_takes_over(
-    tansu: Any, tmp_path: Path, model_id: str
+    store: str, tansu: Any, tmp_path: Path, model_id: str
 ) -> None:
-    state = tmp_path / "c"  # one state directory: a shared volume across machines
-    active = _role(tansu, model_id, state, "committer", "committer")
+    """``local``: one state directory (a shared volume across machines). ``kafka``: the state
+    in the state topic, and the standby on a directory of its own, as on another machine."""
+    active = _role(tansu, model_id, tmp_path / "c", "committer", "committer")
     standby = active.model_copy(update={"metrics_port": free_port()})
+    extra: dict[str, str] = {}
+    if store == "kafka":
+        standby = standby.model_copy(update={"checkpoint_dir": tmp_path / "elsewhere"})
+        extra = {"FEDBUS_STATE_STORE": "kafka", "FEDBUS_KAFKA__ENABLE_IDEMPOTENCE": "false"}
     reducers = [
         _role(tansu, model_id, tmp_path / f"r{i}", "reducer", f"reducer-{i}") for i in range(2)
     ]
@@ -113,8 +119,8 @@ async def test_kill9_the_active_committer_mid_commit_and_the_standby_takes_over(
     await h.init_model(active, x0)
     log = tmp_path / "workers.log"
     fleet = Fleet(model_id, seed=11)
-    first = await _start(active, log, {ENV: "commit-in-flight:5"})
-    second = await h.spawn_worker(standby, log, _env(standby))  # a member holding nothing
+    first = await _start(active, log, {ENV: "commit-in-flight:5", **extra})
+    second = await h.spawn_worker(standby, log, {**_env(standby), **extra})  # holds nothing
     procs = [first, second] + [await _start(r, log) for r in reducers]
     try:
         await asyncio.sleep(2.0)
@@ -139,7 +145,7 @@ async def test_kill9_the_active_committer_mid_commit_and_the_standby_takes_over(
             err_msg=log.read_text()[-3000:],
         )
         assert final.updates_folded == fleet.sent
-        print(f"kafka standby takeover: {takeover:.2f} s")
+        print(f"kafka standby takeover ({store} state): {takeover:.2f} s")
     finally:
         await _stop(procs)
     records = _records(log)
