@@ -33,6 +33,8 @@ from fedbus.transport.base import Message
 from fedbus.transport.kafka import KafkaTransport
 from workers.reducer import ReducerWorker
 
+UNSETTLED_POLL_S = 0.005
+
 
 class KafkaReducerWorker(ReducerWorker):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -59,4 +61,14 @@ class KafkaReducerWorker(ReducerWorker):
 
     def _streams(self) -> list[AsyncIterator[Message]]:
         assert self._marks is not None
-        return [self.kafka.messages(), self._marks]
+        return [self._bounded(self.kafka.messages()), self._marks]
+
+    async def _bounded(self, updates: AsyncIterator[Message]) -> AsyncIterator[Message]:
+        """Updates, paused while ``scale.max_unsettled`` wait for their watermark: Kafka has
+        no in-flight limit, so a committer that is away (a takeover) would otherwise leave
+        every update read since in this process's memory. Watermarks keep flowing."""
+        limit = self.settings.scale.max_unsettled
+        async for msg in updates:
+            while self.kafka.unacknowledged > limit:  # this one is counted already
+                await asyncio.sleep(UNSETTLED_POLL_S)
+            yield msg

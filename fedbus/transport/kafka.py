@@ -307,6 +307,11 @@ class KafkaTransport(Transport):
         parts = await self._require_producer().partitions_for(topic)
         return sorted(parts)
 
+    @property
+    def unacknowledged(self) -> int:
+        """Messages of the consumed topic handed out and not yet acknowledged."""
+        return sum(len(held) for held in self._outstanding.values())
+
     async def partitions_of(self, topic: str) -> list[int]:
         """The partitions a topic has (how many reducers can share it)."""
         return await self._partitions(topic)

@@ -89,3 +89,40 @@ async def serving(settings: WorkerSettings, seen: list[Any]) -> AsyncIterator[No
     finally:
         stop.set()
         await asyncio.wait_for(task, 30)
+
+
+async def test_a_reducer_holds_at_most_max_unsettled_while_the_committer_is_away(
+    kafka_broker: Any, tmp_path: Path, model_id: str
+) -> None:
+    """Kafka has no in-flight limit: the reducer stops reading at ``max_unsettled`` updates
+    without a watermark, and goes on once a committer answers; every update folds once."""
+    committer = kafka_scale_settings(kafka_broker, model_id, tmp_path / "c", "committer", "c")
+    reducer = kafka_scale_settings(
+        kafka_broker, model_id, tmp_path / "r", "reducer", "reducer-0", max_unsettled=12
+    )
+    x0 = np.random.default_rng(4).normal(0, 0.1, h.N)
+    await h.init_model(committer, x0)
+    fleet = Fleet(model_id, seed=4)
+    seen: list[Any] = []
+    async with (
+        serving(reducer, seen),
+        make_transport(h.client_settings(committer), role="device") as dev,
+    ):
+        await fleet.burst(dev, 60)
+        while not seen or seen[0].folded < 12:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(1.0)  # time to read on, were it not bounded
+        assert seen[0].folded == 12 and seen[0].acked == 0
+        async with running(committer):
+            final = await wait_for_model(committer, _expected(x0, fleet), 60, timeout=60)
+            async with asyncio.timeout(30):  # the last watermarks reach the reducer
+                while seen[0].acked < 60:
+                    await asyncio.sleep(0.05)
+    np.testing.assert_allclose(
+        read_model(env.encode(final)).weights, _expected(x0, fleet), 1e-5, 1e-6
+    )
+    assert final.updates_folded == 60 and seen[0].acked == 60
+
+
+def _expected(x0: np.ndarray, fleet: Fleet) -> np.ndarray:
+    return x0.astype(np.float32).astype(np.float64) + LR * fleet.total / K
