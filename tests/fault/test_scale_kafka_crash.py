@@ -20,7 +20,10 @@ import numpy as np
 import pytest
 
 from fedbus.testing.brokers import TansuBroker, free_port
-from tests.fault.test_scale_crash import _received, _records, _stop, read_model_weights
+from tests.fault.common import log_records as _records
+from tests.fault.common import stop_all as _stop
+from tests.fault.common import updates_received as _received
+from tests.fault.test_scale_crash import read_model_weights
 from tests.integration import harness as h
 from tests.integration.test_scale import LR, Fleet, K, wait_for_model
 from tests.integration.test_scale_kafka import UPDATE_PARTITIONS, kafka_scale_settings
