@@ -35,7 +35,6 @@ itself (a bug the traceback then shows).
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -252,6 +251,7 @@ def _named_client(source: Source) -> str | None:
 
 
 _SAMPLE = 4096
+_EMPTY_SHA256 = hashlib.sha256(b"").digest()
 
 
 def _fingerprint(upd: env.UpdateEnvelope) -> bytes:
@@ -263,8 +263,7 @@ def _fingerprint(upd: env.UpdateEnvelope) -> bytes:
     payload = upd.payload
     stride = max(1, len(payload) // _SAMPLE)
     h = hashlib.sha256(env.SIGNING_DOMAIN)
-    header = dataclasses.replace(upd, payload=b"", signature=None)
-    h.update(env.signing_bytes(header))
+    h.update(env.signing_bytes(upd, payload_digest=_EMPTY_SHA256))  # the header alone
     h.update(len(payload).to_bytes(8, "little"))
     for sample in (payload[:_SAMPLE], payload[-_SAMPLE:], payload[::stride][:_SAMPLE]):
         _update_holding_gil(h, sample)
