@@ -113,6 +113,8 @@ def make_transport(settings: WorkerSettings, *, role: str = "worker") -> Transpo
 def _group(settings: WorkerSettings, role: str) -> str:
     """The consumer group: reducers (and ``all`` workers) share the model's updates; the
     committer and its standby are the members of a group of their own over the partials."""
+    if role == "models":  # the members of a model group share out its models
+        return f"fedbus-models-{settings.model_group}"
     group = settings.kafka.group_id
     if role == "committer":
         return f"{group}-committer" if group else f"fedbus-committer-{settings.model}"
@@ -144,17 +146,31 @@ def port_error(settings: WorkerSettings) -> UserError:
 
 
 async def serve_all(settings: WorkerSettings, stop: asyncio.Event, **shared: Any) -> None:
-    """Role ``all``: connect, then run the worker until ``stop``. A broker that cannot be
-    reached at start is the user's to fix (a wrong address, a broker not started): one line,
-    not a crash."""
+    """Role ``all``: take the model's state directory, connect, then run the worker until
+    ``stop``. A broker that cannot be reached at start is the user's to fix (a wrong address,
+    a broker not started): one line, not a crash."""
+    lock = lock_state(settings)
+    try:
+        await serve_locked(settings, stop, **shared)
+    finally:
+        lock.release()
+
+
+async def serve_locked(
+    settings: WorkerSettings, stop: asyncio.Event, *, refuse_peers: bool = True, **shared: Any
+) -> None:
+    """Role ``all`` once this process holds the model's state directory (``serve_all``, or
+    a model group's hand-over, which waits for it). Another worker still in the model's
+    consumer group (Kafka) or online on it (MQTT) is refused: one worker folds a model. A
+    model group's member skips that check (``refuse_peers``): its group's rebalance is what
+    hands a model over, and Tansu lists a consumer that left a group as a member for good."""
     on_worker = shared.pop("on_worker", None)
     from workers.aggregator import AggregatorWorker  # the CLI's other verbs need no kernels
 
-    lock = lock_state(settings)
     transport = make_transport(settings)
     try:
         try:
-            peers = await transport.peers(settings.model)
+            peers = await transport.peers(settings.model) if refuse_peers else []
             await transport.start()
         except TransportError as exc:
             raise reach_error(settings, exc) from None
@@ -173,7 +189,6 @@ async def serve_all(settings: WorkerSettings, stop: asyncio.Event, **shared: Any
         raise
     finally:
         await transport.close()
-        lock.release()
 
 
 async def serve(settings: WorkerSettings, stop: asyncio.Event) -> None:

@@ -157,6 +157,11 @@ ROLES: dict[str, Serve] = {
 
 async def serve(settings: WorkerSettings, stop: asyncio.Event) -> None:
     """Serve every model of ``settings`` in its role until ``stop``."""
+    if settings.model_group is not None:  # Kafka: the group's members share the models out
+        from workers.model_group import serve_model_group
+
+        await serve_model_group(settings, stop)
+        return
     role = ROLES[settings.role]
     models = settings.served_models
     if len(models) == 1:

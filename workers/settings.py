@@ -199,6 +199,10 @@ class WorkerSettings(BaseSettings):
     # Several models in one process (each with its own state directory and metrics label);
     # None serves ``model`` alone.
     models: list[str] | None = None
+    # Kafka: the workers started with the same model_group and models share the models out
+    # through a consumer group, and a dead worker's models move to the others (README,
+    # Scaling out). Each worker of a group needs its own worker_id.
+    model_group: str | None = None
     transport: Literal["mqtt", "kafka"] = "mqtt"
     # all: one process consumes, folds and commits (default); reducer: folds a share of the
     # updates into partial sums; committer: merges partials, commits and publishes (a second
@@ -313,6 +317,11 @@ class WorkerSettings(BaseSettings):
         except WireError as exc:
             raise ValueError(exc.detail) from exc
 
+    @field_validator("model_group")
+    @classmethod
+    def _group_id(cls, value: str | None) -> str | None:
+        return None if value is None else cls._ids(value)
+
     @field_validator("models")
     @classmethod
     def _model_ids(cls, value: list[str] | None) -> list[str] | None:
@@ -331,6 +340,19 @@ class WorkerSettings(BaseSettings):
             )
         if self.role != "all" and self.aggregation.robust is not None:
             raise ValueError(f"role {self.role}: robust aggregation keeps every update, no sums")
+        if self.model_group is not None:
+            if self.transport != "kafka":
+                raise ValueError(
+                    'model_group needs transport = "kafka" (its consumer group shares the '
+                    "models out); on MQTT remove model_group and list the models per worker"
+                )
+            if self.role != "all":
+                raise ValueError(f'model_group serves models in role "all", not {self.role}')
+            if self.kafka.group_id is not None:
+                raise ValueError(
+                    "model_group gives each model a consumer group of its own: remove "
+                    "kafka.group_id"
+                )
         if self.state_store == "kafka" and self.role in ("leader", "helper"):
             raise ValueError(
                 f'role {self.role} keeps its state in checkpoint_dir: use state_store = "local"'

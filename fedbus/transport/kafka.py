@@ -33,7 +33,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -121,7 +121,10 @@ class _SeekOnAssign(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafk
 
     async def on_partitions_revoked(self, revoked: Any) -> None:
         self.transport.assigned = set()  # until the group has answered again
-        return None
+        if self.transport.on_revoke is not None:
+            # The rebalance waits for this member's rejoin, so whatever the partitions
+            # guard is stopped before any other member is given them.
+            await self.transport.on_revoke()
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
         self.transport._reassigned(set(assigned))
@@ -168,6 +171,9 @@ class KafkaTransport(Transport):
         self._acked_to: dict[int, int] = {}  # partition -> offset last committed by ack()
         self.assigned: set[int] = set()  # partitions of the consumed topic the group gave us
         self.assignment_changed = asyncio.Event()
+        # Awaited when a rebalance begins, before this member rejoins (a model group stops
+        # its models there: every partition may move).
+        self.on_revoke: Callable[[], Awaitable[None]] | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
     def _common(self) -> dict[str, Any]:
@@ -323,11 +329,11 @@ class KafkaTransport(Transport):
         await self.ensure_topics(model)
         await self._consume(topics.kafka_updates(model))
 
-    async def consume(self, topic: str) -> None:
-        """Consume a named one-partition topic (a model's partials) in the configured
-        consumer group: the member the group gives the partition to is the only one that
-        reads it, the others wait as standbys (see :attr:`assigned`)."""
-        await self._ensure_named(topic)
+    async def consume(self, topic: str, partitions: int = 1) -> None:
+        """Consume a named topic (a model's partials: one partition; a model group's: one
+        per model) in the configured consumer group: the member the group gives a partition
+        to is the only one that reads it, the others wait as standbys (see :attr:`assigned`)."""
+        await self._ensure_named(topic, partitions)
         await self._consume(topic)
 
     async def _consume(self, topic: str) -> None:
@@ -373,9 +379,9 @@ class KafkaTransport(Transport):
         self.assigned = kept
         self.assignment_changed.set()
 
-    async def _ensure_named(self, topic: str) -> None:
-        """Create a one-partition topic of scale-out (partials, watermarks) before anything
-        names it: the broker's automatic creation would give it several partitions."""
+    async def _ensure_named(self, topic: str, partitions: int = 1) -> None:
+        """Create a topic of scale-out (partials, watermarks: one partition) before anything
+        names it: the broker's automatic creation would give it the broker's default count."""
         if topic in self._ensured or not self.config.create_topics:
             return
         async with self._ensure_lock:
@@ -388,7 +394,7 @@ class KafkaTransport(Transport):
             size = str(self.config.max_message_bytes)
             new = NewTopic(
                 topic,
-                1,
+                partitions,
                 self.config.replication_factor,
                 topic_configs={"cleanup.policy": "delete", "max.message.bytes": size},
             )

@@ -22,6 +22,7 @@ __all__ = [
     "kafka_events",
     "kafka_keys",
     "kafka_model_diffs",
+    "kafka_model_group",
     "kafka_models",
     "kafka_partials",
     "kafka_secure",
@@ -269,6 +270,14 @@ def kafka_watermarks(model: str) -> str:
     """Committer -> reducers: one partition keyed by reducer; each reducer reads it from the
     end and keeps the watermarks of its own incarnation."""
     return f"{KAFKA_PREFIX}.{validate_id(model, 'model')}.watermarks"
+
+
+def kafka_model_group(group: str) -> str:
+    """Workers of a model group -> one another: one partition per model of the group's
+    sorted list, consumed in one consumer group, so the partitions a worker holds are the
+    models it serves. Nothing is ever written to it. No model topic ends in ``.modelgroup``,
+    so a group may share a model's name."""
+    return f"{KAFKA_PREFIX}.{validate_id(group, 'model group')}.modelgroup"
 
 
 def kafka_topics(model: str) -> dict[str, str]:

@@ -17,17 +17,19 @@ __all__ = ["log_records", "stop_all", "updates_received"]
 
 
 def updates_received(port: int) -> float:
-    """The worker's ``fedbus_updates_received_total``, 0 while it does not answer (starting,
-    or killed): tests poll it to kill a worker once it is mid-stream."""
+    """The worker's ``fedbus_updates_received_total`` over every model it serves (one line
+    per model and transport), 0 while it does not answer (starting, or killed): tests poll
+    it to kill a worker once it is mid-stream."""
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1) as r:
             body = r.read().decode()
     except OSError:
         return 0.0
-    for line in body.splitlines():
-        if line.startswith("fedbus_updates_received_total{"):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in body.splitlines()
+        if line.startswith("fedbus_updates_received_total{")
+    )
 
 
 def log_records(log: Path, event: str | None = None) -> list[dict[str, Any]]:
