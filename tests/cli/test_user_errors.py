@@ -107,6 +107,13 @@ def test_flag_mistakes(args: list[str], needles: list[str], tmp_path: Path) -> N
         ("models = []\n", ["models"]),
         ('state_store = "s3"\n', ["state_store", "s3"]),
         ('role = "helper"\nstate_store = "kafka"\n', ["role helper", "state_store"]),
+        ('model_group = "fleet"\nmodels = ["a", "b"]\n', ["model_group", "kafka"]),
+        ('transport = "kafka"\nmodel_group = "Fleet"\n', ["model_group"]),
+        (
+            'transport = "kafka"\nrole = "reducer"\nmodel_group = "fleet"\n'
+            '[aggregation]\nalgorithm = "fedbuff"\n',
+            ["model_group", "reducer"],
+        ),
     ],
 )
 def test_config_file_mistakes(toml: str, needles: list[str], tmp_path: Path) -> None:
