@@ -77,6 +77,8 @@ class ModelGroup:
         self.served: dict[int, _Served] = {}
         self.assigned_once = False
         self.settled = False  # the group's last answer is applied (False while rebalancing)
+        self.stopping: set[asyncio.Task[None]] = set()  # models on their way out
+        self.rebalancing = False  # from a revocation to the group's next answer
 
     async def run(self, stop: asyncio.Event) -> None:
         transport = make_transport(self.settings, role="models")
@@ -98,6 +100,7 @@ class ModelGroup:
                 # wait below at once.
                 if transport.assignment_changed.is_set():
                     self.assigned_once = True
+                    self.rebalancing = False
                 transport.assignment_changed.clear()
                 if self.assigned_once:
                     await warming
@@ -162,6 +165,7 @@ class ModelGroup:
     async def _revoked(self) -> None:
         """A rebalance begins: every partition may move, so every model stops now."""
         self.settled = False
+        self.rebalancing = True
         if self.served:
             self.log.info(
                 "model group: rebalancing", stopping=[s.model for s in self.served.values()]
@@ -179,8 +183,11 @@ class ModelGroup:
         for p in gained:
             if p < len(self.models):
                 self.served[p] = self._serve(self.models[p])
-        self.settled = True
-        self.log.info("model group: serving", models=[self.models[p] for p in sorted(self.served)])
+        if not self.rebalancing:  # else the group's next answer settles it
+            self.settled = True
+            self.log.info(
+                "model group: serving", models=[self.models[p] for p in sorted(self.served)]
+            )
 
     def _serve(self, model: str) -> _Served:
         per_model = self.settings.model_copy(
@@ -208,12 +215,18 @@ class ModelGroup:
             lock.release()
 
     async def _stop_models(self, partitions: list[int]) -> None:
-        """Stop these models' workers together; each commits and releases its lock."""
+        """Stop these models' workers together; each commits and releases its lock. Also
+        waits for models another caller is stopping: a rebalance's revocation may begin
+        while a hand-over's stops are under way, and must not rejoin before they end."""
         gone = [self.served.pop(p) for p in partitions if p in self.served]
         for s in gone:
             s.stop.set()
+            self.stopping.add(s.task)
+        others = [t for t in self.stopping if all(t is not s.task for s in gone)]
         results = await asyncio.gather(*(s.task for s in gone), return_exceptions=True)
+        await asyncio.gather(*others, return_exceptions=True)  # their caller reports them
         for s, r in zip(gone, results, strict=True):
+            self.stopping.discard(s.task)
             if isinstance(r, BaseException) and not isinstance(r, asyncio.CancelledError):
                 self.log.error("model group: stopping a model failed", model=s.model, error=repr(r))
 
