@@ -343,10 +343,13 @@ class ReducerWorker:
 
     async def _release_ahead(self) -> None:
         """Ingest the held updates whose version is now heard; refuse those past the bound."""
+        now = time.monotonic()
         for h in self._ahead.due(self.version):
             self.metrics.held_ahead.labels(self.model, "released").inc()
+            held_s = round(now - h.until + self._ahead.hold_s, 3)
+            self.log.info("held update released", base=h.base, client=h.client, held_s=held_s)
             await self._update(h.msg)
-        for h in self._ahead.expired(time.monotonic()):
+        for h in self._ahead.expired(now):
             self.metrics.held_ahead.labels(self.model, "expired").inc()
             detail = (
                 f"base version {h.base} is after {self.version}, still after "
