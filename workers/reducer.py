@@ -21,6 +21,12 @@ committer refuses any partial naming an update it already folded and names those
 reducer acknowledges them and sends the others again. Refused updates (bad input) are
 dead-lettered and acknowledged at once, as the ``all`` worker does.
 
+**Versions.** A reducer learns the current version from the model channel (and from
+watermarks), so a device that fetched a newer model can upload against it first. Such an
+update is held, unacknowledged and unfolded, in a bounded room (:mod:`workers.ahead`) and
+ingested once the version is heard; past the room's bounds it is refused as
+``future_version``. Versions reach the loop through the inbox, so hearing one wakes it.
+
 Mosquitto delivers at most ``max_inflight_messages`` (default 20) unacknowledged messages per
 client, so a reducer holds at most that many updates between receipt and watermark: keep
 ``flush_updates`` at or below it, or raise the broker's limit.
