@@ -1,10 +1,12 @@
 """Many models over a group of ``--role all`` workers on Kafka (``model_group``).
 
 Every worker of the group lists the same models. The group's coordination topic
-(``fedbus.<group>.modelgroup``) has one partition per model of the sorted list and nothing is
-ever written to it: its consumer group is only there to share the partitions out, so the
-partitions a worker holds are the models it serves, and when a worker dies the group hands
-its partitions (its models) to the others once its session expires.
+(``fedbus.<group>.modelgroup``) has one partition per model of the sorted list; its consumer
+group shares the partitions out, so the partitions a worker holds are the models it serves,
+and when a worker dies the group hands its partitions (its models) to the others once its
+session expires. Its only records are the group's register: each worker's id, written at
+its start, which tells a previous owner still listed in a model's updates group (Tansu
+lists a consumer that left for good) from a worker outside the group serving that model.
 
 A model's worker is today's ``all`` worker: its own transport, consumer group over the
 model's updates, state directory and policy, with one metrics endpoint for the process.
@@ -70,6 +72,7 @@ class ModelGroup:
         assert settings.model_group is not None
         self.settings = settings
         self.group = settings.model_group
+        self.topic = topics.kafka_model_group(self.group)
         self.models = sorted(settings.served_models)
         self.log = fedlog.get("fedbus.worker").bind(group=self.group, worker=settings.worker_id)
         self.metrics = Metrics()
@@ -127,14 +130,21 @@ class ModelGroup:
             raise
 
     async def _join(self, transport: KafkaTransport) -> None:
-        topic = topics.kafka_model_group(self.group)
+        topic = self.topic
         try:
             await transport.start()
             await transport.consume(topic, partitions=len(self.models))
             have = await transport.partitions_of(topic)
         except TransportError as exc:
             raise reach_error(self.settings, exc) from None
-        if len(have) != len(self.models):
+        if len(have) == len(self.models):
+            # The register of the group's workers, for _no_outsider: the only records the
+            # topic holds, one per start of a worker.
+            try:
+                await transport.publish(topic, self.settings.worker_id.encode())
+            except TransportError as exc:
+                raise reach_error(self.settings, exc) from None
+        else:
             raise UserError(
                 f"model group {self.group!r} has {len(have)} models ({topic}) and this worker "
                 f"lists {len(self.models)}: give every worker of the group the same models, "
@@ -199,6 +209,8 @@ class ModelGroup:
         return _Served(model, stop, task, workers)
 
     async def _one(self, settings: WorkerSettings, stop: asyncio.Event, on_worker: Any) -> None:
+        if not await self._no_outsider(settings, stop):
+            return
         lock = await _unlocked(settings, stop, self.log)
         if lock is None:
             return
@@ -213,6 +225,45 @@ class ModelGroup:
             )
         finally:
             lock.release()
+
+    async def _no_outsider(self, settings: WorkerSettings, stop: asyncio.Event) -> bool:
+        """Wait while a worker outside the group is in the model's updates group (a plain
+        worker started for one of the group's models): it keeps the model, as it would
+        against another plain worker. A worker the group's register names is no outsider:
+        a previous owner of the model, stopped or dead, may still be listed (Tansu lists a
+        consumer that left for good). False if ``stop`` came first."""
+        probe = make_transport(settings)  # no group membership: admin and readers only
+        assert isinstance(probe, KafkaTransport)
+        waiting = False
+        try:
+            try:
+                await probe.start()
+            except TransportError as exc:
+                raise reach_error(settings, exc) from None
+            while not stop.is_set():
+                try:
+                    ours = {v.decode() for v in await probe.values(self.topic)}
+                    outsiders = [
+                        m
+                        for m in await probe.group_members(f"fedbus-reducers-{settings.model}")
+                        if _worker_of(m, "worker") not in ours
+                    ]
+                except TransportError as exc:
+                    raise reach_error(settings, exc) from None
+                if not outsiders:
+                    return True
+                if not waiting:
+                    self.log.warning(
+                        "model group: the model is served outside the group, waiting",
+                        model=settings.model,
+                        by=outsiders[0],
+                    )
+                    waiting = True
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), settings.scale.standby_poll_s)
+            return False
+        finally:
+            await probe.close()
 
     async def _stop_models(self, partitions: list[int]) -> None:
         """Stop these models' workers together; each commits and releases its lock. Also
@@ -236,6 +287,12 @@ class ModelGroup:
         while True:
             self.health.ready = self.settled and all(s.ready for s in self.served.values())
             await asyncio.sleep(READY_POLL_S)
+
+
+def _worker_of(member: str, role: str) -> str | None:
+    """The worker id a member id begins with (``<worker id>-<role>-<instance>-<uuid>``)."""
+    head, sep, _ = member.rpartition(f"-{role}-")
+    return head if sep else None
 
 
 async def _keep_polling(transport: KafkaTransport) -> None:

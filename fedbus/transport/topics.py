@@ -275,7 +275,8 @@ def kafka_watermarks(model: str) -> str:
 def kafka_model_group(group: str) -> str:
     """Workers of a model group -> one another: one partition per model of the group's
     sorted list, consumed in one consumer group, so the partitions a worker holds are the
-    models it serves. Nothing is ever written to it. No model topic ends in ``.modelgroup``,
+    models it serves. Its records are the group's register (each worker's id, written at its
+    start). No model topic ends in ``.modelgroup``,
     so a group may share a model's name."""
     return f"{KAFKA_PREFIX}.{validate_id(group, 'model group')}.modelgroup"
 
