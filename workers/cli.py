@@ -327,7 +327,9 @@ def bench_e2e(
         str,
         typer.Option(help="Comma-separated model_publish_interval_s values (0: every version)."),
     ] = "0,1",
-    model_codec: Annotated[str, typer.Option(help="Full-model codec: fp32, fp16, int8.")] = "fp32",
+    model_codec: Annotated[
+        str, typer.Option(help="Full-model codec: fp32, fp16, int8, int4.")
+    ] = "fp32",
     model_diff_codec: Annotated[
         str, typer.Option(help="Difference codec (int8, int4, topk:fraction=F); empty: none.")
     ] = "int8",
@@ -367,6 +369,9 @@ def bench_scale(
         typer.Option(min=1, help="Timed updates per case (default: ~200 MB of frames)."),
     ] = None,
     reducers: Annotated[str, typer.Option(help="Comma-separated reducer counts.")] = "1,2",
+    transports: Annotated[
+        str, typer.Option(help="Comma-separated transports, each on a broker started here.")
+    ] = "mqtt,kafka",
     inflight: Annotated[
         int, typer.Option(min=1, help="Mosquitto max_inflight_messages (the shipped 20).")
     ] = 20,
@@ -375,15 +380,19 @@ def bench_scale(
     ] = 10,
 ) -> None:
     """Updates per second through reducers plus a committer beside one `all` worker and a
-    bare subscriber (MQTT, a broker started here), and the standby committer's takeover.
+    bare subscriber (Mosquitto and Tansu, started here), and the standby committer's takeover.
 
     \b
     Example: fedbus bench scale --sizes 1e5 --reducers 1,2 --json
     """
     from workers.bench import scale
 
+    chosen = [t.strip() for t in transports.split(",") if t.strip()]
+    if not chosen or any(t not in ("mqtt", "kafka") for t in chosen):
+        raise UserError(f"--transports {transports!r}: mqtt, kafka or mqtt,kafka")
     records = scale.run(
         ints(sizes, "--sizes"),
+        transports=chosen,
         repeats=repeats,
         updates_per_run=updates,
         reducer_counts=ints(reducers, "--reducers"),

@@ -54,7 +54,15 @@ class CommitterWorker(AggregatorWorker):
         self.partials_refused = 0
 
     async def _subscribe(self) -> None:
-        await self.transport.subscribe(topics.mqtt_partials_filter(self.model))
+        if self.settings.transport == "kafka":  # joined already: it owns the partition
+            await self.transport.consume(topics.kafka_partials(self.model))  # type: ignore[attr-defined]
+        else:
+            await self.transport.subscribe(topics.mqtt_partials_filter(self.model))
+
+    def _watermark_topic(self, reducer: str) -> str:
+        if self.settings.transport == "kafka":
+            return topics.kafka_watermarks(self.model)
+        return topics.mqtt_watermark(self.model, reducer)
 
     def _take(self, payload: bytes) -> PartialTaken | PartialRefused:
         assert isinstance(self.strategy, FedBuff)
@@ -123,6 +131,6 @@ class CommitterWorker(AggregatorWorker):
                 refused=a.refused,
                 duplicates=a.duplicates,
             )
-            out.append((topics.mqtt_watermark(self.model, reducer), env.encode(mark)))
+            out.append((self._watermark_topic(reducer), env.encode(mark)))
         self._answers.clear()
         return out

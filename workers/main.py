@@ -55,7 +55,7 @@ def make_transport(settings: WorkerSettings, *, role: str = "worker") -> Transpo
                 sasl_plain_password=k.sasl_plain_password.get_secret_value()
                 if k.sasl_plain_password
                 else None,
-                group_id=k.group_id or f"fedbus-reducers-{settings.model}",
+                group_id=_group(settings, role),
                 client_id=f"{settings.worker_id}-{role}-{INSTANCE.rsplit('-', 1)[-1]}",
                 update_partitions=k.update_partitions,
                 session_timeout_ms=k.session_timeout_ms,
@@ -108,6 +108,15 @@ def make_transport(settings: WorkerSettings, *, role: str = "worker") -> Transpo
             maximum_packet_size=settings.max_message_bytes + MQTT_HEADER_ROOM,
         )
     )
+
+
+def _group(settings: WorkerSettings, role: str) -> str:
+    """The consumer group: reducers (and ``all`` workers) share the model's updates; the
+    committer and its standby are the members of a group of their own over the partials."""
+    group = settings.kafka.group_id
+    if role == "committer":
+        return f"{group}-committer" if group else f"fedbus-committer-{settings.model}"
+    return group or f"fedbus-reducers-{settings.model}"
 
 
 def _where(settings: WorkerSettings) -> str:

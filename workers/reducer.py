@@ -32,6 +32,7 @@ import asyncio
 import contextlib
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -149,12 +150,20 @@ class ReducerWorker:
             self.model, self.layout, verifier=self.verifier, max_bytes=s.max_message_bytes
         )
         self.strategy = self._policy(self.version)
-        await self.transport.subscribe(self.watermark_topic, qos=0)
+        await self._subscribe_watermarks()
         owned = s.scale.reducer_partitions
         if s.scale.partitions > 0:
             owned = list(range(s.scale.partitions)) if owned is None else owned
         await self.transport.subscribe_updates(self.model, owned)
         self.log.info("reducer ready", version=self.version, partitions=owned, epoch=self.epoch)
+
+    async def _subscribe_watermarks(self) -> None:
+        """MQTT: the watermarks arrive on the updates' own acknowledged stream."""
+        await self.transport.subscribe(self.watermark_topic, qos=0)
+
+    def _streams(self) -> list[AsyncIterator[Message]]:
+        """Where messages come from: updates and watermarks (one stream on MQTT)."""
+        return [self.transport.messages()]
 
     # -- main loop -----------------------------------------------------------------------
     async def run(self, stop: asyncio.Event | None = None) -> None:
@@ -211,9 +220,12 @@ class ReducerWorker:
     async def _consume(self, stop: asyncio.Event) -> None:
         queue = Inbox(INBOX_MESSAGES, self.settings.max_inbox_bytes)  # bounded in bytes too
 
-        async def pump() -> None:
-            async for msg in self.transport.messages():
+        async def drain(stream: AsyncIterator[Message]) -> None:
+            async for msg in stream:
                 await queue.put(msg)
+
+        async def pump() -> None:
+            await asyncio.gather(*(drain(s) for s in self._streams()))
 
         pump_task = asyncio.create_task(pump())
         stop_task = asyncio.create_task(stop.wait())
@@ -337,7 +349,7 @@ class ReducerWorker:
             self.log.warning("ignored a malformed watermark", detail=exc.detail[:200])
             await self.transport.ack([msg])
             return
-        if mark.epoch == self.epoch:
+        if mark.epoch == self.epoch and mark.reducer == self.reducer:
             done: list[Message] = []
             for seq in mark.committed:
                 for e in self._settle(seq):

@@ -33,10 +33,17 @@ async def serve_reducer(settings: WorkerSettings, stop: asyncio.Event, **shared:
     on_worker = shared.pop("on_worker", None)
     from workers.reducer import ReducerWorker
 
-    if settings.transport != "mqtt":
-        raise UserError(
-            "role reducer runs on MQTT; on Kafka run role all workers (one per model) for now"
-        )
+    if settings.transport == "kafka":
+        # The consumer group shares the partitions out and moves a dead reducer's on.
+        from workers.kafka_reducer import KafkaReducerWorker
+
+        if settings.scale.reducer_partitions is not None or settings.scale.partitions:
+            raise UserError(
+                "scale.partitions and scale.reducer_partitions are MQTT's: on Kafka the "
+                "consumer group assigns partitions; set kafka.update_partitions instead"
+            )
+        await _run(settings, "reducer", KafkaReducerWorker, stop, on_worker, shared)
+        return
     # A second reducer with the same worker id stands by for it: it takes the partitions
     # (and the MQTT session, with its unacknowledged updates) when that one dies.
     if await _lease(settings, stop, state=False) is None:
@@ -112,10 +119,11 @@ async def serve_committer(settings: WorkerSettings, stop: asyncio.Event, **share
     on_worker = shared.pop("on_worker", None)
     from workers.committer_role import CommitterWorker
 
-    if settings.transport != "mqtt":
-        raise UserError(
-            "role committer runs on MQTT; on Kafka run role all workers (one per model) for now"
-        )
+    if settings.transport == "kafka":
+        from workers.kafka_committer import serve_kafka_committer
+
+        await serve_kafka_committer(settings, stop, on_worker, shared)
+        return
     lock = await _lease(settings, stop)
     if not isinstance(lock, DirectoryLock):
         return

@@ -65,7 +65,9 @@ class KafkaSettings(_Section):
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
     group_id: str | None = None
-    update_partitions: int = 1  # FedAsync needs per-model order: keep one partition
+    # Partitions of a new updates topic. FedAsync needs per-model order: keep one. FedBuff
+    # reducers (role reducer) share the partitions: one reducer per partition at most works.
+    update_partitions: int = 1
     session_timeout_ms: int = 10000  # how long a dead worker holds its partitions
     heartbeat_interval_ms: int = 3000
     max_message_bytes: int = 64 * 1024 * 1024
@@ -152,6 +154,10 @@ class ScaleSettings(_Section):
     # with a connection: a partial still unanswered after this long is sent again (the
     # committer refuses a repeat as duplicates, and the reducer acknowledges them then).
     resend_s: float = Field(10.0, gt=0)
+    # Kafka: the most updates a reducer holds between receipt and the watermark that settles
+    # them (it stops reading until watermarks come; on MQTT the broker's in-flight limit
+    # bounds this). Memory: that many updates' bytes, e.g. 256 MB at 1M int8 parameters.
+    max_unsettled: int = Field(256, ge=1)
     # A standby committer checks the active one's presence this often.
     standby_poll_s: float = Field(0.2, gt=0)
 
@@ -226,7 +232,7 @@ class WorkerSettings(BaseSettings):
     # on they also carry its first 64 KiB (data minimisation: off unless debugging needs it).
     deadletter_keep_payload: bool = False
     # The downlink (README, Model downlink): the model channel carries the newest full model
-    # in ``model_codec`` (fp32, fp16, int8); with ``model_diff_codec`` (int8, int4,
+    # in ``model_codec`` (fp32, fp16, int8, int4); with ``model_diff_codec`` (int8, int4,
     # topk:fraction=..., fp16; "" turns it off) the diffs channel that following devices
     # read carries a keyframe every ``model_keyframe_every`` publications and compressed
     # differences between them.

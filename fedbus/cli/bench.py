@@ -98,6 +98,16 @@ def bench_convergence(
     ] = None,
     plot: Annotated[Path | None, typer.Option(help="Write the PNG plot here.")] = None,
     workers: Annotated[int, typer.Option(help="Processes (0: up to 2).")] = 0,
+    extend: Annotated[
+        Path | None,
+        typer.Option(
+            help="Add the codec, downlink and publication sections to the report stored here "
+            "(a --json output), rerunning only the runs they need."
+        ),
+    ] = None,
+    markdown: Annotated[
+        Path | None, typer.Option(help="Also write the Markdown tables here.")
+    ] = None,
 ) -> None:
     """FedBuff, FedAsync and synchronous FedAvg in the fixed standard setting (digits, 300
     devices, concurrency 100, lognormal speeds, 10% dropouts), each with plain, momentum
@@ -108,19 +118,38 @@ def bench_convergence(
     """
     from fedbus.bench import convergence
 
-    report = convergence.run(
-        seeds=seeds,
-        quick=quick,
-        log=log,
-        workers=workers,
-        cache=str(cache) if cache is not None else None,
-        rows=rows,
-        row_seeds=row_seeds,
-    )
+    if extend is not None:
+        from fedbus.bench.convergence import merge
+
+        if plot is not None or quick:
+            raise UserError("--extend keeps the stored plot and the full setting: drop --plot "
+                            "and --quick")  # fmt: skip
+        if not extend.is_file():
+            raise UserError(f"--extend {extend}: no such file (give a --json output)")
+        try:
+            stored = merge.load(extend)
+        except (ValueError, KeyError) as exc:
+            raise UserError(f"--extend {extend}: not a convergence --json output ({exc})") from None
+        if stored.summary.get("quick"):
+            raise UserError(f"--extend {extend}: a --quick run; extend the full report's JSON")
+        report = merge.extend_with_pool(stored, str(cache) if cache else None, workers, log)
+    else:
+        report = convergence.run(
+            seeds=seeds,
+            quick=quick,
+            log=log,
+            workers=workers,
+            cache=str(cache) if cache is not None else None,
+            rows=rows,
+            row_seeds=row_seeds,
+        )
+    text = convergence.markdown(report)
+    if markdown is not None:
+        markdown.write_text(text + "\n")
     if json_out:
         print(json.dumps(convergence.to_json(report), indent=1))
     else:
-        print(convergence.markdown(report))
+        print(text)
     if plot is not None:
         convergence.plot(report, plot)
         log(f"plot: {plot}")

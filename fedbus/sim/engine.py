@@ -141,6 +141,8 @@ class SimResult:
     staleness: np.ndarray  # per upload: server version at arrival minus base version
     jobs: list[JobRecord] | None = field(default=None)
     down_bytes: int = 0
+    publications: int = 0
+    """Model versions published (jobs start only from these): every version with interval 0."""
 
     def accuracies(self) -> np.ndarray:
         return np.array([h.accuracy for h in self.history])
@@ -223,18 +225,28 @@ def run_async(
     download: Download | None = None,
     seed: int = 0,
     record_jobs: bool = False,
+    publish_interval: float = 0.0,
 ) -> SimResult:
     """Keep ``concurrency`` devices training at every moment against ``server``.
 
     When a job ends (upload or dropout) its device becomes idle and a new job starts at once
     on a device drawn uniformly from the idle ones (possibly the same device); a device never
-    runs two jobs. A job trains from the global version current when it starts. Its delta
+    runs two jobs. A job trains from the newest *published* version when it starts. Its delta
     ``new - start`` goes through ``encode`` and then ``server.submit``. Stops at the first
     event after ``duration`` simulated seconds or after ``max_uploads`` uploads, whichever
     comes first; history ticks every ``eval_every`` simulated seconds from 0, plus a final
     point at the stop time.
+
+    Publication is coalesced as the worker does it (``model_publish_interval_s``): a new
+    version is published at once if ``publish_interval`` has passed since the last
+    publication, else at the moment it has (the newest version by then). So a job may start
+    from a version older than the server's, and its staleness counts from the version it
+    downloaded. ``publish_interval`` 0 publishes every version when it is made: the
+    behaviour, and the bits, of the engine before publication was modelled.
     """
     _check_stop(duration, max_uploads)
+    if not publish_interval >= 0:
+        raise ValueError("publish_interval must be >= 0")
     n = fleet.n_clients
     if timing.n_devices != n:
         raise ValueError(f"timing is for {timing.n_devices} devices, fleet has {n}")
@@ -253,20 +265,27 @@ def run_async(
     heap: list[tuple[float, int, int, bool, int, np.ndarray]] = []
     jobs: list[JobRecord] | None = [] if record_jobs else None
     staleness: list[int] = []
-    snap_version, snap = -1, np.empty(0)
-    seq = uploads = nbytes = dropped = 0
+    snap_version, snap = -1, np.empty(0)  # the published version: one frozen copy, shared
+    last_publish = -math.inf
+    seq = uploads = nbytes = dropped = publications = 0
+
+    def publish(t: float) -> None:
+        nonlocal snap_version, snap, snap_bytes, last_publish, publications
+        snap_version = server.version
+        snap = np.array(server.model(), dtype=np.float64)
+        if download is not None:
+            snap, snap_bytes = download(snap)
+        last_publish = t
+        publications += 1
 
     def start(now: float) -> None:
-        nonlocal seq, snap_version, snap, snap_bytes
+        nonlocal seq
         i = int(rand() * len(idle))
         device = idle[i]
         idle[i] = idle[-1]
         idle.pop()
-        if server.version != snap_version:  # one frozen copy per version, shared by its jobs
-            snap_version = server.version
-            snap = np.array(server.model(), dtype=np.float64)
-            if download is not None:
-                snap, snap_bytes = download(snap)
+        if server.version != snap_version and now - last_publish >= publish_interval:
+            publish(now)
         ev.down += snap_bytes
         end = now + job_duration(device, sched)
         lost = drops(sched)
@@ -283,6 +302,11 @@ def run_async(
         if t > end_time:
             break
         heapq.heappop(heap)
+        due = last_publish + publish_interval
+        if server.version != snap_version and due <= t:
+            # a publication fell due between events: the server has not changed since the
+            # last event, so what it holds now is what it held then
+            publish(due)
         ev.until(t, server.version, server.model, uploads, nbytes)
         now = t
         if lost:
@@ -309,6 +333,7 @@ def run_async(
         staleness=np.array(staleness, dtype=np.int64),
         jobs=jobs,
         down_bytes=ev.down,
+        publications=publications,
     )
 
 

@@ -19,6 +19,13 @@ Ordering: updates are keyed by client, so one client's updates keep their order 
 model's updates spread over partitions, which suits FedBuff reducers in one group. FedAsync
 folds every update in one global order and therefore needs ``update_partitions=1`` (one
 active consumer per model).
+
+Scale-out (``workers/kafka_reducer.py``, ``workers/kafka_committer.py``): group members use
+a sticky assignor, so a member that joins takes no partition a live member holds beyond its
+share; ``ack()`` without offsets commits, per partition, up to the oldest message handed out
+and not yet acknowledged (a reducer settles its updates out of order); partials and
+watermarks travel on named one-partition topics (:meth:`KafkaTransport.publish`,
+:meth:`KafkaTransport.consume`, :meth:`KafkaTransport.follow`).
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.coordinator.assignors.sticky.sticky_assignor import StickyPartitionAssignor
 from aiokafka.errors import (
     CommitFailedError,
     ConsumerStoppedError,
@@ -106,16 +114,31 @@ def client_kwargs(c: KafkaConfig) -> dict[str, Any]:
 
 class _SeekOnAssign(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka is untyped
     """Applies checkpointed offsets when the group hands us the partition, which is the
-    only moment a seek sticks: before assignment there is nothing to seek."""
+    only moment a seek sticks: before assignment there is nothing to seek. Also carries
+    the acknowledgement bookkeeping across a rebalance (see :meth:`KafkaTransport._reassigned`)."""
 
     def __init__(self, transport: KafkaTransport) -> None:
         self.transport = transport
 
     async def on_partitions_revoked(self, revoked: Any) -> None:
+        self.transport.assigned = set()  # until the group has answered again
         return None
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
+        self.transport._reassigned(set(assigned))
         self.transport._apply_seeks(set(assigned))
+
+
+def _sticky() -> type[StickyPartitionAssignor]:
+    """A sticky assignor with state of its own: aiokafka's keeps the member's previous
+    assignment on the class, which consumers of one process would share. Sticky, so that a
+    member joining the group (a standby committer, another reducer) does not take the
+    partitions a live member holds."""
+    return type(
+        "FedbusStickyAssignor",
+        (StickyPartitionAssignor,),
+        {"member_assignment": None, "generation": -1},
+    )
 
 
 MAX_BATCH = 256  # records taken from the consumer's buffer at once
@@ -138,12 +161,20 @@ class KafkaTransport(Transport):
         self._ensure_lock = asyncio.Lock()
         self._fetcher: AIOKafkaConsumer | None = None  # one reader kept for model fetches
         self._fetch_lock = asyncio.Lock()
+        self._followers: list[AIOKafkaConsumer] = []
+        # Acknowledgement without explicit offsets commits, per partition, the offset of the
+        # oldest message handed out and not acknowledged (a reducer settles out of order).
+        self._outstanding: dict[int, set[int]] = {}
+        self._handed_to: dict[int, int] = {}  # partition -> next offset after those handed out
+        self._acked_to: dict[int, int] = {}  # partition -> offset last committed by ack()
+        self.assigned: set[int] = set()  # partitions of the consumed topic the group gave us
+        self.assignment_changed = asyncio.Event()
 
     # -- lifecycle ------------------------------------------------------------------------
     def _common(self) -> dict[str, Any]:
         return client_kwargs(self.config)
 
-    def _reader(self) -> AIOKafkaConsumer:
+    def _reader(self, fetch_max_wait_ms: int | None = None) -> AIOKafkaConsumer:
         """A group-less consumer: reads by explicit assignment, commits nothing."""
         return AIOKafkaConsumer(
             group_id=None,
@@ -151,7 +182,7 @@ class KafkaTransport(Transport):
             auto_offset_reset="earliest",
             max_partition_fetch_bytes=self.config.max_message_bytes,
             fetch_max_bytes=self.config.max_message_bytes,
-            fetch_max_wait_ms=self.config.fetch_max_wait_ms,
+            fetch_max_wait_ms=fetch_max_wait_ms or self.config.fetch_max_wait_ms,
             **self._common(),
         )
 
@@ -177,6 +208,9 @@ class KafkaTransport(Transport):
         fetcher, self._fetcher = self._fetcher, None
         if fetcher is not None:
             await fetcher.stop()
+        followers, self._followers = self._followers, []
+        for f in followers:
+            await f.stop()
         admin, self._admin = self._admin, None
         if consumer is not None:
             await consumer.stop()  # no commit: anything unacknowledged is read again
@@ -274,19 +308,37 @@ class KafkaTransport(Transport):
         parts = await self._require_producer().partitions_for(topic)
         return sorted(parts)
 
+    @property
+    def unacknowledged(self) -> int:
+        """Messages of the consumed topic handed out and not yet acknowledged."""
+        return sum(len(held) for held in self._outstanding.values())
+
+    async def partitions_of(self, topic: str) -> list[int]:
+        """The partitions a topic has (how many reducers can share it)."""
+        return await self._partitions(topic)
+
     # -- updates --------------------------------------------------------------------------
     async def subscribe_updates(self, model: str, partitions: Sequence[int] | None = None) -> None:
         if partitions is not None:
             raise TransportError("Kafka assigns update partitions through the consumer group")
-        topic = topics.kafka_updates(model)
+        await self.ensure_topics(model)
+        await self._consume(topics.kafka_updates(model))
+
+    async def consume(self, topic: str) -> None:
+        """Consume a named one-partition topic (a model's partials) in the configured
+        consumer group: the member the group gives the partition to is the only one that
+        reads it, the others wait as standbys (see :attr:`assigned`)."""
+        await self._ensure_named(topic)
+        await self._consume(topic)
+
+    async def _consume(self, topic: str) -> None:
         if self._consumer is not None:
             if topic == self._updates_topic:
                 return
-            raise TransportError("one KafkaTransport consumes the updates of one model")
-        await self.ensure_topics(model)
+            raise TransportError("one KafkaTransport consumes one topic in its group")
         c = self.config
         consumer = AIOKafkaConsumer(
-            group_id=c.group_id or f"fedbus-reducers-{model}",
+            group_id=c.group_id or f"fedbus-reducers-{topic.split('.')[1]}",
             group_instance_id=c.group_instance_id,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
@@ -295,12 +347,95 @@ class KafkaTransport(Transport):
             fetch_max_wait_ms=c.fetch_max_wait_ms,
             session_timeout_ms=c.session_timeout_ms,
             heartbeat_interval_ms=c.heartbeat_interval_ms,
+            partition_assignment_strategy=(_sticky(),),
             **self._common(),
         )
         await consumer.start()
+        self._updates_topic = topic
         consumer.subscribe([topic], listener=_SeekOnAssign(self))
         self._consumer = consumer
-        self._updates_topic = topic
+
+    def _reassigned(self, assigned: set[TopicPartition]) -> None:
+        """After every rebalance aiokafka reads each partition it is given from its committed
+        offset. A partition this member kept goes on from where it was, with its
+        unacknowledged messages still outstanding (they are in hand); one it gained starts
+        from the committed offset with nothing outstanding; one it lost is forgotten."""
+        consumer = self._consumer
+        kept = {tp.partition for tp in assigned if tp.topic == self._updates_topic}
+        handed = {p: o for p, o in self._handed_to.items() if p in kept}
+        self._outstanding = {p: self._outstanding.get(p, set()) if p in handed else set()
+                             for p in kept}  # fmt: skip
+        self._handed_to = handed
+        self._acked_to = {p: o for p, o in self._acked_to.items() if p in handed}
+        if consumer is not None:
+            for tp in assigned:
+                if tp.partition in handed and tp.partition not in self._pending_seeks:
+                    consumer.seek(tp, handed[tp.partition])
+        self.assigned = kept
+        self.assignment_changed.set()
+
+    async def _ensure_named(self, topic: str) -> None:
+        """Create a one-partition topic of scale-out (partials, watermarks) before anything
+        names it: the broker's automatic creation would give it several partitions."""
+        if topic in self._ensured or not self.config.create_topics:
+            return
+        async with self._ensure_lock:
+            if topic in self._ensured:
+                return
+            if self._admin is None:
+                admin = AIOKafkaAdminClient(**self._common())
+                await admin.start()
+                self._admin = admin
+            size = str(self.config.max_message_bytes)
+            new = NewTopic(
+                topic,
+                1,
+                self.config.replication_factor,
+                topic_configs={"cleanup.policy": "delete", "max.message.bytes": size},
+            )
+            response = await self._admin.create_topics([new])
+            for name, code, message in response.topic_errors:
+                if code not in (0, TOPIC_ALREADY_EXISTS):
+                    raise TransportError(f"cannot create topic {name}: error {code} {message}")
+            self._ensured.add(topic)
+
+    async def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+        """Partials and watermarks (scale-out); ``retain`` has no meaning on Kafka."""
+        await self._ensure_named(topic)
+        await self._send(topic, payload, None)
+
+    async def follow(self, topic: str, fetch_max_wait_ms: int = 100) -> AsyncIterator[Message]:
+        """What is published on a named topic from now on (a reducer's watermarks): the
+        reader is at the end when this returns, so nothing sent after it is missed.
+
+        Its own fetch wait: Tansu answers an empty fetch only at the deadline, so the 1 ms
+        of the latency settings turns an idle reader into a poll a millisecond, which on a
+        shared machine takes CPU from the broker and the workers. A watermark lets a reducer
+        commit offsets and read on past its bound of unsettled updates, which at hundreds of
+        updates is far from 100 ms of reading."""
+        await self._ensure_named(topic)
+        consumer = self._reader(fetch_max_wait_ms)
+        await consumer.start()
+        self._followers.append(consumer)
+        tps = [TopicPartition(topic, p) for p in await self._partitions(topic)]
+        consumer.assign(tps)
+        for tp, offset in (await consumer.end_offsets(tps)).items():
+            consumer.seek(tp, offset)
+
+        async def records() -> AsyncIterator[Message]:
+            try:
+                async for record in consumer:
+                    yield Message(
+                        topic=record.topic,
+                        payload=record.value if record.value is not None else b"",
+                        key=record.key,
+                        partition=record.partition,
+                        offset=record.offset,
+                    )
+            except ConsumerStoppedError:
+                return
+
+        return records()
 
     def _apply_seeks(self, assigned: set[TopicPartition]) -> None:
         consumer = self._consumer
@@ -345,7 +480,13 @@ class KafkaTransport(Transport):
             except ConsumerStoppedError:
                 return  # close() was called
             for tp, records in batch.items():
+                outstanding = self._outstanding.setdefault(tp.partition, set())
+                if records and tp.partition not in self._handed_to:
+                    # where reading began: committing it again would change nothing
+                    self._acked_to.setdefault(tp.partition, records[0].offset)
                 for record in records:
+                    outstanding.add(record.offset)
+                    self._handed_to[tp.partition] = record.offset + 1
                     yield Message(
                         topic=record.topic,
                         payload=record.value if record.value is not None else b"",
@@ -364,10 +505,24 @@ class KafkaTransport(Transport):
         commit: dict[TopicPartition, int] = {}
         if offsets:
             commit = {TopicPartition(topic, int(p)): int(o) for p, o in offsets.items()}
+            for tp, o in commit.items():
+                held = self._outstanding.get(tp.partition)
+                if held:
+                    held.difference_update([x for x in held if x < o])
         else:
+            # The oldest message not yet acknowledged bounds what may be committed.
+            touched = set()
             for m in messages:
                 if isinstance(m.token, TopicPartition) and m.offset is not None:
-                    commit[m.token] = max(commit.get(m.token, 0), m.offset + 1)
+                    self._outstanding.get(m.token.partition, set()).discard(m.offset)
+                    touched.add(m.token)
+            for tp in touched:
+                held = self._outstanding.get(tp.partition)
+                end = self._handed_to.get(tp.partition)
+                if end is not None:
+                    upto = min(held) if held else end
+                    if upto > self._acked_to.get(tp.partition, -1):  # else nothing new
+                        commit[tp] = upto
         # After a rebalance some partitions may belong to another member: committing them
         # would fail, and that member's own checkpoint governs them now.
         assigned = consumer.assignment()
@@ -378,6 +533,9 @@ class KafkaTransport(Transport):
             await consumer.commit(commit)
         except (CommitFailedError, IllegalStateError, KafkaError) as exc:
             log.warning("kafka commit skipped (checkpoint still holds the offsets): %s", exc)
+            return
+        for tp, o in commit.items():
+            self._acked_to[tp.partition] = max(self._acked_to.get(tp.partition, -1), o)
 
     # -- publishing -----------------------------------------------------------------------
     async def _send(

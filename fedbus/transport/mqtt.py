@@ -44,7 +44,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, TypeVar
 
 import aiomqtt
 from aiomqtt.exceptions import MqttConnectError
@@ -59,6 +59,7 @@ from fedbus.transport.retry import backoff
 __all__ = ["MqttConfig", "MqttTransport", "publish_packet_size", "status_record"]
 
 log = logging.getLogger("fedbus.transport.mqtt")
+T = TypeVar("T")
 
 PENDING_CALLS_WARNING = 10_000
 VERSION_PROPERTY = "fedbus-version"
@@ -262,12 +263,15 @@ class MqttTransport(Transport):
                 online = status_record(
                     "online", _status_client(self.config.status_topic), self.config.instance
                 )
-                await client.publish(
-                    self.config.status_topic,
-                    online,
-                    qos=1,
-                    retain=True,
-                    timeout=self.config.timeout,
+                await _unless_disconnected(
+                    client,
+                    client.publish(
+                        self.config.status_topic,
+                        online,
+                        qos=1,
+                        retain=True,
+                        timeout=self.config.timeout,
+                    ),
                 )
         except BaseException:
             await _force_close(client)
@@ -278,7 +282,9 @@ class MqttTransport(Transport):
         self._up.set()
 
     async def _subscribe(self, client: aiomqtt.Client, topic: str, qos: int) -> None:
-        granted = await client.subscribe(topic, qos=qos, timeout=self.config.timeout)
+        granted = await _unless_disconnected(
+            client, client.subscribe(topic, qos=qos, timeout=self.config.timeout)
+        )
         for code in granted:
             if (code.value if isinstance(code, ReasonCode) else code) >= 0x80:
                 raise TransportError(f"subscription to {topic!r} refused: {code}")
@@ -714,29 +720,32 @@ def _retrieve(future: asyncio.Future[None]) -> None:
         future.exception()
 
 
-async def _unless_disconnected(client: aiomqtt.Client, operation: Awaitable[None]) -> None:
+async def _unless_disconnected(client: aiomqtt.Client, operation: Awaitable[T]) -> T:
     """Await ``operation`` but give up as soon as the connection drops.
 
-    aiomqtt's ``publish()`` waits for its PUBACK until its timeout even when the connection
-    is already gone, which would stall every publish across a broker restart.
+    aiomqtt's ``publish()`` and ``subscribe()`` wait for their PUBACK or SUBACK until their
+    timeout (30 s) even when the connection is already gone. A publish would stall across a
+    broker restart; a reconnect that lost its new connection between CONNACK and SUBACK (a
+    broker restarted twice in a second) held a reducer for those 30 s while its updates
+    queued, which the scale fault test read as loss.
     """
     task = asyncio.ensure_future(operation)
     disconnected = client._disconnected
+    either: set[asyncio.Future[Any]] = {task, disconnected}
     try:
-        await asyncio.wait({task, disconnected}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
     except BaseException:
         task.cancel()
         raise
     if task.done():
-        task.result()
-        return
+        return task.result()
     task.cancel()
     with contextlib.suppress(BaseException):
         await task
     cause = disconnected.exception() if not disconnected.cancelled() else None
     # Name the broker's reason (e.g. 149 "Packet too large"), not only that it went away.
     why = f": broker reason {cause}" if cause is not None else ""
-    error = aiomqtt.MqttError(f"connection lost while waiting for PUBACK{why}")
+    error = aiomqtt.MqttError(f"connection lost while waiting for the broker's answer{why}")
     error.rc = getattr(cause, "rc", None)  # type: ignore[attr-defined]
     raise error from cause
 

@@ -23,10 +23,12 @@ __all__ = [
     "kafka_keys",
     "kafka_model_diffs",
     "kafka_models",
+    "kafka_partials",
     "kafka_secure",
     "kafka_secure_topics",
     "kafka_topics",
     "kafka_updates",
+    "kafka_watermarks",
     "mqtt_deadletter",
     "mqtt_events",
     "mqtt_keys",
@@ -107,6 +109,11 @@ def mqtt_watermark(model: str, reducer: str) -> str:
 
 
 def is_partials_topic(topic: str) -> bool:
+    """Whether a logged message came from reducers (MQTT or Kafka): replay judges it as a
+    partial, not as an update."""
+    parts = topic.split(".")
+    if len(parts) == 3 and parts[0] == KAFKA_PREFIX and parts[2] == "partials":
+        return True
     levels = topic.split("/")
     return len(levels) == 5 and "/".join(levels[:2]) == MQTT_PREFIX and levels[3] == "partials"
 
@@ -250,6 +257,18 @@ def kafka_secure(model: str, channel: str) -> str:
 def kafka_secure_topics(model: str) -> dict[str, str]:
     """The extra Kafka topics of a model in secure-aggregation mode, by role."""
     return {"keys": kafka_keys(model)} | {c: kafka_secure(model, c) for c in SECURE_CHANNELS}
+
+
+def kafka_partials(model: str) -> str:
+    """Reducers -> committer: one partition, so the committer that owns it through its
+    consumer group is the only active one (a standby is a member holding nothing)."""
+    return f"{KAFKA_PREFIX}.{validate_id(model, 'model')}.partials"
+
+
+def kafka_watermarks(model: str) -> str:
+    """Committer -> reducers: one partition keyed by reducer; each reducer reads it from the
+    end and keeps the watermarks of its own incarnation."""
+    return f"{KAFKA_PREFIX}.{validate_id(model, 'model')}.watermarks"
 
 
 def kafka_topics(model: str) -> dict[str, str]:

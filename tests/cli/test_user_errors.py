@@ -61,7 +61,19 @@ def assert_one_line(result: subprocess.CompletedProcess[str], *needles: str) -> 
         (["worker", "--log-format", "xml"], ["--log-format"]),
         (["worker", "--role", "leader"], ["role leader", "secure.enabled", "secure.keys_dir"]),
         (["worker", "--role", "reducer", "--algorithm", "fedasync"], ["role reducer", "fedbuff"]),
-        (["worker", "--role", "committer", "--transport", "kafka"], ["role committer", "MQTT"]),
+        (
+            # Kafka's committer role exists: a broker it cannot reach is the one line
+            [
+                "worker",
+                "--role",
+                "committer",
+                "--transport",
+                "kafka",
+                "--kafka-bootstrap",
+                "127.0.0.1:1",
+            ],
+            ["cannot reach the broker", "--kafka-bootstrap"],
+        ),
         (["worker", "--config", "no-such-file.toml"], ["--config", "no-such-file.toml"]),
         (["client", "simulate", "--codec", "int9"], ["--codec", "int9"]),
         (["client", "simulate", "--dropout", "1.5"], ["--dropout"]),
@@ -126,6 +138,14 @@ def test_algorithm_flag_cannot_drop_dp_or_robust_aggregation(toml: str, tmp_path
         ({"FEDBUS_MQTT__PORT": "x"}, ["mqtt.port"]),
         ({"FEDBUS_AGGREGATION__SERVER_LR": "-1"}, ["aggregation.server_lr"]),
         ({"FEDBUS_TRANSPORT": "amqp"}, ["transport", "amqp"]),
+        (
+            {
+                "FEDBUS_TRANSPORT": "kafka",
+                "FEDBUS_ROLE": "reducer",
+                "FEDBUS_SCALE__PARTITIONS": "4",
+            },
+            ["kafka.update_partitions", "consumer group"],
+        ),
     ],
 )
 def test_environment_mistakes(env: dict[str, str], needles: list[str], tmp_path: Path) -> None:

@@ -11,11 +11,9 @@ the devices sent is the reference, and the model message must count every update
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import signal
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +24,9 @@ from fedbus.client.updates import read_model
 from fedbus.testing.brokers import free_port
 from fedbus.transport.base import TransportError
 from fedbus.transport.mqtt import MqttTransport
+from tests.fault.common import log_records as _records
+from tests.fault.common import stop_all as _stop
+from tests.fault.common import updates_received as _received
 from tests.integration import harness as h
 from tests.integration.test_scale import LR, PARTITIONS, Fleet, scale_settings, wait_for_model
 from workers.crashpoints import ENV
@@ -59,41 +60,8 @@ def _role(
     return s.model_copy(update={"metrics_port": free_port()})
 
 
-def _received(port: int) -> float:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1) as r:
-            body = r.read().decode()
-    except OSError:
-        return 0.0
-    for line in body.splitlines():
-        if line.startswith("fedbus_updates_received_total{"):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
-
-
 async def _start(s: WorkerSettings, log: Path, extra: dict[str, str] | None = None) -> Any:
     return await h.start_worker_process(s, log, {**_env(s), **(extra or {})})
-
-
-def _records(log: Path) -> list[dict[str, Any]]:
-    out = []
-    for line in log.read_text().splitlines():
-        with contextlib.suppress(ValueError):
-            rec = json.loads(line)
-            if isinstance(rec, dict):
-                out.append(rec)
-    return out
-
-
-async def _stop(procs: list[Any]) -> None:
-    for p in procs:
-        if p.returncode is None:
-            p.send_signal(signal.SIGTERM)
-    for p in procs:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(p.wait(), 30)
-        if p.returncode is None:
-            p.kill()
 
 
 async def test_kill9_a_reducer_twice_under_a_steady_stream(
@@ -279,11 +247,6 @@ def _lost_in_window(
     return chosen
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="intermittent, open: 2 of the last 8 runs lost about 115 of 450 across SIGTERM "
-    "restarts with reducers running (the others: none); cause not found yet",
-)
 @pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGKILL"])
 async def test_mosquitto_restarted_three_times_mid_stream_with_reducers_running(
     signal_name: str, mosquitto_factory: Any, tmp_path: Path, model_id: str
@@ -349,6 +312,15 @@ async def test_mosquitto_restarted_three_times_mid_stream_with_reducers_running(
         x0f = x0.astype(np.float32).astype(np.float64)
         expected = x0f + LR * total / K
         final = await wait_for_model(committer, expected, sent, timeout=30)
+        if signal_name == "SIGTERM" and final.updates_folded < sent:
+            # Tell a stall from a loss: a reconnect once waited out aiomqtt's 30 s SUBACK
+            # timeout (issue 10), and the updates queued behind it read as lost.
+            late = await wait_for_model(committer, expected, sent, timeout=60)
+            pytest.fail(
+                f"{sent - final.updates_folded} of {sent} not folded within 30 s of the last "
+                f"publish; {late.updates_folded - final.updates_folded} of them came later "
+                f"(a stall), the rest are lost\n{log.read_text()[-3000:]}"
+            )
         assert final.updates_folded <= sent  # never doubled
         async with make_transport(h.client_settings(committer), role="reader") as reader:
             raw = await reader.latest_model(model_id, timeout=10)

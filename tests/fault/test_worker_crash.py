@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import random
 import signal
-import urllib.request
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -38,6 +36,8 @@ import pytest
 from fedbus.testing.brokers import free_port
 from fedbus.transport.base import Transport
 from fedbus.wire import envelope as env
+from tests.fault.common import log_records as _log_records
+from tests.fault.common import updates_received as _received
 from tests.integration import harness as h
 from workers.crashpoints import ENV
 from workers.main import make_transport
@@ -85,29 +85,6 @@ class _Fleet:
                 await dev.publish_update(self.model, client, raw)
 
         await asyncio.gather(*(one(c, r) for c, r in frames))
-
-
-def _received(port: int) -> float:
-    """The worker's fedbus_updates_received_total, 0 while it does not answer."""
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1) as r:
-            body = r.read().decode()
-    except OSError:
-        return 0.0
-    for line in body.splitlines():
-        if line.startswith("fedbus_updates_received_total{"):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
-
-
-def _log_records(log: Path) -> list[dict[str, Any]]:
-    out = []
-    for line in log.read_text().splitlines():
-        with contextlib.suppress(ValueError):
-            rec = json.loads(line)
-            if isinstance(rec, dict):
-                out.append(rec)
-    return out
 
 
 async def _follow(settings: Any, seen: list[bytes]) -> None:

@@ -142,3 +142,36 @@ async def test_a_model_in_an_unknown_codec_is_refused_by_the_device(
             read_model(raw)
         assert refused.value.reason is Reason.UNKNOWN_CODEC
         assert await Device(t, model_id, "dev-1").fetch_model(timeout=10) is None
+
+
+async def test_a_device_trains_from_an_int4_model(
+    transport_name: str, broker: Any, tmp_path: Path, model_id: str
+) -> None:
+    """``model_codec = "int4"``: the model a device fetches is the newest version on an int4
+    grid of the reference weights, checked in plain NumPy (blocks of 64 values, a scale of
+    absmax / 7 each, so every weight within absmax / 14 of the reference and on its grid)."""
+    settings = h.settings_for(transport_name, broker, model_id, tmp_path, alpha=0.5)
+    settings = settings.model_copy(update={"model_codec": "int4", "model_diff_codec": ""})
+    x0 = np.random.default_rng(0).normal(0, 0.1, h.N)
+    await h.init_model(settings, x0)
+    x_ref = x0.astype(np.float32).astype(np.float64)
+    rng = np.random.default_rng(2)
+    async with (
+        h.running_worker(settings) as worker,
+        make_transport(h.client_settings(settings), role="device") as dev,
+    ):
+        for i in range(3):
+            raw, d = h.update_bytes(model_id, f"dev-{i}", i, rng.normal(0, 0.01, h.N), seed=i)
+            await dev.publish_update(model_id, f"dev-{i}", raw)
+            x_ref = x_ref + 0.5 * d
+            await _wait(lambda i=i: worker.publisher.confirmed == i + 1)
+        got = await Device(dev, model_id, "dev-9").fetch_model(timeout=10)
+    assert got is not None and got.version == 3
+    pad = -h.N % 64
+    ref = np.concatenate([x_ref, np.zeros(pad)]).reshape(-1, 64)
+    w = np.concatenate([got.weights.astype(np.float64), np.zeros(pad)]).reshape(-1, 64)
+    scale = np.abs(ref).max(axis=1, keepdims=True) / 7
+    assert np.all(np.abs(w - ref) <= scale / 2 + 1e-6)
+    steps = w / scale
+    np.testing.assert_allclose(steps, np.round(steps), atol=1e-3)
+    assert np.abs(np.round(steps)).max() == 7

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from fedbus.client.updates import read_model
+from fedbus.testing.brokers import free_port
 from fedbus.transport.base import Transport
 from fedbus.wire import envelope as env
 from tests.integration import harness as h
@@ -51,6 +52,7 @@ def scale_settings(
         update={
             "role": role,
             "worker_id": worker_id,
+            "metrics_port": free_port(),  # /readyz: see running()
             "scale": s.scale.model_copy(update={"partitions": PARTITIONS, **scale}),
         }
     )
@@ -106,9 +108,21 @@ async def wait_for_model(
 
 @contextlib.asynccontextmanager
 async def running(settings: WorkerSettings) -> AsyncIterator[asyncio.Task[None]]:
+    """``serve`` in this process; with a metrics port, entered once its /readyz says its
+    subscriptions are in place. A fixed 1 s sleep raced them: start-up work on this one event
+    loop stretched it to 1.1-2.8 s, with the reducers ready 0-0.16 s after the device had
+    connected, and MQTT keeps nothing for a subscription not made yet, so the first updates
+    to a partition could reach no one (2 of 300 "lost" in about 2 of 40 runs)."""
     stop = asyncio.Event()
     task = asyncio.create_task(serve(settings, stop))
     try:
+        if settings.metrics_port:
+            async with asyncio.timeout(60):
+                while not await asyncio.to_thread(h.worker_ready, settings.metrics_port):
+                    if task.done():
+                        task.result()
+                        raise AssertionError(f"{settings.role} stopped before it was ready")
+                    await asyncio.sleep(0.05)
         yield task
     finally:
         stop.set()
@@ -130,7 +144,6 @@ async def test_two_reducers_and_a_committer_fold_every_update_once(
     await h.init_model(committer, x0)
     fleet = Fleet(model_id)
     async with running(committer), running(reducers[0]), running(reducers[1]):
-        await asyncio.sleep(1.0)  # subscriptions in place
         async with make_transport(h.client_settings(reducers[0]), role="device") as dev:
             await fleet.burst(dev, 300)
         expected = x0.astype(np.float32).astype(np.float64) + LR * fleet.total / K
@@ -161,7 +174,6 @@ async def test_several_models_in_one_process_each_exact(
         await stack.enter_async_context(running(main))
         if layout == "reducers":
             await stack.enter_async_context(running(reducer))
-        await asyncio.sleep(1.0)
         async with make_transport(h.client_settings(main), role="device") as dev:
             await asyncio.gather(*(fleets[m].burst(dev, 150) for m in models))
         for m in models:

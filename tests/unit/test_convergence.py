@@ -175,6 +175,57 @@ def test_download_hook_is_the_model_codec() -> None:
     np.testing.assert_array_equal(same, w.astype(np.float32).astype(np.float64))
 
 
+def test_int4_download_is_half_a_byte_a_parameter_plus_scales() -> None:
+    w = np.random.default_rng(1).normal(0, 0.1, 650)
+    decoded, nbytes = cv.download_hook(cv.DOWN_CODECS["int4"], 650)(w)
+    assert nbytes == 325 + 4 * 11  # two codes a byte, one fp32 scale per 64-value block
+    for b in range(11):  # nearest rounding: within half a step of its block's scale
+        blk = slice(64 * b, 64 * (b + 1))
+        assert np.abs(decoded[blk] - w[blk]).max() <= np.abs(w[blk]).max() / 7 / 2 + 1e-7
+
+
+def test_envelope_split_adds_up_to_the_measured_overhead() -> None:
+    from fedbus.bench.convergence import overhead
+    from fedbus.bench.convergence.setting import model_overhead, update_overhead
+
+    spec = cv.CODECS["topk"]
+    up = overhead.summarise(overhead.update_split(spec, 650), spec.raw_size(650))
+    assert up["overhead_bytes"] == update_overhead(spec, 650)
+    assert up["message_bytes"] == up["overhead_bytes"] + spec.raw_size(650)
+    # field names are msgpack strings: "base_version" costs 13 bytes (fixstr header + 12)
+    parts = overhead.update_split(spec, 650)
+    assert parts["base_version"]["name"] == 13 and parts["payload"]["name"] == 8
+    assert parts["layout"]["value"] == 34  # a 32-hex fingerprint as str 8
+    down = cv.DOWN_CODECS["int4"]
+    m = cv.world(cv.STANDARD, 0)[1]
+    split = overhead.model_split(down, m.wire_layout(), m.init_params(0))
+    assert sum(p["name"] + p["value"] for p in split.values()) - down.raw_size(650) == (
+        model_overhead(down, "softmax", 64, 10)
+    )
+
+
+def test_task_key_counts_the_publication_interval_only_when_set() -> None:
+    import hashlib
+    from dataclasses import asdict
+
+    t = cv.Task("fedbuff", "plain", 8.0, "fp32", 3)
+    fields = asdict(t)
+    del fields["publish_interval"]  # a key from before the field existed: caches stay valid
+    old = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:24]
+    assert t.key() == old
+    assert cv.Task("fedbuff", "plain", 8.0, "fp32", 3, publish_interval=1.0).key() != old
+
+
+def test_staleness_quantiles_and_histogram_by_hand() -> None:
+    from fedbus.bench.convergence import publication as pub
+
+    h = np.array([5, 3, 0, 2])  # staleness 0 x5, 1 x3, 3 x2: ten uploads
+    assert [pub.quantile(h, q) for q in (0.5, 0.8, 0.9, 1.0)] == [0, 1, 3, 3]
+    hist = pub.histogram([h, np.array([0, 0, 0, 0, 0, 10])])  # and staleness 5 x10
+    assert hist["0"] == 0.25 and hist["1"] == 0.15 and hist["2-4"] == 0.1
+    assert hist["5-9"] == 0.5 and sum(hist.values()) == pytest.approx(1.0)
+
+
 def test_envelope_overhead_is_the_sdk_message_minus_its_payload() -> None:
     from fedbus.bench.convergence.setting import model_overhead, update_overhead
 
@@ -225,15 +276,37 @@ def test_quick_report_shape(report: cv.Report) -> None:
         assert r["message_bytes_uploaded"] > r["bytes_uploaded"]
         assert 0.0 <= r["final_accuracy"] <= 1.0
     fb = {(r["codec"], r["down_codec"]): r for r in records
-          if r["algorithm"] == "fedbuff" and r["rule"] != "grid"}  # fmt: skip
+          if r["algorithm"] == "fedbuff" and r["rule"] not in ("grid", "publication")}  # fmt: skip
     # same schedule for every codec: the same jobs, so bytes differ by the codecs only
     assert fb[("topk", "int8")]["jobs"] == fb[("fp32", "fp32")]["jobs"]
     assert fb[("fp32", "fp32")]["downlink_bytes"] == 2600 * fb[("fp32", "fp32")]["jobs"]
+    assert fb[("topk", "int4")]["downlink_bytes"] == 369 * fb[("fp32", "fp32")]["jobs"]
+    # coalesced publication: same schedule, fewer publications, staler updates
+    p = s["publication"]["intervals"]
+    assert list(p) == ["0.0", "0.2", "1.0", "5.0", "20.0"]
+    means = [p[i]["staleness_mean"] for i in p]
+    assert means == sorted(means) and means[0] < means[-1]
+    assert p["0.0"]["plateau_drop_vs_every_version"] == 0.0
+    pubs = [p[i]["publications"] for i in p]
+    assert pubs[2] <= 61 and pubs[3] <= 13 and pubs[4] <= 4 < pubs[1] < pubs[0]  # 60 s
+    assert sorted(s["publication"]["default_interval_other_lrs"]) == ["16.0", "4.0"]
+
+
+def test_markdown_is_rebuilt_from_the_json_alone(report: cv.Report, tmp_path: Path) -> None:
+    from fedbus.bench.convergence import merge
+
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(cv.to_json(report)))
+    again = merge.load(path)
+    assert again.lr_table == report.lr_table
+    assert cv.markdown(again) == cv.markdown(report)
+    with pytest.raises(ValueError, match="quick"):
+        merge.extend(again, lambda tasks: [], log=str)
 
 
 def test_quick_report_learns(report: cv.Report) -> None:
     rec = {(r["algorithm"], r["codec"], r["down_codec"]): r for r in report.records
-           if r["rule"] != "grid"}  # fmt: skip
+           if r["rule"] not in ("grid", "publication")}  # fmt: skip
     # chance is 0.1; 60 simulated seconds of FedBuff reach ~0.93 on digits
     assert rec[("fedbuff", "fp32", "fp32")]["final_accuracy"] > 0.85
 
@@ -244,3 +317,20 @@ def test_plot_and_markdown(report: cv.Report, tmp_path: Path) -> None:
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = cv.markdown(report)
     assert "Target accuracy" in table and "| server lr (momentum: effective lr) |" in table
+
+
+def test_extend_refuses_what_it_cannot_extend(
+    report: cv.Report, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fedbus.cli import main
+
+    missing = ["bench", "convergence", "--extend", str(tmp_path / "none.json")]
+    assert main(missing) == 2
+    assert "no such file" in capsys.readouterr().err
+    quick = tmp_path / "quick.json"
+    quick.write_text(json.dumps(cv.to_json(report)))
+    assert main(["bench", "convergence", "--extend", str(quick)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "quick" in err and len(err.splitlines()) == 1
+    (tmp_path / "bad.json").write_text("[1]")
+    assert main(["bench", "convergence", "--extend", str(tmp_path / "bad.json")]) == 2

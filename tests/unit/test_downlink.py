@@ -32,7 +32,7 @@ def trajectory(steps: int, seed: int = 0) -> list[np.ndarray]:
 
 @pytest.mark.parametrize(
     ("codec", "bound"),
-    [("fp32", 1e-6), ("fp16", 2e-3), ("int8", 4.1 / 127 / 2)],  # |w| <= ~4, block absmax
+    [("fp32", 1e-6), ("fp16", 2e-3), ("int8", 4.1 / 127 / 2), ("int4", 4.1 / 7 / 2)],  # |w| <= ~4
 )
 def test_full_model_codecs_decode_within_bounds(codec: str, bound: float) -> None:
     w = trajectory(0)[0]
@@ -53,11 +53,15 @@ def test_full_model_codecs_decode_within_bounds(codec: str, bound: float) -> Non
 def test_model_message_bytes_per_parameter() -> None:
     w = trajectory(0)[0]
     sizes = {
-        c: len(DownlinkEncoder("m", LAYOUT, c).next(0, w).model) for c in ("fp32", "fp16", "int8")
+        c: len(DownlinkEncoder("m", LAYOUT, c).next(0, w).model)
+        for c in ("fp32", "fp16", "int8", "int4")
     }
     assert 4 * N < sizes["fp32"] < 4 * N + 600
     assert 2 * N < sizes["fp16"] < 2 * N + 600
     assert N + 4 * (N // 256 + 1) <= sizes["int8"] < N + 4 * (N // 256 + 1) + 600
+    # int4: two codes a byte and one float32 scale per block of 64, hand-counted
+    int4 = (N + 1) // 2 + 4 * -(-N // 64)
+    assert int4 <= sizes["int4"] < int4 + 600
 
 
 def test_int8_model_is_reproducible() -> None:

@@ -476,3 +476,63 @@ def test_synthetic_problem_is_fixed_and_learnable() -> None:
         w, _, _ = model.local_train(w, a.x_train, a.y_train, batch_size=64, lr=0.5, rng=rng)
     acc = model.accuracy(w, a.x_test, a.y_test)
     assert 0.5 < acc < 0.99  # learnable, and not trivially separable
+
+
+# -- coalesced model publication -------------------------------------------------------------
+
+
+def _publications(made: list[float], interval: float) -> list[tuple[float, int]]:
+    """The worker's rule, derived by hand from the times versions are made (``made[v]``):
+    the newest version goes out at once if ``interval`` has passed since the last
+    publication, else as soon as it has."""
+    pubs = [(0.0, 0)]
+    while pubs[-1][1] + 1 < len(made):
+        last, newest = pubs[-1]
+        at = max(made[newest + 1], last + interval)
+        pubs.append((at, max(v for v, t in enumerate(made) if t <= at)))
+    return pubs
+
+
+@pytest.mark.parametrize("interval", [0.0, 0.3, 2.5])
+def test_jobs_start_from_the_newest_published_version(
+    fleet: FleetData, timing: FleetTiming, interval: float
+) -> None:
+    server, r = _async(fleet, timing, max_uploads=1000, record_jobs=True,
+                       publish_interval=interval)  # fmt: skip
+    jobs = r.jobs  # type: ignore[attr-defined]
+    arrived = sorted(j.end for j in jobs if not j.dropped and j.end <= r.sim_time)  # type: ignore[attr-defined]
+    assert len(arrived) == len(server.submits) == 1000
+    made = [0.0] + [arrived[v * server.k - 1] for v in range(1, server.version + 1)]
+    pubs = _publications(made, interval)
+    at = [t for t, _ in pubs]
+    for j in jobs:
+        i = int(np.searchsorted(at, j.start, side="right")) - 1
+        assert j.base_version == pubs[i][1]  # never newer than the last publication
+    started = {j.base_version for j in jobs}
+    used = [p for p in pubs if p[0] <= max(j.start for j in jobs)]
+    assert started == {v for _, v in used}
+    assert r.publications == len(used)  # type: ignore[attr-defined]
+    assert all(b[0] - a[0] >= interval - 1e-9 for a, b in itertools.pairwise(used))
+    if interval == 0:  # every version, the moment it is made
+        assert [v for _, v in used] == list(range(len(used)))
+        assert r.publications == server.version + 1  # type: ignore[attr-defined]
+    # staleness counts from the downloaded version
+    assert r.staleness.tolist() == [v - b for _, b, _, v in server.submits]  # type: ignore[attr-defined]
+
+
+def test_coalescing_keeps_the_schedule_and_adds_staleness(
+    fleet: FleetData, timing: FleetTiming
+) -> None:
+    _, a = _async(fleet, timing, record_jobs=True)
+    _, z = _async(fleet, timing, record_jobs=True, publish_interval=0.0)
+    assert a.history == z.history and a.jobs == z.jobs  # type: ignore[attr-defined]
+    np.testing.assert_array_equal(a.params, z.params)  # type: ignore[attr-defined]
+    _, b = _async(fleet, timing, record_jobs=True, publish_interval=2.0)
+    assert [(j.device, j.start, j.end, j.dropped) for j in b.jobs] == [  # type: ignore[attr-defined]
+        (j.device, j.start, j.end, j.dropped)
+        for j in a.jobs  # type: ignore[attr-defined]
+    ]
+    assert b.staleness.mean() > a.staleness.mean()  # type: ignore[attr-defined]
+    assert b.publications <= b.sim_time / 2.0 + 1 < a.publications  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match="publish_interval"):
+        _async(fleet, timing, publish_interval=-1.0)

@@ -132,3 +132,12 @@ def test_partitioned_update_topics() -> None:
     assert topics.mqtt_partition_filter("m", 2) == "fedbus/v1/m/updates/2/+"
     assert topics.is_partials_topic(topics.mqtt_partials("m", "reducer-0"))
     assert not topics.is_partials_topic(topics.mqtt_update("m", "dev-1"))
+
+
+def test_kafka_scale_out_topics_and_replay_recognises_kafka_partials() -> None:
+    assert topics.kafka_partials("m-1") == "fedbus.m-1.partials"
+    assert topics.kafka_watermarks("m-1") == "fedbus.m-1.watermarks"
+    # the committer's log replays what came from this topic as partials, not updates
+    assert topics.is_partials_topic(topics.kafka_partials("m-1"))
+    assert not topics.is_partials_topic(topics.kafka_updates("m-1"))
+    assert not topics.is_partials_topic(topics.kafka_watermarks("m-1"))

@@ -22,8 +22,12 @@ one reducer and a paced stream; the active one is killed with SIGKILL and ``take
 the time until the standby answers ``/readyz`` (it holds the lease, has restored the state
 and is consuming partials). The reducer's unacknowledged updates are folded by the new one.
 
-Kafka: the reducer and committer roles run on MQTT only so far (README, Scaling out), so on
-Kafka only the single worker and the bare subscriber are measured.
+Kafka (Tansu, started here): the updates topic has ``PARTITIONS`` partitions keyed by client;
+reducers are one consumer group over it, the committer owns the one-partition partials topic
+and the standby is the other member of its group. Takeover there is bounded below by the
+group's session timeout (2 s here, ``TansuBroker.LATENCY_SETTINGS``): the broker notices the
+dead member only then. Each Kafka case deletes its topics afterwards (Tansu keeps every
+record in memory).
 """
 
 from __future__ import annotations
@@ -46,7 +50,8 @@ from typing import Any
 
 import numpy as np
 
-from fedbus.testing.brokers import MosquittoBroker, free_port
+from fedbus.testing.brokers import MosquittoBroker, TansuBroker, free_port
+from fedbus.transport import topics
 from fedbus.wire.model_message import encode_model_message
 from workers.bench.e2e import (
     BUFFER_SIZE,
@@ -86,8 +91,29 @@ class _ScaleEnv(_Env):
         from workers.main import make_transport
 
         s = self.settings(model, "bench")
-        s = s.model_copy(update={"scale": s.scale.model_copy(update={"partitions": PARTITIONS})})
+        if self.transport == "kafka":
+            kafka = s.kafka.model_copy(update={"update_partitions": PARTITIONS})
+            s = s.model_copy(update={"kafka": kafka})
+        else:
+            scale = s.scale.model_copy(update={"partitions": PARTITIONS})
+            s = s.model_copy(update={"scale": scale})
         return make_transport(s, role="pub")
+
+    async def drop_topics(self, model: str) -> None:
+        await super().drop_topics(model)
+        if isinstance(self.broker, TansuBroker):
+            from aiokafka.admin import AIOKafkaAdminClient
+
+            admin = AIOKafkaAdminClient(bootstrap_servers=self.broker.bootstrap_servers)
+            try:
+                await admin.start()
+                await admin.delete_topics(
+                    [topics.kafka_partials(model), topics.kafka_watermarks(model)]
+                )
+            except Exception as exc:  # best effort, as the others
+                self.log(f"  (could not delete scale-out topics of {model}: {exc})")
+            finally:
+                await admin.close()
 
 
 def _env(
@@ -104,17 +130,28 @@ def _env(
         FEDBUS_METRICS_PORT=str(port),
         FEDBUS_MODEL_PUBLISH_INTERVAL_S=str(PUBLISH_INTERVAL_S),
         FEDBUS_MODEL_CODEC="fp32",
-        FEDBUS_MQTT__HOSTNAME=where.broker.host,
-        FEDBUS_MQTT__PORT=str(where.broker.port),
         FEDBUS_AGGREGATION__ALGORITHM="fedbuff",
         FEDBUS_AGGREGATION__BUFFER_SIZE=str(where.k),
         FEDBUS_AGGREGATION__STALENESS="constant",
         FEDBUS_AGGREGATION__BUFFER_TIMEOUT_S="0.2",
-        FEDBUS_SCALE__PARTITIONS=str(PARTITIONS),
         FEDBUS_SCALE__FLUSH_UPDATES=str(where.k),
         FEDBUS_LOG_FORMAT="json",
         FEDBUS_LOG_LEVEL="warning",
     )
+    broker = where.broker
+    if isinstance(broker, TansuBroker):
+        out.update(
+            FEDBUS_TRANSPORT="kafka",
+            FEDBUS_KAFKA__BOOTSTRAP_SERVERS=broker.bootstrap_servers,
+            FEDBUS_KAFKA__UPDATE_PARTITIONS=str(PARTITIONS),
+            **{f"FEDBUS_KAFKA__{k.upper()}": str(v) for k, v in broker.LATENCY_SETTINGS.items()},
+        )
+    else:
+        out.update(
+            FEDBUS_MQTT__HOSTNAME=broker.host,
+            FEDBUS_MQTT__PORT=str(broker.port),
+            FEDBUS_SCALE__PARTITIONS=str(PARTITIONS),
+        )
     out.update(extra)
     return out
 
@@ -197,13 +234,14 @@ async def _case(
             envs = [_env(where, model, "all", "worker-0", free_port())]
         else:
             envs = [_env(where, model, "committer", "committer", free_port())]
-            envs += [
-                _env(
-                    where, model, "reducer", f"reducer-{i}", free_port(),
-                    FEDBUS_SCALE__REDUCER_PARTITIONS=json.dumps(parts),
+            for i, parts in enumerate(_split(reducers)):
+                # Kafka: the consumer group shares the partitions out.
+                owned = (
+                    {}
+                    if where.transport == "kafka"
+                    else {"FEDBUS_SCALE__REDUCER_PARTITIONS": json.dumps(parts)}
                 )
-                for i, parts in enumerate(_split(reducers))
-            ]  # fmt: skip
+                envs.append(_env(where, model, "reducer", f"reducer-{i}", free_port(), **owned))
         ports = [(await procs.spawn(e))[1] for e in envs]
         await procs.ready(ports)
         await subscribed.wait()
@@ -221,6 +259,7 @@ async def _case(
         follower.cancel()
         await asyncio.gather(follower, return_exceptions=True)
         await procs.close()
+        await where.drop_topics(model)
 
 
 async def _takeover(where: _ScaleEnv, n_params: int, window: int) -> float:
@@ -238,7 +277,8 @@ async def _takeover(where: _ScaleEnv, n_params: int, window: int) -> float:
         _, standby_port = await procs.spawn(standby)
         _, reducer_port = await procs.spawn(reducer)
         await procs.ready([reducer_port])
-        await asyncio.sleep(1.0)  # the standby has seen the lease held
+        # the standby has seen the lease held (MQTT) or has joined the group (Kafka)
+        await asyncio.sleep(1.0 if where.transport == "mqtt" else 3.0)
         async with where.publisher(model) as pub:
             stream = asyncio.create_task(
                 _publish(pub, model, frames.take(where.k * 40), window=window, rate=100.0)
@@ -254,9 +294,30 @@ async def _takeover(where: _ScaleEnv, n_params: int, window: int) -> float:
         return took
     finally:
         await procs.close()
+        await where.drop_topics(model)
 
 
 async def _run(
+    transports: Sequence[str],
+    sizes: Sequence[int],
+    repeats: int,
+    updates_per_run: int | None,
+    window: int,
+    reducer_counts: Sequence[int],
+    log: Log,
+    inflight: int,
+    k: int,
+) -> list[dict[str, Any]]:
+    records: list[dict[str, Any]] = []
+    for transport in transports:
+        records += await _run_on(
+            transport, sizes, repeats, updates_per_run, window, reducer_counts, log, inflight, k
+        )
+    return records
+
+
+async def _run_on(
+    transport: str,
     sizes: Sequence[int],
     repeats: int,
     updates_per_run: int | None,
@@ -267,12 +328,16 @@ async def _run(
     k: int,
 ) -> list[dict[str, Any]]:
     workdir = Path(tempfile.mkdtemp(prefix="fedbus-bench-scale-"))
-    broker = MosquittoBroker(max_inflight_messages=inflight)
+    broker: MosquittoBroker | TansuBroker = (
+        MosquittoBroker(max_inflight_messages=inflight) if transport == "mqtt" else TansuBroker()
+    )
     records: list[dict[str, Any]] = []
     try:
         broker.start()
-        where = _ScaleEnv("mqtt", broker, workdir, log, k=k)
-        plain = _Env("mqtt", broker, workdir, log)  # the bare subscriber reads updates/+
+        where = _ScaleEnv(transport, broker, workdir, log, k=k)
+        # The bare subscriber: MQTT reads updates/+ (no partition level); Kafka reads the
+        # same partitioned topic the workers do.
+        plain = _Env("mqtt", broker, workdir, log) if transport == "mqtt" else where
         seed = 1
         for n in sizes:
             updates = _round_up(updates_per_run or default_updates(n), k)
@@ -289,14 +354,14 @@ async def _run(
                         reducers = 0 if case == "all" else int(case)
                         rate = await _case(where, n, updates, window, seed, reducers)
                     rates.setdefault(case, []).append(rate)
-                    log(f"mqtt N={n:,} repeat {r + 1}/{repeats}: {case} {rate:,.0f}/s")
+                    log(f"{transport} N={n:,} repeat {r + 1}/{repeats}: {case} {rate:,.0f}/s")
             raw = statistics.median(rates["raw"])
             single = statistics.median(rates["all"])
             for c in reducer_counts:
                 rate = statistics.median(rates[str(c)])
                 records.append(
                     {
-                        "transport": "mqtt",
+                        "transport": transport,
                         "n_params": n,
                         "codec": CODEC,
                         "reducers": c,
@@ -309,13 +374,13 @@ async def _run(
                         "partitions": PARTITIONS,
                         "buffer_size": k,
                         "flush_updates": k,
-                        "broker_max_inflight": inflight,
+                        "broker_max_inflight": inflight if transport == "mqtt" else None,
                         "cpus": os.cpu_count(),
                     }
                 )
         took = await _takeover(where, min(sizes), window)
-        log(f"mqtt takeover: {took:.2f} s")
-        records.append({"takeover": True, "transport": "mqtt", "takeover_s": took})
+        log(f"{transport} takeover: {took:.2f} s")
+        records.append({"takeover": True, "transport": transport, "takeover_s": took})
     finally:
         broker.cleanup()
         shutil.rmtree(workdir, ignore_errors=True)
@@ -327,19 +392,23 @@ def run(
     repeats: int = 1,
     updates_per_run: int | None = None,
     *,
+    transports: Sequence[str] = ("mqtt", "kafka"),
     window: int = 10,
     reducer_counts: Sequence[int] = (1, 2),
     log: Log = _quiet,
     inflight: int = 20,
     buffer_size: int = BUFFER_SIZE,
 ) -> list[dict[str, Any]]:
-    """Run on a broker of its own; one record per (size, reducer count), plus the takeover."""
+    """Run on a broker of its own per transport; one record per (transport, size, reducer
+    count), plus one takeover per transport."""
     if repeats < 1:
         raise ValueError("repeats must be at least 1")
+    for t in transports:
+        if t not in ("mqtt", "kafka"):
+            raise ValueError(f"transport must be mqtt or kafka, not {t!r}")
     _configure_logging()
-    return asyncio.run(
-        _run(sizes, repeats, updates_per_run, window, reducer_counts, log, inflight, buffer_size)
-    )
+    args = (sizes, repeats, updates_per_run, window, reducer_counts, log, inflight, buffer_size)
+    return asyncio.run(_run(transports, *args))
 
 
 def markdown(records: Sequence[Mapping[str, Any]]) -> str:

@@ -40,6 +40,10 @@ def _n(x: float | None, fmt: str) -> str:
     return "n/a" if x is None else format(x, fmt)
 
 
+def _x(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.2f}x"
+
+
 def _t(x: float | None) -> str:
     return "not reached" if x is None else f"{x:.0f}"
 
@@ -83,6 +87,10 @@ def markdown(report: Report) -> str:
             ]
             out.append(f"| {a} | {o} | {seeds} | " + " | ".join(cells) + " |")
     out += ["", lr_table_markdown(report), "", codec_markdown(report)]
+    if "total_bytes_ratio" in s:
+        out += ["", totals_markdown(s)]
+    if "publication" in s:
+        out += ["", publication_markdown(s["publication"])]
     edges = s["chosen_on_grid_edge"] + s.get("chosen_on_grid_edge_rows", [])
     edge_note = f" (on an edge or none: {', '.join(edges)})" if edges else ""
     compares = " vs ".join(s["fedbuff_speedup_compares"])
@@ -151,7 +159,7 @@ def codec_markdown(report: Report) -> str:
     for r in report.records:
         if r["setting"] != s["setting"] or r["optimiser"] != "plain" or r["rule"] == "grid":
             continue
-        if r["rule"] == "uploads":
+        if r["rule"] in ("uploads", "publication"):
             continue
         jobs = max(1, r["jobs"])
         out.append(
@@ -161,6 +169,76 @@ def codec_markdown(report: Report) -> str:
             f"{r['message_bytes_uploaded'] / jobs:.0f} + "
             f"{r['downlink_message_bytes'] / jobs:.0f} |"
         )
+    return "\n".join(out)
+
+
+def totals_markdown(s: dict[str, Any]) -> str:
+    """Both ways per device job, and where a message's bytes go."""
+    lines = [
+        f"Both ways per device job (FedBuff at the time-chosen lr, payloads): fp32 up and down "
+        f"{s['total_bytes_per_job_fp32']:.0f} bytes; {s['total_bytes_config']} "
+        f"{s['total_bytes_per_job_compressed']:.0f}: total_bytes_ratio "
+        f"{s['total_bytes_ratio']:.2f}x, whole messages {s['total_message_bytes_ratio']:.2f}x "
+        f"({s['total_message_bytes_per_job_fp32']:.0f} against "
+        f"{s['total_message_bytes_per_job_compressed']:.0f}), plateau drop "
+        f"{100 * s['total_bytes_accuracy_drop']:.2f} point (accuracy-chosen lr: "
+        f"{100 * s['total_bytes_accuracy_drop_accuracy_chosen']:.2f}); the int4 model alone "
+        f"{100 * s['int4_download_accuracy_drop']:.2f} point. With an int8 model down instead: "
+        f"{s['total_bytes_ratio_down_int8']:.2f}x payload, "
+        f"{s['total_message_bytes_ratio_down_int8']:.2f}x messages, drop "
+        f"{100 * s['total_bytes_accuracy_drop_down_int8']:.2f} point."
+    ]
+    split = s.get("envelope_overhead_split")
+    if split:
+        lines += [
+            "",
+            "| message | bytes | payload | overhead | field names | largest field values |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name, m in split.items():
+            top = ", ".join(f"{k} {v}" for k, v in list(m["value_overhead_bytes"].items())[:5])
+            lines.append(
+                f"| {name} | {m['message_bytes']} | {m['payload_bytes']} | "
+                f"{m['overhead_bytes']} | {m['field_name_bytes']} | {top} |"
+            )
+    return "\n".join(lines)
+
+
+def publication_markdown(p: dict[str, Any]) -> str:
+    """Staleness and convergence against ``model_publish_interval_s``."""
+    bins = " / ".join(next(iter(p["intervals"].values()))["staleness_histogram"])
+    out = [
+        f"Coalesced publication ({p['algorithm']} at {p['value']:g}, chosen on "
+        f"{p['chosen_on']} with every version published, not re-tuned; medians "
+        "over seeds, ratios paired against interval 0):",
+        "",
+        f"| interval s | staleness p50 / p90 / p99 / max (mean) | uploads at staleness {bins} "
+        "| plateau (drop vs 0, points) | final "
+        "| time to target s (min-max) | vs every version | publications per device job |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in p["intervals"].values():
+        h = r["staleness_histogram"]
+        hist = " / ".join(f"{100 * v:.0f}%" for v in h.values())
+        out.append(
+            f"| {r['publish_interval_s']:g} | {r['staleness_p50']:.0f} / {r['staleness_p90']:.0f}"
+            f" / {r['staleness_p99']:.0f} / {r['staleness_max']:.0f} "
+            f"({r['staleness_mean']:.1f}) | {hist} | {r['plateau_accuracy']:.4f} "
+            f"({100 * r['plateau_drop_vs_every_version']:.2f}) | {r['final_accuracy']:.4f} | "
+            f"{_t(r['time_to_target_s'])} ({_t(r['time_to_target_min_s'])}-"
+            f"{_t(r['time_to_target_max_s'])}) | "
+            f"{_x(r['time_to_target_vs_every_version'])} | "
+            f"{r['publications_per_device_job']:.1f} |"
+        )
+    other = p.get("default_interval_other_lrs", {})
+    if other:
+        cells = "; ".join(
+            f"lr {r['value']:g}: {_t(r['time_to_target_s'])} s "
+            f"({_x(r['time_to_target_vs_every_version'])} of every version at "
+            f"{p['value']:g}), plateau {r['plateau_accuracy']:.4f}"
+            for r in other.values()
+        )
+        out += ["", f"At the default interval with the lr's grid neighbours instead: {cells}."]
     return "\n".join(out)
 
 

@@ -21,8 +21,11 @@ Protocol (all of it here and in :mod:`.selection`, so a reader can check it):
 - **Codecs.** int8 and top-k 5% + int8 (error feedback on every device), run on FedBuff at
   the value chosen on time and at the value chosen on final accuracy; the drop is the paired
   difference of plateaus. Bytes are reported as payloads and as whole messages (a real
-  envelope encoded). The downlink is counted per job (a device fetches the model when a job
-  starts), fp32 and int8.
+  envelope encoded, and split by field). The downlink is counted per job (a device fetches
+  the model when a job starts), fp32, int8 and int4; the both-ways figures describe the
+  fewest bytes (top-k up, int4 down).
+- **Publication.** FedBuff at its time-chosen lr with the worker's publication coalesced to
+  one per interval (:mod:`.publication`): staleness, plateau and time to target per interval.
 - **Rows.** The MLP, more local work and a paper-like regime, each tuned by the same rule on
   fewer seeds; label ownership by slow devices and a sensitivity table at the standard
   setting's choices (labelled untuned).
@@ -42,6 +45,7 @@ from typing import Any
 
 import numpy as np
 
+from fedbus.bench.convergence import overhead, publication
 from fedbus.bench.convergence import selection as sel
 from fedbus.bench.convergence.setting import (
     ADAM_GRID,
@@ -51,6 +55,7 @@ from fedbus.bench.convergence.setting import (
     DOWN_CODECS,
     LR_GRID,
     MOMENTUM,
+    PUBLISH_INTERVALS,
     STANDARD,
     Setting,
     Task,
@@ -81,6 +86,12 @@ OPTIMISER_SEEDS = 5
 each algorithm does best with is then run on all the headline's seeds."""
 ROW_SEEDS = 3
 PLAIN: tuple[Spec, ...] = tuple((a, "plain") for a in ALGORITHMS)
+FEDBUFF: Spec = ("fedbuff", "plain")
+CODEC_RUNS = (("int8", "fp32"), ("topk", "fp32"), ("topk", "int8"), ("fp32", "int4"),
+              ("topk", "int4"))  # fmt: skip
+"""(update codec, model codec) pairs run on FedBuff at its time- and accuracy-chosen lrs."""
+BEST_TOTAL = ("topk", "int4")
+"""The configuration the both-ways figures (``total_*``) describe: the fewest bytes per job."""
 ADAM_STARTS = {
     "sync_fedavg": (1e-2, 3e-2, 0.1),
     "fedbuff": (3e-3, 1e-2, 3e-2),
@@ -272,14 +283,9 @@ CodecRuns = dict[tuple[Spec, float, str, str], list[Trace]]
 
 
 def _codec_runs(
-    study: Study, specs: Sequence[Spec], runner: Runner, extra: Sequence[tuple[str, str]]
+    study: Study, values: dict[Spec, set[float]], runner: Runner, extra: Sequence[tuple[str, str]]
 ) -> CodecRuns:
-    """Runs of ``extra`` (codec, down codec) pairs at each spec's time and final choices."""
-    values: dict[Spec, set[float]] = {}
-    for spec in specs:
-        for c in (study.choice(spec, "time"), study.final_choice(spec)):
-            if c.value is not None:
-                values.setdefault(spec, set()).add(c.value)
+    """Runs of ``extra`` (codec, down codec) pairs at each spec's ``values``."""
     keys = [(spec, v, c, d) for spec, vs in values.items() for v in sorted(vs) for c, d in extra]
     tasks = [
         Task(s[0], s[1], v, c, seed, study.setting, d)
@@ -371,10 +377,9 @@ def _report(
         search(std, {s: grid(*s) for s in PLAIN}, log)
     specs = [(a, o) for a in ALGORITHMS for o in optimisers]
 
-    # codecs (FedBuff, plain) at the time- and final-chosen values; the downlink
-    log("convergence: codec and downlink runs")
-    extra = [("int8", "fp32"), ("topk", "fp32"), ("topk", "int8")]
-    codec = _codec_runs(std, [("fedbuff", "plain")], runner, extra)
+    # codecs (FedBuff, plain) at the time- and final-chosen values; the downlink; publication
+    t_fb, f_fb = std.choice(FEDBUFF, "time").value, std.final_choice(FEDBUFF).value
+    extra = sections(std, t_fb, f_fb, runner, log)
 
     if not quick:
         # momentum and Adam: searched on the first seeds, the winners then run on all
@@ -429,13 +434,13 @@ def _report(
             c = std.choice(spec, "time")
             if c.value == v:
                 curves[f"{spec[0]}/{spec[1]}/time"] = _median_curve(std.traces[(*spec, v)])
-    for (spec, v, up, down), trs in codec.items():
-        rule = "time" if v == std.choice(spec, "time").value else "final"
-        records.append(_record(std, spec, v, trs, rule, up, down))
-        if rule == "time":
+    records += extra.records
+    for (_, v, up, down), trs in extra.codec.items():
+        if v == t_fb:
             curves[f"fedbuff/plain/time/{up}+down_{down}"] = _median_curve(trs)
 
-    summary = _summary(std, opt, seeds, quick, codec, specs, optimisers)
+    summary = _summary(std, opt, seeds, quick, specs, optimisers)
+    summary.update(extra.summary)
     if rows:
         summary.update(_rows(std, row_seeds, runner, log, records, only))
     summary["optima_inside_grid_standard"] = not summary["chosen_on_grid_edge"]
@@ -459,7 +464,6 @@ def _summary(
     opt: Study,
     seeds: tuple[int, ...],
     quick: bool,
-    codec: CodecRuns,
     specs: list[Spec],
     optimisers: Sequence[str],
 ) -> dict[str, Any]:
@@ -530,11 +534,64 @@ def _summary(
         "fedbuff_uploads_vs_sync": up_sync,
         "fedbuff_uploads_vs_sync_plain": up_sync_plain,
     }
-    # codec drops and bytes for FedBuff (plain), at the time-chosen and final-chosen values
-    fb = ("fedbuff", "plain")
+    return out
+
+
+@dataclass
+class Sections:
+    """The codec, downlink and publication sections: their records, summary keys, runs."""
+
+    records: list[dict[str, Any]]
+    summary: dict[str, Any]
+    codec: CodecRuns
+
+
+def sections(
+    std: Study,
+    time_value: float | None,
+    final_value: float | None,
+    runner: Runner,
+    log: Callable[[str], None],
+) -> Sections:
+    """FedBuff (plain) with each of :data:`CODEC_RUNS` at the lrs chosen on time and on
+    final accuracy, and at the time-chosen lr with each publication interval. Needs only
+    those lrs' fp32 runs and the target's runs in ``std``, so stored results can gain these
+    sections without the search (:mod:`.merge`)."""
+    log("convergence: codec and downlink runs")
+    values = {FEDBUFF: {v for v in (time_value, final_value) if v is not None}}
+    codec = _codec_runs(std, values, runner, CODEC_RUNS)
+    records = [
+        _record(std, spec, v, trs, "time" if v == time_value else "final", up, down)
+        for (spec, v, up, down), trs in codec.items()
+    ]
+    summary = codec_summary(std, codec, time_value, final_value)
+    value, chosen_on = (time_value, "time") if time_value is not None else (final_value, "final")
+    if value is not None:
+        log(f"convergence: publication intervals {PUBLISH_INTERVALS}")
+        found = publication.runs(std, value, runner)
+        for i, trs in found.items():
+            r = _record(std, FEDBUFF, value, trs, "publication", "fp32", "fp32")
+            r["publish_interval_s"] = i
+            r.update(publication.staleness_stats(trs))
+            records.append(r)
+        retuned = publication.retune_runs(std, value, runner)
+        summary["publication"] = publication.summary(std, value, found, retuned)
+        summary["publication"]["chosen_on"] = chosen_on
+    return Sections(records, summary, codec)
+
+
+def codec_summary(
+    std: Study, codec: CodecRuns, time_value: float | None, final_value: float | None
+) -> dict[str, Any]:
+    """Codec drops and bytes for FedBuff (plain) at the lrs chosen on time and on final
+    accuracy; the both-ways figures (``total_*``) for :data:`BEST_TOTAL`, those of an int8
+    model download beside them (suffix ``_down_int8``)."""
+    s = std.setting
+    fb = FEDBUFF
     n = world(s, 0)[1].n_params
     ovh = {k: update_overhead(CODECS[k], n) for k in CODECS}
     dovh = {k: model_overhead(DOWN_CODECS[k], s.model, *_shape(s)) for k in DOWN_CODECS}
+    out: dict[str, Any] = {"total_bytes_config": f"{BEST_TOTAL[0]} up, {BEST_TOTAL[1]} model down"}
 
     def total(t: Trace) -> float:  # payload bytes, both ways, per job
         return float(t.bytes[-1] + t.down_bytes[-1]) / t.jobs
@@ -547,30 +604,49 @@ def _summary(
     def msg_up(t: Trace) -> float:
         return float(t.bytes[-1] + t.uploads[-1] * ovh[t.task.codec])
 
-    for rule, c in (("", std.choice(fb, "time")), ("_accuracy_chosen", std.final_choice(fb))):
-        if c.value is None:
+    for rule, v in (("", time_value), ("_accuracy_chosen", final_value)):
+        if v is None:
             continue
-        base = std.traces[(*fb, c.value)]
-        i8 = codec[(fb, c.value, "int8", "fp32")]
-        tk = codec[(fb, c.value, "topk", "fp32")]
-        both = codec[(fb, c.value, "topk", "int8")]
+        base = std.traces[(*fb, v)]
+        i8 = codec[(fb, v, "int8", "fp32")]
+        tk = codec[(fb, v, "topk", "fp32")]
+        both = codec[(fb, v, *BEST_TOTAL)]
+        both8 = codec[(fb, v, "topk", "int8")]
         out[f"int8_accuracy_drop{rule}"] = _drop(base, i8)
         out[f"topk_accuracy_drop{rule}"] = _drop(base, tk)
+        out[f"int4_download_accuracy_drop{rule}"] = _drop(base, codec[(fb, v, "fp32", "int4")])
         out[f"total_bytes_accuracy_drop{rule}"] = _drop(base, both)
+        out[f"total_bytes_accuracy_drop_down_int8{rule}"] = _drop(base, both8)
         if rule:
             continue
         out["topk_bytes_ratio"] = _bytes_ratio(base, tk, lambda t: float(t.bytes[-1]))
         out["topk_message_bytes_ratio"] = _bytes_ratio(base, tk, msg_up)
-
-        out["total_bytes_ratio"] = _bytes_ratio(base, both, total)
-        out["total_message_bytes_ratio"] = _bytes_ratio(base, both, total_msg)
         out["total_bytes_per_job_fp32"] = median(total(t) for t in base)
-        out["total_bytes_per_job_compressed"] = median(total(t) for t in both)
         out["total_message_bytes_per_job_fp32"] = median(total_msg(t) for t in base)
-        out["total_message_bytes_per_job_compressed"] = median(total_msg(t) for t in both)
+        for suffix, runs in (("", both), ("_down_int8", both8)):
+            out[f"total_bytes_ratio{suffix}"] = _bytes_ratio(base, runs, total)
+            out[f"total_message_bytes_ratio{suffix}"] = _bytes_ratio(base, runs, total_msg)
+            out[f"total_bytes_per_job_compressed{suffix}"] = median(total(t) for t in runs)
+            out[f"total_message_bytes_per_job_compressed{suffix}"] = median(
+                total_msg(t) for t in runs
+            )
         out["update_envelope_overhead_bytes"] = ovh
         out["model_envelope_overhead_bytes"] = dovh
+        out["envelope_overhead_split"] = _overhead_split(s, n)
     return out
+
+
+def _overhead_split(s: Setting, n: int) -> dict[str, Any]:
+    """Field by field, the messages of the compressed configuration (see :mod:`.overhead`)."""
+    model = make_model(s.model, *_shape(s))
+    up, down = CODECS[BEST_TOTAL[0]], DOWN_CODECS[BEST_TOTAL[1]]
+    return {
+        "update": overhead.summarise(overhead.update_split(up, n), up.raw_size(n)),
+        "model": overhead.summarise(
+            overhead.model_split(down, model.wire_layout(), model.init_params(0)),
+            down.raw_size(n),
+        ),
+    }
 
 
 def _chosen(std: Study, spec: Spec) -> tuple[float, ...]:

@@ -13,7 +13,7 @@ import itertools
 import json
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -97,8 +97,17 @@ CODECS: dict[str, CodecSpec] = {
 DOWN_CODECS: dict[str, CodecSpec] = {
     "fp32": CodecSpec("fp32"),
     "int8": CodecSpec("int8", rounding="nearest"),
+    "int4": CodecSpec("int4", rounding="nearest"),
 }
-"""The model as devices download it: weights, not deltas, so nearest rounding."""
+"""The model as devices download it: weights, not deltas, so nearest rounding. int4
+(blocks of 64, one float32 scale each: 0.57 byte a parameter) is what takes the total per
+job past 10x; the worker publishes it with ``model_codec = "int4"``."""
+PUBLISH_INTERVALS = (0.0, 0.2, 1.0, 5.0, 20.0)
+"""``model_publish_interval_s`` values of the publication section: every version, a shorter
+one, the worker's default, and two longer ones."""
+DEFAULT_PUBLISH_INTERVAL = 1.0
+"""The worker's default ``model_publish_interval_s``: the section also re-runs the lr's grid
+neighbours there, to tell a cost of coalescing from a cost of not re-tuning for it."""
 
 
 def grid(algorithm: str, optimiser: str) -> tuple[float, ...]:
@@ -154,11 +163,22 @@ class Task:
     seed: int
     setting: Setting = STANDARD
     down: str = "fp32"
+    publish_interval: float = 0.0
+    """The worker's ``model_publish_interval_s`` (asynchronous algorithms): 0 publishes
+    every version."""
 
     def key(self) -> str:
-        """A stable name for the cache (hash of every field)."""
-        text = json.dumps(asdict(self), sort_keys=True)
+        """A stable name for the cache (hash of every field; fields added later count only
+        when they differ from their default, so older caches stay valid)."""
+        fields = asdict(self)
+        for name in _LATER_FIELDS:
+            if fields[name] == getattr(Task, name):
+                del fields[name]
+        text = json.dumps(fields, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+_LATER_FIELDS = ("publish_interval",)
 
 
 @dataclass
@@ -175,6 +195,11 @@ class Trace:
     """Jobs started (each downloaded the model once)."""
     class_accuracy: np.ndarray
     """Per-class accuracy of the final model (the worst class shows a biased fleet)."""
+    staleness: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    """Uploads by staleness (``staleness[s]``: uploads ``s`` versions behind at arrival,
+    counted from the version the job downloaded); empty for synchronous runs."""
+    publications: int = 0
+    """Model versions published (asynchronous runs)."""
 
     @property
     def final_accuracy(self) -> float:
@@ -370,7 +395,13 @@ def run_one(task: Task) -> Trace:
         else:
             raise ValueError(f"unknown algorithm {task.algorithm!r}")
         result = run_async(
-            PolicyServer(policy), fleet, model, timing, concurrency=s.concurrency, **common
+            PolicyServer(policy),
+            fleet,
+            model,
+            timing,
+            concurrency=s.concurrency,
+            publish_interval=task.publish_interval,
+            **common,
         )
     h = result.history
     pred = model.predict(result.params, fleet.x_test)
@@ -384,6 +415,10 @@ def run_one(task: Task) -> Trace:
         np.array([p.down_bytes for p in h], dtype=np.int64),
         jobs=int(result.down_bytes // max(1, _down_size(task, model.n_params))),
         class_accuracy=per_class,
+        staleness=np.bincount(result.staleness)
+        if task.algorithm != "sync_fedavg"
+        else np.zeros(0, dtype=np.int64),
+        publications=result.publications,
     )
 
 
@@ -409,6 +444,8 @@ def cached_run(task: Task, cache: str | None) -> Trace:
             z["down_bytes"],
             int(z["jobs"]),
             z["class_accuracy"],
+            z["staleness"] if "staleness" in z else np.zeros(0, dtype=np.int64),
+            int(z["publications"]) if "publications" in z else 0,
         )
     tr = run_one(task)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -422,6 +459,8 @@ def cached_run(task: Task, cache: str | None) -> Trace:
         down_bytes=tr.down_bytes,
         jobs=tr.jobs,
         class_accuracy=tr.class_accuracy,
+        staleness=tr.staleness,
+        publications=tr.publications,
     )
     os.replace(tmp, path)
     return tr
