@@ -14,9 +14,8 @@ requests the consumer sent and the broker's CPU time; a trip still waiting when 
 out ends the point (``stalled``). The machine's load changes the figures: run it when nothing
 else runs, and compare waits within one run.
 
-    python benchmarks/tansu_fetch.py --waits 1,5 --batches 0,2000,3000 --json \
-        > benchmarks/results/tansu_fetch.json
-    python benchmarks/tansu_fetch.py --waits 1,2,5,10 --batches 0,1000,2000,3000  # a table
+    python benchmarks/tansu_fetch.py --waits 1,5 --batches 0,2000,3000  # results/tansu_fetch.md
+    python benchmarks/tansu_fetch.py --json  # the same figures as JSON
 """
 
 from __future__ import annotations
