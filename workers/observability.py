@@ -55,6 +55,13 @@ class Metrics:
             ["model"],
             registry=r,
         )
+        self.held_ahead = Counter(
+            "fedbus_updates_held_ahead",
+            "Reducers: updates whose base version was not heard yet, by what became of them "
+            "(held, released once heard, expired and refused, full: refused at once).",
+            ["model", "outcome"],
+            registry=r,
+        )
         self.bytes_received = Counter(
             "fedbus_update_bytes_received",
             "Bytes of update messages received.",

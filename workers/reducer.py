@@ -21,6 +21,12 @@ committer refuses any partial naming an update it already folded and names those
 reducer acknowledges them and sends the others again. Refused updates (bad input) are
 dead-lettered and acknowledged at once, as the ``all`` worker does.
 
+**Versions.** A reducer learns the current version from the model channel (and from
+watermarks), so a device that fetched a newer model can upload against it first. Such an
+update is held, unacknowledged and unfolded, in a bounded room (:mod:`workers.ahead`) and
+ingested once the version is heard; past the room's bounds it is refused as
+``future_version``. Versions reach the loop through the inbox, so hearing one wakes it.
+
 Mosquitto delivers at most ``max_inflight_messages`` (default 20) unacknowledged messages per
 client, so a reducer holds at most that many updates between receipt and watermark: keep
 ``flush_updates`` at or below it, or raise the broker's limit.
@@ -40,7 +46,7 @@ import numpy as np
 
 from fedbus import log as fedlog
 from fedbus.aggregation.fedbuff import FedBuff
-from fedbus.ingest import Folded, Ingest, Refusal, Source, judge
+from fedbus.ingest import Accepted, Folded, Ingest, Refusal, Source, judge, submit
 from fedbus.partials import encode_partial
 from fedbus.store.keys import load_public_keys
 from fedbus.transport import topics
@@ -50,6 +56,7 @@ from fedbus.wire.errors import Reason, WireError
 from fedbus.wire.layout import Layout
 from fedbus.wire.signing import Verifier
 from workers.aggregator import INBOX_MESSAGES, OFFLOAD_PARAMS, dead_letter
+from workers.ahead import AheadRoom
 from workers.inbox import Inbox
 from workers.observability import HealthServer, Metrics
 from workers.settings import WorkerSettings
@@ -57,6 +64,15 @@ from workers.strategy import build
 
 # The reducer's buffer never steps on its own: it is handed on by flushes.
 _NEVER = 1 << 30
+# What the version stream puts in the inbox: not a broker topic (no topic starts with NUL).
+_VERSION = "\0model-version"
+
+
+@dataclass(frozen=True, slots=True)
+class _Ahead:
+    """An update that passed its checks but names a base version not heard of yet."""
+
+    accepted: Accepted
 
 
 @dataclass
@@ -121,6 +137,13 @@ class ReducerWorker:
         m, t = self.model, settings.transport
         self._m_received = self.metrics.received.labels(m, t)
         self._m_accepted = self.metrics.accepted.labels(m)
+        agg = settings.aggregation
+        self._ahead = AheadRoom(
+            agg.buffer_size if agg.max_deferred is None else agg.max_deferred,
+            agg.max_deferred_bytes,
+            agg.max_deferred_per_client,
+            settings.scale.max_ahead_s,
+        )
 
     # -- start-up ------------------------------------------------------------------------
     def _policy(self, version: int) -> FedBuff:
@@ -170,33 +193,32 @@ class ReducerWorker:
         stop = stop or asyncio.Event()
         if self.settings.metrics_port and self._own_health:
             await self.health.start()
-        follower = None
         try:
             await self._start(stop)
-            follower = asyncio.create_task(self._follow_versions())
             self.ready.set()
             if self._own_health:
                 self.health.ready = True
             await self._consume(stop)
         finally:
             self.health.ready = False
-            if follower is not None:
-                follower.cancel()
-                await asyncio.gather(follower, return_exceptions=True)
             if self._own_health:
                 await self.health.stop()
             # Nothing to save: what was not acknowledged is redelivered to the next start.
             self.log.info("stopped", folded=self.folded, acked=self.acked)
 
-    async def _follow_versions(self) -> None:
-        """The version from the model channel, so staleness is measured against the newest
-        model devices can have (watermarks carry it too, but only after this reducer's own
-        partials)."""
+    async def _versions(self) -> AsyncIterator[Message]:
+        """The model channel, so staleness is measured against the newest model devices can
+        have (watermarks carry the version too, but only after this reducer's own partials).
+        It reaches the loop through the inbox like updates do, so hearing a version wakes the
+        loop that holds updates waiting for it."""
         async for raw in self.transport.follow_models(self.model):
-            with contextlib.suppress(WireError):
-                model = env.decode(raw, expect="model", max_bytes=self.settings.max_message_bytes)
-                assert isinstance(model, env.ModelEnvelope)
-                self._heard(model.version)
+            yield Message(_VERSION, raw)
+
+    def _model_version(self, raw: bytes) -> None:
+        with contextlib.suppress(WireError):
+            model = env.decode(raw, expect="model", max_bytes=self.settings.max_message_bytes)
+            assert isinstance(model, env.ModelEnvelope)
+            self._heard(model.version)
 
     def _heard(self, version: int) -> None:
         if version > self.version:
@@ -212,6 +234,9 @@ class ReducerWorker:
     def _next_wake(self) -> float | None:
         """Seconds until the open partial's flush or an unanswered one's resend is due."""
         waits = [self._resend_due()]
+        deadline = self._ahead.next_deadline()
+        if deadline is not None:
+            waits.append(max(0.0, deadline - time.monotonic()))
         if self._open:
             flush_s = self.settings.scale.flush_ms / 1000
             waits.append(max(0.0, self._opened_at + flush_s - time.monotonic()))
@@ -225,7 +250,7 @@ class ReducerWorker:
                 await queue.put(msg)
 
         async def pump() -> None:
-            await asyncio.gather(*(drain(s) for s in self._streams()))
+            await asyncio.gather(*(drain(s) for s in [*self._streams(), self._versions()]))
 
         pump_task = asyncio.create_task(pump())
         stop_task = asyncio.create_task(stop.wait())
@@ -236,11 +261,16 @@ class ReducerWorker:
                 if ended:
                     break
                 if msg is not None:
-                    if msg.topic == self.watermark_topic:
+                    if msg.topic == _VERSION:
+                        self._model_version(msg.payload)
+                    elif msg.topic == self.watermark_topic:
                         await self._watermark(msg)
                     else:
+                        self._m_received.inc()
                         await self._update(msg)
                     self.progress.set()
+                if len(self._ahead):
+                    await self._release_ahead()
                 if self._open and time.monotonic() - self._opened_at >= flush_s:
                     await self._flush()
                 if self._resend_due() == 0.0:
@@ -254,13 +284,26 @@ class ReducerWorker:
     def _judge(self, payload: bytes, source: Source, policy: FedBuff) -> Folded | Refusal:
         return judge(self.ingest, policy, payload, source)
 
+    def _judge_or_hold(self, payload: bytes, source: Source) -> Folded | Refusal | _Ahead:
+        """As :meth:`_judge` with the reducer's buffer, except that an update based on a
+        version not heard of yet is handed back unsubmitted (the policy would refuse it as
+        ``future_version``)."""
+        checked = self.ingest.check(payload, source)
+        if isinstance(checked, Refusal):
+            return checked
+        if checked.update.base_version > self.strategy.version:
+            return _Ahead(checked)
+        return submit(self.strategy, checked)
+
     async def _update(self, msg: Message) -> None:
-        self._m_received.inc()
         source = Source(self.settings.transport, msg.topic, msg.key, msg.principal)
         if self.layout.n_params >= OFFLOAD_PARAMS:
-            verdict = await asyncio.to_thread(self._judge, msg.payload, source, self.strategy)
+            verdict = await asyncio.to_thread(self._judge_or_hold, msg.payload, source)
         else:
-            verdict = self._judge(msg.payload, source, self.strategy)
+            verdict = self._judge_or_hold(msg.payload, source)
+        if isinstance(verdict, _Ahead):
+            await self._hold(msg, verdict.accepted)
+            return
         if isinstance(verdict, Refusal):
             if verdict.reason is Reason.DUPLICATE:
                 key = (verdict.client or "", verdict.update_id or "")
@@ -291,6 +334,38 @@ class ReducerWorker:
         self._add(entry)
         if len(self._open) >= self._flush_at:
             await self._flush()
+
+    # -- updates ahead of the version heard ---------------------------------------------
+    async def _hold(self, msg: Message, accepted: Accepted) -> None:
+        """Keep an update whose base version is not heard yet, unacknowledged, to be
+        ingested again once it is; refused as ``future_version`` when the room is full."""
+        upd = accepted.update
+        if self._ahead.admit(msg, upd.base_version, upd.client_id, upd.update_id, time.monotonic()):
+            self.metrics.held_ahead.labels(self.model, "held").inc()
+            return
+        self.metrics.held_ahead.labels(self.model, "full").inc()
+        detail = f"base version {upd.base_version} is after {self.version} (no room to hold it)"
+        await self._refuse_ahead(msg, detail, upd.client_id, upd.update_id)
+
+    async def _release_ahead(self) -> None:
+        """Ingest the held updates whose version is now heard; refuse those past the bound."""
+        now = time.monotonic()
+        for h in self._ahead.due(self.version):
+            self.metrics.held_ahead.labels(self.model, "released").inc()
+            held_s = round(now - h.until + self._ahead.hold_s, 3)
+            self.log.info("held update released", base=h.base, client=h.client, held_s=held_s)
+            await self._update(h.msg)
+        for h in self._ahead.expired(now):
+            self.metrics.held_ahead.labels(self.model, "expired").inc()
+            detail = (
+                f"base version {h.base} is after {self.version}, still after "
+                f"{self._ahead.hold_s:g} s (scale.max_ahead_s)"
+            )
+            await self._refuse_ahead(h.msg, detail, h.client, h.update_id)
+
+    async def _refuse_ahead(self, msg: Message, detail: str, client: str, update_id: str) -> None:
+        await self._dead_letter(msg, Refusal(Reason.FUTURE_VERSION, detail, client, update_id))
+        await self.transport.ack([msg])
 
     def _add(self, entry: _Entry) -> None:
         if not self._open:

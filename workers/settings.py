@@ -160,6 +160,10 @@ class ScaleSettings(_Section):
     max_unsettled: int = Field(256, ge=1)
     # A standby committer checks the active one's presence this often.
     standby_poll_s: float = Field(0.2, gt=0)
+    # A reducer holds an update whose base version it has not heard of yet (the device saw
+    # the new model first) for at most this long, then refuses it as future_version. How
+    # many it holds: aggregation.max_deferred, max_deferred_per_client, max_deferred_bytes.
+    max_ahead_s: float = Field(30.0, gt=0)
 
     @model_validator(mode="after")
     def _owned(self) -> ScaleSettings:

@@ -351,10 +351,12 @@ class FedBuff:
         self._queue.flush(self._acc)
         if self.robust is not None:
             ubar = robust_mean(np.stack(self._rows), self.robust, self.trim_beta)
-        elif self.normalisation == "k":
-            ubar = self._acc / self.k
         else:
-            ubar = self._acc / (self._wsum if self._wsum > 0 else 1.0)
+            # In place (the buffer is zeroed below): a fresh 8-byte-a-parameter array every
+            # flush cost the worker's loop its page faults (8 MB a flush at 1M parameters).
+            wsum = self._wsum if self._wsum > 0 else 1.0
+            divisor = self.k if self.normalisation == "k" else wsum
+            ubar = np.divide(self._acc, divisor, out=self._acc)
         if self.dp is not None:
             key = self._noise_key()
             ubar += self.dp.noise_std(self.k) * dpmod.gaussian(key, ubar.shape[0])

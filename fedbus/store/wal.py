@@ -50,6 +50,9 @@ _KINDS = {MESSAGE, DRAIN, COMMIT, NOISE_KEY}
 
 Chunks = list["bytes | memoryview | _Head"]
 
+# At most this many buffers per writev(2) call (POSIX guarantees 16; Linux allows 1024).
+_IOV_MAX = min(1024, os.sysconf("SC_IOV_MAX")) if hasattr(os, "sysconf") else 16
+
 
 @dataclass(frozen=True)
 class Record:
@@ -68,7 +71,7 @@ def _crc(length: int, kind: int, parts: Iterable[bytes | memoryview]) -> int:
 class _Head:
     """A record header whose CRC is computed when the record is written: on the writer
     thread (``zlib.crc32`` releases the GIL), not on the worker's event loop, where a 1 MB
-    payload's CRC would cost about half a millisecond per message."""
+    payload's CRC costs 0.2-0.5 ms per message on this project's machine."""
 
     __slots__ = ("kind", "length", "parts")
 
@@ -206,7 +209,8 @@ class WriteAheadLog:
         if self._seq != seq:
             self.close()
             path = self.path(seq)
-            segment = path.open("ab")
+            # Unbuffered: records go out in one writev per commit, not copied into a buffer.
+            segment = path.open("ab", buffering=0)
             if segment.tell() == 0:
                 segment.write(MAGIC)
                 if self.fsync:  # the new name must survive a crash too
@@ -219,8 +223,7 @@ class WriteAheadLog:
             self._file, self._seq = segment, seq
         f = self._file
         assert f is not None
-        for chunk in chunks:
-            f.write(bytes(chunk) if isinstance(chunk, _Head) else chunk)
+        _write_all(f, list(chunks))
         return f
 
     def flush(self) -> None:
@@ -246,6 +249,28 @@ class WriteAheadLog:
 
 
 _datasync = getattr(os, "fdatasync", os.fsync)  # macOS has no fdatasync
+
+
+def _write_all(f: BinaryIO, chunks: list[bytes | memoryview | _Head]) -> None:
+    """Write every chunk, in order: headers first get their CRCs, then one ``writev`` for up
+    to ``_IOV_MAX`` chunks (no copy into a buffer), resuming after a short write."""
+    data = [bytes(c) if isinstance(c, _Head) else c for c in chunks]
+    if not hasattr(os, "writev"):  # Windows
+        for chunk in data:
+            f.write(chunk)
+        return
+    fd = f.fileno()
+    views = [memoryview(c).cast("B") for c in data if len(c)]
+    while views:
+        batch = views[:_IOV_MAX]
+        written = os.writev(fd, batch)
+        done = 0
+        while done < len(batch) and written >= batch[done].nbytes:
+            written -= batch[done].nbytes
+            done += 1
+        views = views[done:]
+        if written:
+            views[0] = views[0][written:]
 
 
 class LogWriter:

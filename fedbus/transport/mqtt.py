@@ -633,8 +633,12 @@ class MqttTransport(Transport):
         except TimeoutError:
             return None
         finally:
+            # As for subscribe: aiomqtt waits for the UNSUBACK its whole timeout even on a
+            # connection already gone; the reconnect renews the subscriptions it needs anyway.
             with contextlib.suppress(aiomqtt.MqttError):
-                await client.unsubscribe(topic, timeout=self.config.timeout)
+                await _unless_disconnected(
+                    client, client.unsubscribe(topic, timeout=self.config.timeout)
+                )
         return None
 
     async def _fetch_retained(self, topic: str) -> bytes:

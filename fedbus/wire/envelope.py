@@ -908,7 +908,7 @@ def decode_secure_update(
     return env
 
 
-def signing_bytes(update: Signable) -> bytes:
+def signing_bytes(update: Signable, *, payload_digest: bytes | None = None) -> bytes:
     """The bytes an update's (or a secure-aggregation message's) signature covers.
 
     Secure-aggregation messages: ``fedbus-<type with - for _>-v1\\0`` followed by the
@@ -921,7 +921,9 @@ def signing_bytes(update: Signable) -> bytes:
     sha256(payload)]``, with ``seq`` appended as a tenth element when the update has one
     (so signatures made before ``seq`` existed still verify). The domain tag keeps these
     signatures from being valid for any other fedbus message; hashing the payload lets a
-    device sign without a second copy of it.
+    device sign without a second copy of it. ``payload_digest`` stands in for the payload's
+    SHA-256 (plain updates only: ingest's fingerprint of an unsigned update hashes its
+    header with an empty payload without building a second envelope).
     """
     if not isinstance(update, UpdateEnvelope):
         signed: bytes = msgpack.packb(update._signed(), use_bin_type=True)
@@ -935,7 +937,7 @@ def signing_bytes(update: Signable) -> bytes:
         update.num_examples,
         [[k, update.codec[k]] for k in sorted(update.codec)],
         update.layout,
-        hashlib.sha256(update.payload).digest(),
+        hashlib.sha256(update.payload).digest() if payload_digest is None else payload_digest,
     ]
     if update.seq is not None:
         body.append(update.seq)

@@ -125,7 +125,14 @@ async def test_kill9_a_reducer_and_its_standby_takes_its_partitions(
     waiting = await h.spawn_worker(standby, log, _env(standby))
     procs.append(waiting)
     try:
-        await asyncio.sleep(1.0)
+        # the standby has seen the lease held (its start-up can take seconds on a busy machine;
+        # one that came up after the kill would find no lease and skip the take-over)
+        async with asyncio.timeout(60):
+            while not any(
+                r.get("event") == "standby: another is active" for r in _records(log)
+            ):
+                assert waiting.returncode is None, log.read_text()[-3000:]
+                await asyncio.sleep(0.05)
         assert not h.worker_ready(standby.metrics_port)  # the lease is held
         async with make_transport(h.client_settings(committer), role="device") as dev:
             sending = asyncio.create_task(fleet.burst(dev, 300))

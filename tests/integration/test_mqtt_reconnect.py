@@ -24,7 +24,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 OPERATION_TIMEOUT = 60.0  # aiomqtt's per-operation wait; the reconnect must not wait it out
 WAIT = 15.0  # bound on the reconnect: far below OPERATION_TIMEOUT
-SUBSCRIBE = 8  # MQTT control packet type
+SUBSCRIBE = 8  # MQTT control packet types
+UNSUBSCRIBE = 10
 
 
 async def _packets(reader: asyncio.StreamReader) -> bytes:
@@ -43,10 +44,11 @@ async def _packets(reader: asyncio.StreamReader) -> bytes:
 
 class CuttingRelay:
     """Forwards TCP to the broker; once armed, the next connection is cut (both ways) as soon
-    as the client sends SUBSCRIBE, which therefore never reaches the broker."""
+    as the client sends ``cut_on`` (SUBSCRIBE), which therefore never reaches the broker."""
 
-    def __init__(self, broker: MosquittoBroker) -> None:
+    def __init__(self, broker: MosquittoBroker, cut_on: int = SUBSCRIBE) -> None:
         self.broker = broker
+        self.cut_on = cut_on
         self.armed = False
         self.cuts = 0
         self.connections = 0
@@ -78,7 +80,7 @@ class CuttingRelay:
         async def upstream() -> None:
             while True:
                 packet = await _packets(c_reader)
-                if cut_on_subscribe and packet[0] >> 4 == SUBSCRIBE:
+                if cut_on_subscribe and packet[0] >> 4 == self.cut_on:
                     self.cuts += 1
                     return
                 b_writer.write(packet)
@@ -156,4 +158,43 @@ async def test_reconnect_cut_before_suback_is_retried_not_waited_out(
     finally:
         await publisher.close()
         await subscriber.close()
+        await relay.close()
+
+
+async def test_a_retained_fetch_whose_unsubscribe_is_cut_returns_at_once(
+    mosquitto: MosquittoBroker,
+) -> None:
+    """``single_connection``: the fetch subscribes on the transport's own connection, takes the
+    retained message and unsubscribes; a connection lost before the UNSUBACK must not hold the
+    fetch for the operation timeout (aiomqtt waits for it on a dead connection)."""
+    relay = CuttingRelay(mosquitto, cut_on=UNSUBSCRIBE)
+    await relay.start()
+    topic = f"t/{uuid.uuid4().hex[:8]}/model"
+    publisher = MqttTransport(
+        MqttConfig(hostname=mosquitto.host, port=mosquitto.port, clean_start=True)
+    )
+    fetcher = MqttTransport(
+        MqttConfig(
+            hostname="127.0.0.1",
+            port=relay.port,
+            identifier=f"test-{uuid.uuid4().hex[:10]}",
+            single_connection=True,
+            timeout=OPERATION_TIMEOUT,
+            reconnect_initial_delay=0.05,
+            reconnect_max_delay=0.2,
+        )
+    )
+    try:
+        await publisher.start()
+        await publisher.publish(topic, b"retained", retain=True)
+        relay.armed = True  # the fetcher's connection is cut at its UNSUBSCRIBE
+        await fetcher.start()
+        async with asyncio.timeout(WAIT):
+            got = await fetcher.latest_retained(topic, timeout=WAIT)
+        assert got == b"retained"
+        assert relay.cuts == 1
+    finally:
+        await publisher.publish(topic, b"", retain=True)
+        await publisher.close()
+        await fetcher.close()
         await relay.close()

@@ -269,6 +269,77 @@ def test_scale_profile_reducers_committer_and_standby(services: dict[str, Any]) 
     assert envs["committer"]["FEDBUS_MODEL"] != DEMO_MODEL  # never beside worker-mqtt's model
 
 
+KAFKA_SCALE = (
+    "model-init-kafka-scale",
+    "committer-kafka",
+    "committer-kafka-standby",
+    "reducer-kafka",
+)
+
+
+def test_kafka_scale_profile_a_reducer_group_a_committer_and_a_standby(
+    services: dict[str, Any],
+) -> None:
+    """Reducers are replicas of one service (``--scale reducer-kafka=N``) that name
+    themselves after their container; every role agrees on the model, its partition count
+    and a group of its own (not worker-kafka's); the committer and its standby share one
+    state volume; devices are granted exactly digits-scale's updates (write) and models
+    (read); every FEDBUS_* name and value is a settings field."""
+    settings = pytest.importorskip("workers.settings")
+    ids = pytest.importorskip("fedbus.wire.ids")
+    for name in [*KAFKA_SCALE, "acls-init-kafka-scale"]:
+        assert services[name]["profiles"] == ["scale-kafka"], name
+    envs = {name: _env(services[name]) for name in KAFKA_SCALE}
+    loaded = {name: settings.load(None, **_as_overrides(env)) for name, env in envs.items()}
+    model = loaded["committer-kafka"].model
+    assert model != DEMO_MODEL  # never beside worker-kafka's model
+    group = loaded["committer-kafka"].kafka.group_id
+    assert group != _toml("kafka")["kafka"]["group_id"] and model in group
+    for s in loaded.values():
+        assert (s.transport, s.model, s.kafka.group_id) == ("kafka", model, group)
+        assert s.kafka.update_partitions == 4 and s.aggregation.algorithm == "fedbuff"
+    roles = {n: services[n]["command"][-1:] for n in ("committer-kafka", "committer-kafka-standby")}
+    assert roles == {"committer-kafka": ["committer"], "committer-kafka-standby": ["committer"]}
+    reducer = services["reducer-kafka"]
+    assert "FEDBUS_WORKER_ID" not in envs["reducer-kafka"]  # replicas would share it
+    command = _script(reducer)
+    assert reducer["entrypoint"] == ["/bin/sh", "-c"]
+    assert command.endswith("--role reducer") and "exec fedbus worker" in command
+    shell = command.replace("$$", "$")  # compose's escape
+    assert shell.startswith('FEDBUS_WORKER_ID="reducer-$(hostname)" ')
+    assert ids.is_valid_id("reducer-0123456789ab")  # a container's hostname is its short id
+    for name in ("committer-kafka", "reducer-kafka"):
+        assert f":{envs[name]['FEDBUS_METRICS_PORT']}/readyz" in " ".join(
+            services[name]["healthcheck"]["test"]
+        )
+        deps = services[name]["depends_on"]
+        assert deps["kafka"]["condition"] == "service_healthy"
+        assert deps["model-init-kafka-scale"]["condition"] == "service_completed_successfully"
+    committers = [services[n] for n in ("committer-kafka", "committer-kafka-standby")]
+    assert committers[0]["volumes"] == committers[1]["volumes"]
+    state = dict((t, src) for src, t in _mounts(committers[0]))[
+        envs["committer-kafka"]["FEDBUS_CHECKPOINT_DIR"]
+    ]
+    assert not state.startswith((".", "/")), "committer state belongs in a named volume"
+    grants = [
+        shlex.split(line.strip())[1:]
+        for line in _script(services["acls-init-kafka-scale"]).splitlines()
+        if line.strip().startswith("acl ")
+    ]
+    ops = set()
+    for g in grants:
+        flags = list(zip(g[::2], g[1::2], strict=False))
+        assert ("--allow-principal", "User:fedbus-device") in flags
+        topic = dict(flags)["--topic"]
+        ops |= {(topic, value) for flag, value in flags if flag == "--operation"}
+    assert ops == {
+        (f"fedbus.{model}.updates", "Write"),
+        (f"fedbus.{model}.updates", "Describe"),
+        (f"fedbus.{model}.models", "Read"),
+        (f"fedbus.{model}.models", "Describe"),
+    }
+
+
 def _as_overrides(env: dict[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in env.items():

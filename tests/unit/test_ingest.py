@@ -178,3 +178,30 @@ def test_msgpack_map_with_extra_keys_still_checked() -> None:
     m["extra"] = [1, 2, 3]
     r = Ingest(MODEL, LAYOUT).check(msgpack.packb(m), mqtt("dev-2"))
     assert isinstance(r, Refusal) and r.reason is Reason.CLIENT_MISMATCH
+
+
+def test_unsigned_digest_is_the_sampled_fingerprint_hashed_in_one_piece() -> None:
+    """The fingerprint is fed to SHA-256 in pieces small enough that hashlib keeps the GIL;
+    the digest must be what hashing each sample whole gives (snapshots hold old digests)."""
+    import dataclasses
+    import hashlib
+
+    n = 10_007
+    layout = Layout.from_wire([["w", [n], "float32"]])
+    payload = np.random.default_rng(3).standard_normal(n).astype("<f4").tobytes()
+    message = env.encode(
+        env.UpdateEnvelope(
+            model=MODEL, client="dev-1", update_id="u-1", base_version=0, num_examples=4,
+            codec=CodecSpec("fp32").to_wire(), layout=layout.fingerprint, payload=payload,
+        )
+    )  # fmt: skip
+    checked = Ingest(MODEL, layout).check(message, mqtt())
+    assert not isinstance(checked, Refusal)
+    upd = checked.envelope
+    h = hashlib.sha256(env.SIGNING_DOMAIN)
+    h.update(env.signing_bytes(dataclasses.replace(upd, payload=b"", signature=None)))
+    h.update(len(payload).to_bytes(8, "little"))
+    stride = len(payload) // 4096
+    for sample in (payload[:4096], payload[-4096:], payload[::stride][:4096]):
+        h.update(sample)
+    assert checked.update.digest == h.digest()

@@ -160,3 +160,38 @@ def test_a_failed_write_fails_every_later_commit(tmp_path: Path) -> None:
     with pytest.raises(OSError, match="damaged"):
         writer.commit(4, _records(1)).result(timeout=10)
     writer.close()
+
+
+def test_a_commit_larger_than_one_writev_and_short_writes_keep_every_byte(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A commit's records leave in ``writev`` calls of at most ``_IOV_MAX`` buffers, and a
+    short write resumes where it stopped (here: the kernel takes at most 1000 bytes a call)."""
+    real_writev = wal.os.writev
+    calls: list[int] = []
+
+    def short_writev(fd: int, buffers: list[memoryview]) -> int:
+        calls.append(len(buffers))
+        taken, budget = [], 1000
+        for b in buffers:
+            taken.append(b[:budget])
+            budget -= len(taken[-1])
+            if budget == 0:
+                break
+        return real_writev(fd, taken)
+
+    monkeypatch.setattr(wal.os, "writev", short_writev)
+    monkeypatch.setattr(wal, "_IOV_MAX", 7)
+    log = wal.WriteAheadLog(tmp_path, fsync=False)
+    payloads = [bytes([i]) * (i * 37 % 500) for i in range(40)]  # some empty
+    chunks: wal.Chunks = []
+    for i, p in enumerate(payloads):
+        chunks += wal.message_record("t", p, None, 0, i)
+    chunks += wal.commit_record({"n": len(payloads)})
+    log.append(1, chunks)
+    log.close()
+    assert max(calls) <= 7 and len(calls) > 10
+    expected = wal.MAGIC + b"".join(bytes(c) for c in chunks)
+    assert log.path(1).read_bytes() == expected
+    ((records, book),) = log.read(1).batches
+    assert book == {"n": 40} and [r.payload for r in records] == payloads
