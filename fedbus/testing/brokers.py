@@ -282,12 +282,19 @@ class TansuBroker(_Broker):
     name = "tansu"
 
     #: Kafka client settings for low latency on this broker (the demo, tests and benchmarks use
-    #: them). Tansu answers a fetch that finds nothing only after the client's full
-    #: ``fetch_max_wait_ms``, however soon a record arrives, and holds a JoinGroup for about half
-    #: the session timeout: with aiokafka's defaults (500 ms, 10 s) a round trip through a worker
-    #: costs tens of milliseconds and every group join seconds.
+    #: them). A fetch that finds nothing polls the store again after half the remaining
+    #: ``fetch_max_wait_ms``, a quarter, ..., so a record waits up to half of it; and Tansu
+    #: holds a JoinGroup for about half the session timeout: with aiokafka's defaults (500 ms,
+    #: 10 s) a round trip through a worker costs tens of milliseconds and every group join
+    #: seconds. The fetch wait is not set lower than 5 ms because it is also Tansu's budget for
+    #: listing the partition: the memory store lists every batch of the partition on each fetch
+    #: that finds data (about 1 µs a batch, more on a busy machine) and stops the listing when
+    #: the wait is spent; a cut listing returns an older batch the client drops, and it fetches
+    #: again. At 1 ms a FedAsync demo run (2,127 one-record batches per topic) slowed down as its
+    #: topics grew, from about 5 ms to over 50 ms of broker CPU per version, and took 83 s;
+    #: at 2-5 ms it took 27-32 s (2 cores shared with other jobs, one run each).
     LATENCY_SETTINGS: ClassVar[dict[str, int]] = {
-        "fetch_max_wait_ms": 1,
+        "fetch_max_wait_ms": 5,
         "session_timeout_ms": 2000,
         "heartbeat_interval_ms": 500,
     }

@@ -88,7 +88,8 @@ class KafkaConfig:
     request_timeout_ms: int = 40000
     # How long a fetch waits for data when there is none. aiokafka's 500 ms default is what an
     # update or a model waits at low rates when the broker answers only at the deadline
-    # (Tansu does); under load fetches return full and this never applies.
+    # (Tansu polls its store at half the remaining wait); under load fetches return full and
+    # this never applies. Not below 5 ms on Tansu: see TansuBroker.LATENCY_SETTINGS.
     fetch_max_wait_ms: int = 10
 
 
