@@ -29,6 +29,7 @@ from workers.main import make_transport, port_error, reach_error
 from workers.settings import WorkerSettings
 
 PARTITION = 0  # the partials topic's only partition
+IDLE_POLL_MS = 100  # a waiting member's poll: what it adds to a takeover at most
 LOCK_POLL_S = 0.05
 
 
@@ -69,6 +70,7 @@ async def serve_kafka_committer(
                 worker = CommitterWorker(settings, transport, **shared)
                 if on_worker is not None:
                     on_worker(worker)
+                transport.release_held()
                 await worker.run(lost)
             except OSError as exc:  # the health and metrics port
                 if exc.errno == errno.EADDRINUSE:
@@ -91,6 +93,7 @@ async def _until_owned(transport: KafkaTransport, stop: asyncio.Event, log: Any)
     wait for it (a standby taking over), None if ``stop`` came first."""
     waiting = False
     started = time.monotonic()
+    transport.hold_assigned = True  # the partition stays paused until the caller takes over
     while PARTITION not in transport.assigned:
         if stop.is_set():
             return None
@@ -100,11 +103,9 @@ async def _until_owned(transport: KafkaTransport, stop: asyncio.Event, log: Any)
             log.info("standby: another is active", role="committer")
             waiting = True
         transport.assignment_changed.clear()
-        changed = asyncio.create_task(transport.assignment_changed.wait())
-        stopped = asyncio.create_task(stop.wait())
-        await asyncio.wait({changed, stopped}, return_when=asyncio.FIRST_COMPLETED)
-        changed.cancel()
-        stopped.cancel()
+        # Polls (nothing to read: no partition, or a paused one) so the group keeps this
+        # member however long it waits; the rebalance runs meanwhile in aiokafka's own task.
+        await transport.idle_poll(IDLE_POLL_MS)
     log.debug("owns the partials", after_s=round(time.monotonic() - started, 3))
     return waiting
 

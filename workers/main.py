@@ -60,6 +60,7 @@ def make_transport(settings: WorkerSettings, *, role: str = "worker") -> Transpo
                 update_partitions=k.update_partitions,
                 session_timeout_ms=k.session_timeout_ms,
                 heartbeat_interval_ms=k.heartbeat_interval_ms,
+                max_poll_interval_ms=k.max_poll_interval_ms,
                 max_message_bytes=k.max_message_bytes,
                 fetch_max_wait_ms=k.fetch_max_wait_ms,
             )

@@ -70,6 +70,9 @@ class KafkaSettings(_Section):
     update_partitions: int = 1
     session_timeout_ms: int = 10000  # how long a dead worker holds its partitions
     heartbeat_interval_ms: int = 3000
+    # A member that has not polled this long leaves its group (aiokafka's default); waiting
+    # standbys poll, so it only catches a stuck loop.
+    max_poll_interval_ms: int = Field(300000, ge=1000)
     max_message_bytes: int = 64 * 1024 * 1024
     # How long a fetch that finds nothing waits: latency at low rates (aiokafka's default: 500).
     # At least 1: 0 turns an idle consumer into a busy loop.

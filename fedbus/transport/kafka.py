@@ -31,6 +31,7 @@ watermarks travel on named one-partition topics (:meth:`KafkaTransport.publish`,
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -85,6 +86,9 @@ class KafkaConfig:
     create_topics: bool = True
     session_timeout_ms: int = 10000
     heartbeat_interval_ms: int = 3000
+    # aiokafka's own default: a member that has not asked for records this long leaves its
+    # group. Standbys poll while they wait (see ``idle_poll``), so this only catches a stuck loop.
+    max_poll_interval_ms: int = 300000
     request_timeout_ms: int = 40000
     # How long a fetch waits for data when there is none. aiokafka's 500 ms default is what an
     # update or a model waits at low rates when the broker answers only at the deadline
@@ -172,6 +176,9 @@ class KafkaTransport(Transport):
         self._acked_to: dict[int, int] = {}  # partition -> offset last committed by ack()
         self.assigned: set[int] = set()  # partitions of the consumed topic the group gave us
         self.assignment_changed = asyncio.Event()
+        # While a standby waits: partitions the group gives it stay paused until it takes
+        # over (:meth:`idle_poll`, :meth:`release_held`).
+        self.hold_assigned = False
         # Awaited when a rebalance begins, before this member rejoins (a model group stops
         # its models there: every partition may move).
         self.on_revoke: Callable[[], Awaitable[None]] | None = None
@@ -382,6 +389,7 @@ class KafkaTransport(Transport):
             fetch_max_wait_ms=c.fetch_max_wait_ms,
             session_timeout_ms=c.session_timeout_ms,
             heartbeat_interval_ms=c.heartbeat_interval_ms,
+            max_poll_interval_ms=c.max_poll_interval_ms,
             partition_assignment_strategy=(_sticky(),),
             **self._common(),
         )
@@ -406,8 +414,31 @@ class KafkaTransport(Transport):
             for tp in assigned:
                 if tp.partition in handed and tp.partition not in self._pending_seeks:
                     consumer.seek(tp, handed[tp.partition])
+        if consumer is not None and self.hold_assigned and assigned:
+            consumer.pause(*assigned)  # before the fetcher starts on them
         self.assigned = kept
         self.assignment_changed.set()
+
+    async def idle_poll(self, timeout_ms: int) -> None:
+        """Ask for records as a waiting member (a standby), so that the group keeps it:
+        aiokafka leaves the group on behalf of a consumer that has not polled for
+        ``max_poll_interval_ms``, and a standby that never polls would be gone when it is
+        needed. Under :attr:`hold_assigned` a partition given meanwhile is paused, so nothing
+        is read here; :meth:`release_held` hands it to the reader that takes over."""
+        consumer = self._consumer
+        if consumer is None:
+            raise TransportError("idle_poll() needs consume() first")
+        with contextlib.suppress(ConsumerStoppedError):
+            batch = await consumer.getmany(timeout_ms=timeout_ms)
+            if any(batch.values()):
+                raise TransportError("a held partition returned records while waiting")
+
+    def release_held(self) -> None:
+        """Resume the partitions paused while :attr:`hold_assigned` (the owner starts reading)."""
+        self.hold_assigned = False
+        consumer = self._consumer
+        if consumer is not None and consumer.paused():
+            consumer.resume(*consumer.paused())
 
     async def _ensure_named(self, topic: str, partitions: int = 1) -> None:
         """Create a topic of scale-out (partials, watermarks: one partition) before anything

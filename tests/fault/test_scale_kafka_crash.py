@@ -33,6 +33,8 @@ from workers.settings import WorkerSettings
 
 pytestmark = [pytest.mark.fault, pytest.mark.timeout(300)]
 
+MAX_POLL_MS = 3000  # the committers' max_poll_interval_ms in the takeover test
+
 
 @pytest.fixture
 def tansu() -> Any:
@@ -108,13 +110,16 @@ async def test_kill9_the_active_committer_mid_commit_and_the_standby_takes_over(
     store: str, tansu: Any, tmp_path: Path, model_id: str
 ) -> None:
     """``local``: one state directory (a shared volume across machines). ``kafka``: the state
-    in the state topic, and the standby on a directory of its own, as on another machine."""
+    in the state topic, and the standby on a directory of its own, as on another machine.
+    The committers run with a 3 s ``max_poll_interval_ms`` and the standby waits longer than
+    that before the kill: a standby that did not poll while waiting would have left the group
+    (aiokafka's rule) and never take over."""
     active = _role(tansu, model_id, tmp_path / "c", "committer", "committer")
     standby = active.model_copy(update={"metrics_port": free_port()})
-    extra: dict[str, str] = {}
+    extra = {"FEDBUS_KAFKA__MAX_POLL_INTERVAL_MS": str(MAX_POLL_MS)}
     if store == "kafka":
         standby = standby.model_copy(update={"checkpoint_dir": tmp_path / "elsewhere"})
-        extra = {"FEDBUS_STATE_STORE": "kafka", "FEDBUS_KAFKA__ENABLE_IDEMPOTENCE": "false"}
+        extra |= {"FEDBUS_STATE_STORE": "kafka", "FEDBUS_KAFKA__ENABLE_IDEMPOTENCE": "false"}
     reducers = [
         _role(tansu, model_id, tmp_path / f"r{i}", "reducer", f"reducer-{i}") for i in range(2)
     ]
@@ -126,16 +131,17 @@ async def test_kill9_the_active_committer_mid_commit_and_the_standby_takes_over(
     second = await h.spawn_worker(standby, log, {**_env(standby), **extra})  # holds nothing
     procs = [first, second] + [await _start(r, log) for r in reducers]
     try:
-        await asyncio.sleep(2.0)
+        await asyncio.sleep(2.0 + 1.5 * MAX_POLL_MS / 1000)  # the standby idle past the limit
         assert not h.worker_ready(standby.metrics_port)
         assert any(r.get("event") == "standby: another is active" for r in _records(log))
         async with make_transport(h.client_settings(active), role="device") as dev:
             sending = asyncio.create_task(fleet.burst(dev, 400))
             assert await asyncio.wait_for(first.wait(), 60) == -signal.SIGKILL
             died = time.monotonic()
-            while not h.worker_ready(standby.metrics_port):
-                assert second.returncode is None, log.read_text()[-3000:]
-                await asyncio.sleep(0.02)
+            async with asyncio.timeout(60):  # a standby that left its group never comes
+                while not h.worker_ready(standby.metrics_port):
+                    assert second.returncode is None, log.read_text()[-3000:]
+                    await asyncio.sleep(0.02)
             takeover = time.monotonic() - died
             await sending
             await fleet.burst(dev, 200)
