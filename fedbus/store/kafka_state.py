@@ -41,7 +41,7 @@ from aiokafka.errors import KafkaError
 from fedbus.store import wal
 from fedbus.store.checkpoint import CheckpointError, dumps, loads
 from fedbus.transport.base import TransportError
-from fedbus.transport.kafka import TOPIC_ALREADY_EXISTS, KafkaConfig, client_kwargs
+from fedbus.transport.kafka import KafkaConfig, client_kwargs, create_topics
 
 # Under Apache Kafka's default message.max.bytes (1 MiB + 12) with key and batch overhead,
 # so a topic created by an operator with defaults takes every piece.
@@ -183,10 +183,7 @@ class KafkaState:
                         **insync,
                     },
                 )
-                response = await admin.create_topics([topic])
-                for name, code, message in response.topic_errors:
-                    if code not in (0, TOPIC_ALREADY_EXISTS):
-                        raise TransportError(f"cannot create topic {name}: error {code} {message}")
+                await create_topics(admin, [topic])
             finally:
                 await admin.close()
         producer = AIOKafkaProducer(

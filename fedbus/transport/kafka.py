@@ -116,6 +116,14 @@ def client_kwargs(c: KafkaConfig) -> dict[str, Any]:
     return kwargs
 
 
+async def create_topics(admin: AIOKafkaAdminClient, new: list[NewTopic]) -> None:
+    """Create topics; one that exists already is fine (another process made it first)."""
+    response = await admin.create_topics(new)
+    for name, code, message in response.topic_errors:
+        if code not in (0, TOPIC_ALREADY_EXISTS):
+            raise TransportError(f"cannot create topic {name}: error {code} {message}")
+
+
 class _SeekOnAssign(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka is untyped
     """Applies checkpointed offsets when the group hands us the partition, which is the
     only moment a seek sticks: before assignment there is nothing to seek. Also carries
@@ -248,16 +256,11 @@ class KafkaTransport(Transport):
         """
         if model in self._ensured or not self.config.create_topics:
             return
-        async with self._ensure_lock:
-            if model in self._ensured:
-                return
-            if self._admin is None:
-                admin = AIOKafkaAdminClient(**self._common())
-                await admin.start()
-                self._admin = admin
-            size = str(self.config.max_message_bytes)
-            rf = self.config.replication_factor
-            new = [
+        size = str(self.config.max_message_bytes)
+        rf = self.config.replication_factor
+        await self._create_once(
+            model,
+            [
                 NewTopic(
                     topics.kafka_updates(model),
                     self.config.update_partitions,
@@ -288,12 +291,21 @@ class KafkaTransport(Transport):
                     rf,
                     topic_configs={"cleanup.policy": "delete", "max.message.bytes": size},
                 ),
-            ]
-            response = await self._admin.create_topics(new)
-            for name, code, message in response.topic_errors:
-                if code not in (0, TOPIC_ALREADY_EXISTS):
-                    raise TransportError(f"cannot create topic {name}: error {code} {message}")
-            self._ensured.add(model)
+            ],
+        )
+
+    async def _create_once(self, key: str, new: list[NewTopic]) -> None:
+        """Create ``new`` (the topics ``key`` stands for) once per transport, on the admin
+        client this transport opens on first use."""
+        async with self._ensure_lock:
+            if key in self._ensured:
+                return
+            if self._admin is None:
+                admin = AIOKafkaAdminClient(**self._common())
+                await admin.start()
+                self._admin = admin
+            await create_topics(self._admin, new)
+            self._ensured.add(key)
 
     async def peers(self, model: str, settle: float = 0.5, worker: str | None = None) -> list[str]:
         """Members of the model's consumer group that another worker id started.
@@ -445,25 +457,14 @@ class KafkaTransport(Transport):
         names it: the broker's automatic creation would give it the broker's default count."""
         if topic in self._ensured or not self.config.create_topics:
             return
-        async with self._ensure_lock:
-            if topic in self._ensured:
-                return
-            if self._admin is None:
-                admin = AIOKafkaAdminClient(**self._common())
-                await admin.start()
-                self._admin = admin
-            size = str(self.config.max_message_bytes)
-            new = NewTopic(
-                topic,
-                partitions,
-                self.config.replication_factor,
-                topic_configs={"cleanup.policy": "delete", "max.message.bytes": size},
-            )
-            response = await self._admin.create_topics([new])
-            for name, code, message in response.topic_errors:
-                if code not in (0, TOPIC_ALREADY_EXISTS):
-                    raise TransportError(f"cannot create topic {name}: error {code} {message}")
-            self._ensured.add(topic)
+        size = str(self.config.max_message_bytes)
+        new = NewTopic(
+            topic,
+            partitions,
+            self.config.replication_factor,
+            topic_configs={"cleanup.policy": "delete", "max.message.bytes": size},
+        )
+        await self._create_once(topic, [new])
 
     async def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
         """Partials and watermarks (scale-out); ``retain`` has no meaning on Kafka."""
