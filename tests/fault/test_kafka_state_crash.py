@@ -27,8 +27,8 @@ from tests.fault.test_worker_crash import (
     _Fleet,
     _follow,
     _log_records,
-    _newest,
     _received,
+    _settled,
     _weights,
 )
 from tests.integration import harness as h
@@ -117,12 +117,7 @@ async def test_a_new_worker_with_an_empty_directory_resumes_from_the_state_topic
             await fleet.burst(dev, BURST)
 
         expected = x0.astype(np.float32).astype(np.float64) + 1.5 * fleet.total / 10
-        final = None
-        for _ in range(600):  # until the last partial buffer is applied and published
-            final = _newest(seen)
-            if final is not None and np.allclose(_weights(final), expected, rtol=1e-5, atol=1e-6):
-                break
-            await asyncio.sleep(0.1)
+        final = await _settled(seen, expected)
         assert final is not None, log.read_text()[-3000:]
         np.testing.assert_allclose(
             _weights(final), expected, rtol=1e-5, atol=1e-6, err_msg=log.read_text()[-3000:]

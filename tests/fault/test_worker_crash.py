@@ -151,12 +151,7 @@ async def test_kill9_in_every_window_under_full_load(
             await fleet.burst(dev, BURST)  # the last worker takes the rest at full rate too
 
         expected = x0.astype(np.float32).astype(np.float64) + 1.5 * fleet.total / 10
-        final: env.ModelEnvelope | None = None
-        for _ in range(600):  # until the last partial buffer is applied and published
-            final = _newest(seen)
-            if final is not None and np.allclose(_weights(final), expected, rtol=1e-5, atol=1e-6):
-                break
-            await asyncio.sleep(0.1)
+        final = await _settled(seen, expected)
         assert final is not None, log.read_text()[-3000:]
         np.testing.assert_allclose(
             _weights(final), expected, rtol=1e-5, atol=1e-6, err_msg=log.read_text()[-3000:]
@@ -206,3 +201,15 @@ def _newest(seen: list[bytes]) -> env.ModelEnvelope | None:
     m = env.decode(seen[-1], expect="model")
     assert isinstance(m, env.ModelEnvelope)
     return m
+
+
+async def _settled(seen: list[bytes], expected: np.ndarray) -> env.ModelEnvelope | None:
+    """The newest model followed, once it matches ``expected`` (the last partial buffer
+    applied and published) or after 60 s; the caller's assertions say which."""
+    final = None
+    for _ in range(600):
+        final = _newest(seen)
+        if final is not None and np.allclose(_weights(final), expected, rtol=1e-5, atol=1e-6):
+            break
+        await asyncio.sleep(0.1)
+    return final
