@@ -35,11 +35,10 @@ PARTITIONS = 4
 CLIENTS = 20
 
 
-def scale_settings(
-    broker: Any, model: str, state: Path, role: str, worker_id: str, **scale: Any
-) -> WorkerSettings:
-    s = h.settings_for(
-        "mqtt",
+def fedbuff_settings(transport: str, broker: Any, model: str, state: Path) -> WorkerSettings:
+    """The FedBuff policy every scale-out test runs (K, LR), on either transport."""
+    return h.settings_for(
+        transport,
         broker,
         model,
         state,
@@ -48,6 +47,12 @@ def scale_settings(
         server_lr=LR,
         buffer_timeout_s=0.5,
     )
+
+
+def scale_settings(
+    broker: Any, model: str, state: Path, role: str, worker_id: str, **scale: Any
+) -> WorkerSettings:
+    s = fedbuff_settings("mqtt", broker, model, state)
     return s.model_copy(
         update={
             "role": role,

@@ -20,7 +20,7 @@ import pytest
 from fedbus.client.updates import read_model
 from fedbus.wire import envelope as env
 from tests.integration import harness as h
-from tests.integration.test_scale import LR, Fleet, K, running, wait_for_model
+from tests.integration.test_scale import LR, Fleet, K, fedbuff_settings, running, wait_for_model
 from workers.main import make_transport
 from workers.roles import serve_reducer
 from workers.settings import WorkerSettings
@@ -33,16 +33,7 @@ UPDATE_PARTITIONS = 4
 def kafka_scale_settings(
     broker: Any, model: str, state: Path, role: str, worker_id: str, **scale: Any
 ) -> WorkerSettings:
-    s = h.settings_for(
-        "kafka",
-        broker,
-        model,
-        state,
-        algorithm="fedbuff",
-        buffer_size=K,
-        server_lr=LR,
-        buffer_timeout_s=0.5,
-    )
+    s = fedbuff_settings("kafka", broker, model, state)
     kafka = s.kafka.model_copy(update={"update_partitions": UPDATE_PARTITIONS})
     return s.model_copy(
         update={
