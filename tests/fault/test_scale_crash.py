@@ -91,15 +91,7 @@ async def test_kill9_a_reducer_twice_under_a_steady_stream(
                 procs[1] = await _start(victim, log)  # same id: the broker redelivers
             await fleet.burst(dev, 200)
         expected = x0.astype(np.float32).astype(np.float64) + LR * fleet.total / K
-        final = await wait_for_model(committer, expected, fleet.sent, timeout=90)
-        np.testing.assert_allclose(
-            read_model_weights(final),
-            expected,
-            rtol=1e-5,
-            atol=1e-6,
-            err_msg=log.read_text()[-3000:],
-        )
-        assert final.updates_folded == fleet.sent
+        await assert_exact(committer, expected, fleet.sent, log)
     finally:
         await _stop(procs)
 
@@ -146,19 +138,21 @@ async def test_kill9_a_reducer_and_its_standby_takes_its_partitions(
             await sending
             await fleet.burst(dev, 200)
         expected = x0.astype(np.float32).astype(np.float64) + LR * fleet.total / K
-        final = await wait_for_model(committer, expected, fleet.sent, timeout=90)
-        np.testing.assert_allclose(
-            read_model_weights(final),
-            expected,
-            rtol=1e-5,
-            atol=1e-6,
-            err_msg=log.read_text()[-3000:],
-        )
-        assert final.updates_folded == fleet.sent
+        await assert_exact(committer, expected, fleet.sent, log)
         assert await asyncio.to_thread(_received, standby.metrics_port) > 0
     finally:
         await _stop(procs)
     assert any(r.get("event") == "standby: taking over" for r in _records(log))
+
+
+async def assert_exact(settings: Any, expected: np.ndarray, sent: int, log: Path) -> None:
+    """The committer's final model equals the float64 reference and counts every update
+    once (waits up to 90 s for it)."""
+    final = await wait_for_model(settings, expected, sent, timeout=90)
+    np.testing.assert_allclose(
+        read_model_weights(final), expected, rtol=1e-5, atol=1e-6, err_msg=log.read_text()[-3000:]
+    )
+    assert final.updates_folded == sent
 
 
 def read_model_weights(m: Any) -> np.ndarray:
@@ -199,15 +193,7 @@ async def test_kill9_the_active_committer_mid_commit_and_the_standby_takes_over(
             await sending
             await fleet.burst(dev, 200)
         expected = x0.astype(np.float32).astype(np.float64) + LR * fleet.total / K
-        final = await wait_for_model(active, expected, fleet.sent, timeout=90)
-        np.testing.assert_allclose(
-            read_model_weights(final),
-            expected,
-            rtol=1e-5,
-            atol=1e-6,
-            err_msg=log.read_text()[-3000:],
-        )
-        assert final.updates_folded == fleet.sent
+        await assert_exact(active, expected, fleet.sent, log)
         print(f"standby takeover: {takeover:.2f} s")  # measured in `fedbus bench scale`
     finally:
         await _stop(procs)

@@ -23,9 +23,9 @@ from fedbus.testing.brokers import TansuBroker, free_port
 from tests.fault.common import log_records as _records
 from tests.fault.common import stop_all as _stop
 from tests.fault.common import updates_received as _received
-from tests.fault.test_scale_crash import read_model_weights
+from tests.fault.test_scale_crash import assert_exact
 from tests.integration import harness as h
-from tests.integration.test_scale import LR, Fleet, K, wait_for_model
+from tests.integration.test_scale import LR, Fleet, K
 from tests.integration.test_scale_kafka import UPDATE_PARTITIONS, kafka_scale_settings
 from workers.crashpoints import ENV
 from workers.main import make_transport
@@ -90,15 +90,7 @@ async def test_kill9_a_reducer_and_the_survivor_takes_its_partitions(
             before = await asyncio.to_thread(_received, reducers[1].metrics_port)
             await sending
             await fleet.burst(dev, 200)  # every partition: only the survivor can fold them
-        final = await wait_for_model(committer, _expected(x0, fleet), fleet.sent, timeout=90)
-        np.testing.assert_allclose(
-            read_model_weights(final),
-            _expected(x0, fleet),
-            rtol=1e-5,
-            atol=1e-6,
-            err_msg=log.read_text()[-3000:],
-        )
-        assert final.updates_folded == fleet.sent
+        await assert_exact(committer, _expected(x0, fleet), fleet.sent, log)
         after = await asyncio.to_thread(_received, reducers[1].metrics_port)
         assert after - before >= 200  # the survivor read the victim's partitions too
     finally:
@@ -145,15 +137,7 @@ async def test_kill9_the_active_committer_mid_commit_and_the_standby_takes_over(
             takeover = time.monotonic() - died
             await sending
             await fleet.burst(dev, 200)
-        final = await wait_for_model(active, _expected(x0, fleet), fleet.sent, timeout=90)
-        np.testing.assert_allclose(
-            read_model_weights(final),
-            _expected(x0, fleet),
-            rtol=1e-5,
-            atol=1e-6,
-            err_msg=log.read_text()[-3000:],
-        )
-        assert final.updates_folded == fleet.sent
+        await assert_exact(active, _expected(x0, fleet), fleet.sent, log)
         print(f"kafka standby takeover ({store} state): {takeover:.2f} s")
     finally:
         await _stop(procs)
