@@ -283,8 +283,9 @@ def demo(
     broker: Annotated[
         str,
         typer.Option(
-            help="auto (Mosquitto if installed, else the embedded Kafka broker), mosquitto "
-            "or tansu."
+            help="auto (Mosquitto if installed, else amqtt, the pure-Python MQTT broker "
+            "installed with the demo), mosquitto, amqtt, or tansu (the embedded Kafka-protocol "
+            "broker)."
         ),
     ] = "auto",
     seed: Annotated[int, typer.Option(help="Seed of data split, device speeds and training.")] = 0,

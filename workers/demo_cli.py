@@ -104,8 +104,8 @@ def run(
     from fedbus import log as fedlog
     from workers import demo as d
 
-    if broker not in ("auto", "mosquitto", "tansu"):
-        raise UserError(f"--broker {broker!r}: choose auto, mosquitto or tansu")
+    if broker not in ("auto", "mosquitto", "amqtt", "tansu"):
+        raise UserError(f"--broker {broker!r}: choose auto, mosquitto, amqtt or tansu")
     cfg = d.DemoConfig(
         devices=devices,
         concurrency=min(concurrency, devices),

@@ -91,6 +91,7 @@ def make_transport(settings: WorkerSettings, *, role: str = "worker") -> Transpo
             identifier=(m.identifier or f"fedbus-{settings.model}-{settings.worker_id}")
             + ("" if role in ("worker", "committer") else f"-{role}"),
             keepalive=m.keepalive,
+            protocol=m.protocol,
             connect_timeout=m.connect_timeout,
             status_topic=(
                 topics.mqtt_worker_status(settings.model, settings.worker_id)

@@ -45,6 +45,10 @@ class MqttSettings(_Section):
     password: SecretStr | None = None
     identifier: str | None = None  # a stable id keeps the persistent session across restarts
     keepalive: int = 30
+    # MQTT 5 unless the broker speaks only 3.1.1 (the demo's embedded amqtt broker): 3.1.1
+    # has no session expiry, CONNACK packet limit or user properties (a retained model then
+    # carries its version only inside the message).
+    protocol: Literal["5", "3.1.1"] = "5"
     session_expiry_interval: int = 3600
     # How long start-up keeps trying before it reports the broker unreachable (and exits 2).
     connect_timeout: float = Field(10.0, gt=0)

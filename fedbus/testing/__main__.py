@@ -1,4 +1,4 @@
-"""``python -m fedbus.testing tansu|mosquitto [--port N]``: a throwaway broker in the
+"""``python -m fedbus.testing amqtt|mosquitto|tansu [--port N]``: a throwaway broker in the
 foreground, for trying fedbus by hand. Ctrl-C or SIGTERM stops it (by its PID) and removes
 its temporary files; nothing is left running."""
 
@@ -9,19 +9,21 @@ import signal
 import sys
 import threading
 
-from fedbus.testing.brokers import BrokerError, MosquittoBroker, TansuBroker
+from fedbus.testing.brokers import AmqttBroker, BrokerError, MosquittoBroker, TansuBroker
+
+BROKERS = {"amqtt": AmqttBroker, "mosquitto": MosquittoBroker, "tansu": TansuBroker}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fedbus.testing", description=__doc__)
-    parser.add_argument("broker", choices=("tansu", "mosquitto"))
+    parser.add_argument("broker", choices=tuple(BROKERS))
     parser.add_argument("--port", type=int, default=None, help="default: a free port")
     args = parser.parse_args(argv)
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
     try:
-        broker = TansuBroker(args.port) if args.broker == "tansu" else MosquittoBroker(args.port)
+        broker = BROKERS[args.broker](args.port)
         with broker:
             where = f"{broker.host}:{broker.port}"
             print(f"{args.broker} listening on {where} (pid {broker.pid}); Ctrl-C stops it",

@@ -174,6 +174,7 @@ class MqttTransport(Transport):
         self._fetch_lock = asyncio.Lock()
         self.reconnects = 0
         self.stale_acks = 0
+        self.unsolicited = 0  # retained messages on topics never subscribed to, dropped
         # The broker's Maximum Packet Size from the last CONNACK (None: it announced none).
         self.server_maximum_packet_size: int | None = None
 
@@ -421,6 +422,8 @@ class MqttTransport(Transport):
                 while True:
                     queued = _queued(client)
                     m = queued if queued is not None else await anext(client.messages)
+                    if m.retain and self._unsolicited(client, m):
+                        continue
                     payload = m.payload if isinstance(m.payload, bytes) else bytes(m.payload or b"")
                     yield Message(
                         topic=m.topic.value,
@@ -432,6 +435,20 @@ class MqttTransport(Transport):
                     return
                 log.warning("mqtt connection lost while receiving: %s", exc)
                 await self._reconnect(generation)
+
+    def _unsolicited(self, client: aiomqtt.Client, m: aiomqtt.Message) -> bool:
+        """A retained message on a topic this session has no subscription for: dropped (and
+        acknowledged, so it holds no in-flight slot). amqtt sends a client that connects the
+        retained messages matching *every* subscription on the broker, other clients'
+        included: another model's model message would otherwise reach the worker as an
+        update. Only retained deliveries are checked: a broker marks a delivery retained
+        only when a subscription is new, so the check costs the stream of updates nothing."""
+        if any(m.topic.matches(f) for f in self._subscriptions):
+            return False
+        self.unsolicited += 1
+        if m.qos > 0:
+            client._client.ack(m.mid, m.qos)
+        return True
 
     async def ack(
         self, messages: Sequence[Message], offsets: Mapping[int, int] | None = None
@@ -673,7 +690,8 @@ class MqttTransport(Transport):
             try:
                 async with self._reader(topic) as client:
                     async for m in client.messages:
-                        if m.payload:
+                        # The topic check: amqtt's unsolicited retained messages (above).
+                        if m.payload and m.topic.matches(topic):
                             yield bytes(m.payload)
             except aiomqtt.MqttError as exc:
                 if self._closing:
