@@ -120,9 +120,7 @@ async def test_kill9_a_reducer_and_its_standby_takes_its_partitions(
         # the standby has seen the lease held (its start-up can take seconds on a busy machine;
         # one that came up after the kill would find no lease and skip the take-over)
         async with asyncio.timeout(60):
-            while not any(
-                r.get("event") == "standby: another is active" for r in _records(log)
-            ):
+            while not any(r.get("event") == "standby: another is active" for r in _records(log)):
                 assert waiting.returncode is None, log.read_text()[-3000:]
                 await asyncio.sleep(0.05)
         assert not h.worker_ready(standby.metrics_port)  # the lease is held

@@ -32,7 +32,9 @@ def _claiming(n: int, codec: str, payload: bytes) -> bytes:
 BOMBS = {
     # one top-k entry (k, index 0, scale 1.0, code 1): decodes in 13 bytes, densifies to 16 GiB
     "topk": (
-        "topk:fraction=0.0000000001", struct.pack("<IIfb", 1, 0, 1.0, 1), Reason.UNKNOWN_CODEC
+        "topk:fraction=0.0000000001",
+        struct.pack("<IIfb", 1, 0, 1.0, 1),
+        Reason.UNKNOWN_CODEC,
     ),
     # a zstd frame of a few bytes whose decoded size is bounded by the claimed 8 GiB
     "fp32+zstd": ("fp32+zstd", zstandard.ZstdCompressor().compress(bytes(64)), Reason.OVERSIZED),
