@@ -4,9 +4,10 @@ Every worker of the group lists the same models. The group's coordination topic
 (``fedbus.<group>.modelgroup``) has one partition per model of the sorted list; its consumer
 group shares the partitions out, so the partitions a worker holds are the models it serves,
 and when a worker dies the group hands its partitions (its models) to the others once its
-session expires. Its only records are the group's register: each worker's id, written at
-its start, which tells a previous owner still listed in a model's updates group (Tansu
-lists a consumer that left for good) from a worker outside the group serving that model.
+session expires. Its only records are the group's register: each worker's id and model
+list, written at its start. The ids tell a previous owner still listed in a model's updates
+group (Tansu lists a consumer that left for good) from a worker outside the group serving
+that model; the lists let a member with another list of the same length be refused.
 
 A model's worker is today's ``all`` worker: its own transport, consumer group over the
 model's updates, state directory and policy, with one metrics endpoint for the process.
@@ -137,19 +138,29 @@ class ModelGroup:
             have = await transport.partitions_of(topic)
         except TransportError as exc:
             raise reach_error(self.settings, exc) from None
-        if len(have) == len(self.models):
-            # The register of the group's workers, for _no_outsider: the only records the
-            # topic holds, one per start of a worker.
-            try:
-                await transport.publish(topic, self.settings.worker_id.encode())
-            except TransportError as exc:
-                raise reach_error(self.settings, exc) from None
-        else:
+        if len(have) != len(self.models):
             raise UserError(
                 f"model group {self.group!r} has {len(have)} models ({topic}) and this worker "
                 f"lists {len(self.models)}: give every worker of the group the same models, "
                 "or start this one with another model_group"
             )
+        try:
+            registered = [_read_entry(v) for v in await transport.values(topic)]
+            for worker, models in registered:
+                if models is not None and models != self.models:
+                    # Partition p is models[p]: another list of the same length would make
+                    # two members serve different models under one partition.
+                    raise UserError(
+                        f"model group {self.group!r} serves {','.join(models)} (worker "
+                        f"{worker!r}) and this worker lists {','.join(self.models)}: give "
+                        "every worker of the group the same models, or start this one with "
+                        "another model_group"
+                    )
+            # The register of the group's workers (for _no_outsider and the check above):
+            # the only records the topic holds, one per start of a worker.
+            await transport.publish(topic, _entry(self.settings.worker_id, self.models))
+        except TransportError as exc:
+            raise reach_error(self.settings, exc) from None
 
     async def _next_change(self, transport: KafkaTransport, stop: asyncio.Event) -> None:
         """Wait for a rebalance's outcome, ``stop``, or a model's worker ending (an error
@@ -242,7 +253,7 @@ class ModelGroup:
                 raise reach_error(settings, exc) from None
             while not stop.is_set():
                 try:
-                    ours = {v.decode() for v in await probe.values(self.topic)}
+                    ours = {_read_entry(v)[0] for v in await probe.values(self.topic)}
                     outsiders = [
                         m
                         for m in await probe.group_members(f"fedbus-reducers-{settings.model}")
@@ -287,6 +298,19 @@ class ModelGroup:
         while True:
             self.health.ready = self.settled and all(s.ready for s in self.served.values())
             await asyncio.sleep(READY_POLL_S)
+
+
+def _entry(worker: str, models: list[str]) -> bytes:
+    """A register record: the worker and the models it lists, ``<worker>\n<m0>,<m1>,...``
+    (ids hold neither a newline nor a comma)."""
+    return f"{worker}\n{','.join(models)}".encode()
+
+
+def _read_entry(value: bytes) -> tuple[str, list[str] | None]:
+    """(worker, models); ``None`` for a record written before the register held the models
+    (the worker id alone)."""
+    worker, sep, models = value.decode().partition("\n")
+    return worker, (models.split(",") if sep else None)
 
 
 def _worker_of(member: str, role: str) -> str | None:

@@ -275,9 +275,9 @@ def kafka_watermarks(model: str) -> str:
 def kafka_model_group(group: str) -> str:
     """Workers of a model group -> one another: one partition per model of the group's
     sorted list, consumed in one consumer group, so the partitions a worker holds are the
-    models it serves. Its records are the group's register (each worker's id, written at its
-    start). No model topic ends in ``.modelgroup``,
-    so a group may share a model's name."""
+    models it serves. Its records are the group's register (each worker's id and model list,
+    written at its start). No model topic ends in ``.modelgroup``, so a group may share a
+    model's name."""
     return f"{KAFKA_PREFIX}.{validate_id(group, 'model group')}.modelgroup"
 
 

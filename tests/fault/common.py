@@ -44,6 +44,22 @@ def log_records(log: Path, event: str | None = None) -> list[dict[str, Any]]:
     return out
 
 
+def log_digest(log: Path, last: int = 12) -> str:
+    """For a failure message: every warning and error, then each process's last ``last``
+    records (a plain tail of a log four processes share shows only the busiest one)."""
+    records = log_records(log)
+    by_process: dict[str, list[dict[str, Any]]] = {}
+    for rec in records:
+        who = str(rec.get("reducer") or rec.get("worker") or rec.get("worker_id") or "?")
+        by_process.setdefault(who, []).append(rec)
+    lines = ["-- warnings and errors"]
+    lines += [json.dumps(r) for r in records if r.get("level") in ("warning", "error")][-40:]
+    for who, recs in by_process.items():
+        lines.append(f"-- last records of {who}")
+        lines += [json.dumps(r)[:400] for r in recs[-last:]]
+    return "\n".join(lines)
+
+
 async def stop_all(procs: Iterable[Any], timeout: float = 30.0) -> None:
     """SIGTERM every live process (a graceful stop commits), then SIGKILL whichever has not
     exited within ``timeout``, so no test leaves a worker running."""

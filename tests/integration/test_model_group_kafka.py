@@ -1,6 +1,7 @@
 """A model group's refusals on a real Kafka-protocol broker (Tansu): a member listing other
-models than the group, and a worker outside the group for a model the group serves. The
-sharing out and the hand-over after kill -9 are tests/fault/test_model_group_kafka_crash.py.
+models than the group (more, or as many but different), and a worker outside the group for a
+model the group serves. The sharing out and the hand-over after kill -9 are
+tests/fault/test_model_group_kafka_crash.py.
 """
 
 from __future__ import annotations
@@ -55,6 +56,14 @@ async def test_a_member_with_other_models_and_a_worker_outside_the_group_are_ref
         )
         with pytest.raises(UserError, match=r"model group .* has 2 models .* lists 3"):
             await asyncio.wait_for(serve(other, asyncio.Event()), 30)
+        # As many models, but not the same: partition 1 would be another model to it.
+        swapped = other.model_copy(update={"models": [models[0], "t-extra"]})
+        with pytest.raises(
+            UserError,
+            match=rf"serves {','.join(models)} \(worker 'w-0'\) and this worker lists "
+            rf"{','.join(sorted([models[0], 't-extra']))}:",
+        ):
+            await asyncio.wait_for(serve(swapped, asyncio.Event()), 30)
         # A plain worker for one of the group's models, on a directory of its own: the
         # group's member is in the model's consumer group, so it is refused.
         rogue = member.model_copy(
