@@ -131,7 +131,15 @@ class DownlinkEncoder:
         )
         if self.diff is None:
             return Outgoing(version, full)
-        if self.held is None or self._since_keyframe + 1 >= self.keyframe_every:
+        # A version published again (the broker lost its retained model, or the last one
+        # once more on shutdown) has no difference to send: it restarts the chain as a
+        # keyframe, which also gives a device that lost differences with the broker its way
+        # back at once.
+        if (
+            self.held is None
+            or version <= self.held_version
+            or self._since_keyframe + 1 >= self.keyframe_every
+        ):
             keyframe = env.decode(full, expect="model")
             assert isinstance(keyframe, env.ModelEnvelope)
             self.held = decode_dense(keyframe.payload, self.codec, self.layout.n_params)

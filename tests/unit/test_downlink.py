@@ -177,6 +177,29 @@ def test_device_that_missed_a_difference_recovers_at_the_keyframe() -> None:
     np.testing.assert_array_equal(dev.weights, enc.held)
 
 
+def test_a_version_published_again_restarts_the_chain_as_a_keyframe() -> None:
+    """The committer republishes its newest version when the broker lost the retained model
+    (a restart): a difference from that version to itself once failed the final commit and
+    stopped the worker. A follower, up to date or not, ends on the same weights."""
+    ws = trajectory(5, seed=4)
+    enc = DownlinkEncoder("m", LAYOUT, "fp16", "int8", keyframe_every=10)
+    dev = Reconstruction("m")
+    for v in range(4):
+        out = enc.next(v, ws[v])
+        assert out.stream is not None and dev.offer(out.stream)
+    again = enc.next(3, ws[3])
+    assert again.keyframe and again.stream == again.model
+    dev.offer(again.stream)
+    np.testing.assert_array_equal(dev.weights, enc.held)
+    late = Reconstruction("m")  # lost the differences with the broker: joins here
+    assert late.offer(again.stream) and late.version == 3
+    nxt = enc.next(4, ws[4])
+    assert nxt.stream is not None and not nxt.keyframe
+    assert dev.offer(nxt.stream) and late.offer(nxt.stream)
+    np.testing.assert_array_equal(dev.weights, enc.held)
+    np.testing.assert_array_equal(late.weights, enc.held)
+
+
 def test_a_difference_never_applies_across_chains() -> None:
     """A restarted worker starts a new chain at a keyframe; a difference of the old chain
     with a matching base version must not apply on top of it."""
