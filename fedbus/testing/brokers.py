@@ -106,6 +106,9 @@ class _Broker:
     """Start/stop by PID, wait for the port, and report the log when anything fails."""
 
     name = "broker"
+    #: The broker's config file in its working directory, written from :meth:`config_text`
+    #: at every start (settings may change between a stop and a start); None: no file.
+    config_file: ClassVar[str | None] = None
 
     def __init__(self, port: int | None, host: str, start_timeout: float) -> None:
         self.host = host
@@ -113,9 +116,13 @@ class _Broker:
         self.start_timeout = start_timeout
         self.workdir = Path(tempfile.mkdtemp(prefix=f"fedbus-{self.name}-"))
         self.log_path = self.workdir / f"{self.name}.log"
+        self.config_path = self.workdir / (self.config_file or "")
         self.proc: subprocess.Popen[bytes] | None = None
 
     def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def config_text(self) -> str:
         raise NotImplementedError
 
     @property
@@ -137,6 +144,8 @@ class _Broker:
             return self
         if _port_open(self.host, self.port):
             raise BrokerError(f"{self.name}: port {self.host}:{self.port} is already in use")
+        if self.config_file is not None:
+            self.config_path.write_text(self.config_text())
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 self.command(),
@@ -209,6 +218,7 @@ class MosquittoBroker(_Broker):
     """
 
     name = "mosquitto"
+    config_file = "mosquitto.conf"
 
     def __init__(
         self,
@@ -232,7 +242,6 @@ class MosquittoBroker(_Broker):
         self.persistence_dir = Path(persistence_dir) if persistence_dir is not None else None
         self.max_queued_messages = max_queued_messages
         self.max_inflight_messages = max_inflight_messages
-        self.config_path = self.workdir / "mosquitto.conf"
 
     @property
     def url(self) -> str:
@@ -281,10 +290,6 @@ class MosquittoBroker(_Broker):
 
     def command(self) -> list[str]:
         return [self.binary, "-c", str(self.config_path)]
-
-    def start(self) -> Self:
-        self.config_path.write_text(self.config_text())
-        return super().start()
 
 
 class TansuBroker(_Broker):
@@ -364,13 +369,13 @@ class AmqttBroker(_Broker):
     """
 
     name = "amqtt"
+    config_file = "amqtt.yaml"
 
     def __init__(self, port: int | None = None, *, host: str = LOOPBACK,
                  start_timeout: float = 20.0) -> None:  # fmt: skip
         super().__init__(port, host, start_timeout)
         if not amqtt_available():
             raise BrokerError("amqtt is not installed: pip install 'fedbus[demo]'")
-        self.config_path = self.workdir / "amqtt.yaml"
 
     @property
     def mqtt_settings(self) -> dict[str, Any]:
@@ -388,7 +393,3 @@ class AmqttBroker(_Broker):
 
     def command(self) -> list[str]:
         return [sys.executable, "-m", "amqtt.scripts.broker_script", "-c", str(self.config_path)]
-
-    def start(self) -> Self:
-        self.config_path.write_text(self.config_text())
-        return super().start()

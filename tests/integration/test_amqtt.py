@@ -18,6 +18,7 @@ import pytest
 from fedbus.testing.brokers import AmqttBroker
 from fedbus.transport import topics
 from fedbus.transport.mqtt import MqttConfig, MqttTransport
+from tests.integration.test_transport_mqtt import config
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -31,15 +32,7 @@ def amqtt() -> Iterator[AmqttBroker]:
 
 
 def _config(broker: AmqttBroker, **overrides: object) -> MqttConfig:
-    values: dict[str, object] = {
-        "hostname": broker.host,
-        "port": broker.port,
-        "protocol": "3.1.1",
-        "identifier": f"test-{uuid.uuid4().hex[:10]}",
-        "connect_timeout": 5.0,
-    }
-    values.update(overrides)
-    return MqttConfig(**values)  # type: ignore[arg-type]
+    return config(broker, protocol="3.1.1", **overrides)
 
 
 async def test_other_models_retained_messages_never_reach_a_worker_or_follower(

@@ -18,7 +18,7 @@ from typing import Any
 import aiomqtt
 import pytest
 
-from fedbus.testing.brokers import MosquittoBroker, free_port
+from fedbus.testing.brokers import AmqttBroker, MosquittoBroker, free_port
 from fedbus.transport.base import Message, TransportError
 from fedbus.transport.mqtt import MqttConfig, MqttTransport
 from fedbus.transport.topics import client_from_update_topic, mqtt_status
@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[2]
 WAIT = 15.0  # upper bound on any single wait; tests finish far sooner
 
 
-def config(broker: MosquittoBroker, **overrides: Any) -> MqttConfig:
+def config(broker: MosquittoBroker | AmqttBroker, **overrides: Any) -> MqttConfig:
     values: dict[str, Any] = {
         "hostname": broker.host,
         "port": broker.port,
