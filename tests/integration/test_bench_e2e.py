@@ -46,6 +46,9 @@ def test_smoke_records(transport: str) -> None:
         assert r["worker_vs_raw"] == pytest.approx(r["updates_per_s"] / r["raw_per_s"])
         assert 0 < r["commit_latency_p50_s"] <= r["commit_latency_p99_s"] < 60, r
         assert r["latency_samples"] == 20
+        # one repeat: the budget is what 0.85 of that raw rate leaves per update, by hand
+        assert r["extra_budget_s_per_update"] == pytest.approx((1 / 0.85 - 1) / r["raw_per_s"])
+        assert 0 < r["judge_s_per_update"] < 0.1, r  # a few thousand parameters, no I/O
     assert len(lines) == 4  # one progress line per size, interval and repeat
 
     table = e2e.markdown(records)
