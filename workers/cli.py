@@ -334,6 +334,10 @@ def bench_e2e(
     model_diff_codec: Annotated[
         str, typer.Option(help="Difference codec (int8, int4, topk:fraction=F); empty: none.")
     ] = "int8",
+    kafka_fetch_wait_ms: Annotated[
+        int | None,
+        typer.Option(min=1, help="Kafka: fetch wait of the worker and the bare consumer."),
+    ] = None,
 ) -> None:
     """Updates per second through one worker beside a bare subscriber on the same client
     library and broker (started here on a free loopback port), plus commit latency and the
@@ -357,6 +361,7 @@ def bench_e2e(
         model_publish_interval_s=periods,
         model_codec=model_codec,
         model_diff_codec=model_diff_codec,
+        **({"kafka_fetch_wait_ms": kafka_fetch_wait_ms} if kafka_fetch_wait_ms else {}),
     )
     print(json.dumps(records, indent=1) if json_out else e2e.markdown(records))
 
