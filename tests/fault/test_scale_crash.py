@@ -304,14 +304,16 @@ async def test_mosquitto_restarted_three_times_mid_stream_with_reducers_running(
         x0f = x0.astype(np.float32).astype(np.float64)
         expected = x0f + LR * total / K
         final = await wait_for_model(committer, expected, sent, timeout=30)
-        if signal_name == "SIGTERM" and final.updates_folded < sent:
+        # SIGTERM loses nothing; each SIGKILL at most the updates in its durability window.
+        allowed = LAST_ACKED_AT_RISK * len(killed)
+        if sent - final.updates_folded > allowed:
             # Tell a stall from a loss: a reconnect once waited out aiomqtt's 30 s SUBACK
             # timeout (issue 10), and the updates queued behind it read as lost.
             late = await wait_for_model(committer, expected, sent, timeout=60)
             pytest.fail(
                 f"{sent - final.updates_folded} of {sent} not folded within 30 s of the last "
-                f"publish; {late.updates_folded - final.updates_folded} of them came later "
-                f"(a stall), the rest are lost\n{_digest(log)}"
+                f"publish ({allowed} may be lost); {late.updates_folded - final.updates_folded}"
+                f" of them came later (a stall), the rest are lost\n{_digest(log)}"
             )
         assert final.updates_folded <= sent  # never doubled
         async with make_transport(h.client_settings(committer), role="reader") as reader:
