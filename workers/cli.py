@@ -338,6 +338,10 @@ def bench_e2e(
         int | None,
         typer.Option(min=1, help="Kafka: fetch wait of the worker and the bare consumer."),
     ] = None,
+    mqtt_max_inflight: Annotated[
+        int | None,
+        typer.Option(min=1, help="MQTT: Mosquitto's max_inflight_messages (default 20)."),
+    ] = None,
 ) -> None:
     """Updates per second through one worker beside a bare subscriber on the same client
     library and broker (started here on a free loopback port), plus commit latency and the
@@ -362,6 +366,7 @@ def bench_e2e(
         model_codec=model_codec,
         model_diff_codec=model_diff_codec,
         **({"kafka_fetch_wait_ms": kafka_fetch_wait_ms} if kafka_fetch_wait_ms else {}),
+        mqtt_max_inflight=mqtt_max_inflight,
     )
     print(json.dumps(records, indent=1) if json_out else e2e.markdown(records))
 

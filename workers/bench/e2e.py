@@ -635,6 +635,14 @@ def _judge_cost(where: _Env, n_params: int, updates: int, seed: int) -> float:
 # -- the benchmark -----------------------------------------------------------------------
 
 
+def _mosquitto(max_inflight: int | None) -> MosquittoBroker:
+    return (
+        MosquittoBroker()
+        if max_inflight is None
+        else MosquittoBroker(max_inflight_messages=max_inflight)
+    )
+
+
 def _quantile(values: Sequence[float], q: float) -> float:
     return float(np.quantile(np.asarray(values, dtype=np.float64), q))
 
@@ -662,10 +670,11 @@ async def _run(
     model_codec: str,
     model_diff_codec: str,
     kafka_fetch_wait_ms: int,
+    mqtt_max_inflight: int | None,
 ) -> list[dict[str, Any]]:
     workdir = Path(tempfile.mkdtemp(prefix="fedbus-bench-e2e-"))
     broker: MosquittoBroker | TansuBroker = (
-        MosquittoBroker() if transport == "mqtt" else TansuBroker()
+        _mosquitto(mqtt_max_inflight) if transport == "mqtt" else TansuBroker()
     )
     records: list[dict[str, Any]] = []
     try:
@@ -742,8 +751,8 @@ async def _run(
                     "model_diff_codec": model_diff_codec,
                     **(
                         {"kafka_fetch_max_wait_ms": kafka_fetch_wait_ms}
-                        if transport == "kafka"
-                        else {}
+                        if isinstance(broker, TansuBroker)
+                        else {"mqtt_max_inflight_messages": broker.max_inflight_messages}
                     ),
                     "checkpoint_fsync": False,
                     "snapshot_interval_s": SNAPSHOT_INTERVAL_S,
@@ -773,6 +782,7 @@ def run(
     model_codec: str = MODEL_CODEC,
     model_diff_codec: str = "int8",
     kafka_fetch_wait_ms: int = KAFKA_FETCH_WAIT_MS,
+    mqtt_max_inflight: int | None = None,
 ) -> list[dict[str, Any]]:
     """Run the benchmark on its own broker; one record per parameter count.
 
@@ -784,6 +794,7 @@ def run(
     :data:`KEYS` plus context fields, among them ``downlink_bytes_per_s`` (what the worker
     published on the model channels during the timed run). ``kafka_fetch_wait_ms``: the
     fetch wait of both Kafka sides, the worker's and the bare consumer's alike.
+    ``mqtt_max_inflight``: Mosquitto's ``max_inflight_messages`` (default: as shipped, 20).
     """
     if transport not in ("mqtt", "kafka"):
         raise ValueError(f"transport must be mqtt or kafka, not {transport!r}")
@@ -808,6 +819,7 @@ def run(
             model_codec,
             model_diff_codec,
             kafka_fetch_wait_ms,
+            mqtt_max_inflight,
         )
     )
 
