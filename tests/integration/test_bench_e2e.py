@@ -49,6 +49,10 @@ def test_smoke_records(transport: str) -> None:
         # one repeat: the budget is what 0.85 of that raw rate leaves per update, by hand
         assert r["extra_budget_s_per_update"] == pytest.approx((1 / 0.85 - 1) / r["raw_per_s"])
         assert 0 < r["judge_s_per_update"] < 0.1, r  # a few thousand parameters, no I/O
+        if transport == "kafka":  # both sides wait alike for an empty fetch
+            assert r["kafka_fetch_max_wait_ms"] == e2e.KAFKA_FETCH_WAIT_MS
+        else:  # the broker as shipped (compose/mosquitto/mosquitto.conf)
+            assert r["mqtt_max_inflight_messages"] == 20
     assert len(lines) == 4  # one progress line per size, interval and repeat
 
     table = e2e.markdown(records)
