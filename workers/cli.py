@@ -365,7 +365,7 @@ def bench_e2e(
         model_publish_interval_s=periods,
         model_codec=model_codec,
         model_diff_codec=model_diff_codec,
-        **({"kafka_fetch_wait_ms": kafka_fetch_wait_ms} if kafka_fetch_wait_ms else {}),
+        kafka_fetch_wait_ms=kafka_fetch_wait_ms,
         mqtt_max_inflight=mqtt_max_inflight,
     )
     print(json.dumps(records, indent=1) if json_out else e2e.markdown(records))

@@ -636,11 +636,10 @@ def _judge_cost(where: _Env, n_params: int, updates: int, seed: int) -> float:
 
 
 def _mosquitto(max_inflight: int | None) -> MosquittoBroker:
-    return (
-        MosquittoBroker()
-        if max_inflight is None
-        else MosquittoBroker(max_inflight_messages=max_inflight)
-    )
+    """As shipped (the broker's own default) unless a sweep names a window."""
+    if max_inflight is None:
+        return MosquittoBroker()
+    return MosquittoBroker(max_inflight_messages=max_inflight)
 
 
 def _quantile(values: Sequence[float], q: float) -> float:
@@ -781,7 +780,7 @@ def run(
     model_publish_interval_s: float | Sequence[float] = (0.0, 1.0),
     model_codec: str = MODEL_CODEC,
     model_diff_codec: str = "int8",
-    kafka_fetch_wait_ms: int = KAFKA_FETCH_WAIT_MS,
+    kafka_fetch_wait_ms: int | None = None,
     mqtt_max_inflight: int | None = None,
 ) -> list[dict[str, Any]]:
     """Run the benchmark on its own broker; one record per parameter count.
@@ -793,7 +792,8 @@ def run(
     size (0 publishes every version; the worker's default is 1 s). Records carry
     :data:`KEYS` plus context fields, among them ``downlink_bytes_per_s`` (what the worker
     published on the model channels during the timed run). ``kafka_fetch_wait_ms``: the
-    fetch wait of both Kafka sides, the worker's and the bare consumer's alike.
+    fetch wait of both Kafka sides, the worker's and the bare consumer's alike (default
+    :data:`KAFKA_FETCH_WAIT_MS`).
     ``mqtt_max_inflight``: Mosquitto's ``max_inflight_messages`` (default: as shipped, 20).
     """
     if transport not in ("mqtt", "kafka"):
@@ -818,7 +818,7 @@ def run(
             intervals,
             model_codec,
             model_diff_codec,
-            kafka_fetch_wait_ms,
+            kafka_fetch_wait_ms or KAFKA_FETCH_WAIT_MS,
             mqtt_max_inflight,
         )
     )
